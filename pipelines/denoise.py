@@ -1,0 +1,137 @@
+"""The denoising loop, shared by txt2img, img2img and inpaint, for SD 1.x, 2.x and SDXL.
+
+Why our own loop rather than calling the diffusers pipelines: the conditioning changes during sampling
+(prompt editing), every image keeps its own noise generator (seed k of a batch equals a single run),
+inpainting needs A1111's masked-content modes, and interrupt/skip/preview hook into every step. The math
+is diffusers': same scheduler calls, same classifier-free guidance, same UNet inputs; a test checks that
+the images equal plain diffusers pipelines.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+
+class StepConditioningLike(Protocol):
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    pooled: torch.Tensor | None
+    uncond_pooled: torch.Tensor | None
+
+
+class ConditioningLike(Protocol):
+    def at_step(self, step: int) -> StepConditioningLike: ...
+
+
+@dataclass
+class InpaintLatents:
+    """What inpainting adds to a denoising run, all at latent size."""
+
+    mask: torch.Tensor  # (B, 1, h, w), 1 = redraw
+    image_latents: torch.Tensor  # (B, 4, h, w): the original, kept outside the mask
+    noise: torch.Tensor  # the initial noise, to re-noise the original at each step
+    masked_image_latents: torch.Tensor | None = None  # for 9-channel inpainting UNets
+
+
+@dataclass
+class DenoiseInputs:
+    """Everything one denoising run needs; the latents are already noised for the first timestep."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: object
+    conditioning: ConditioningLike
+    cfg_scale: float
+    generators: list[torch.Generator]
+    #: Sampling steps the user sees (a 2nd-order sampler makes two UNet calls per step).
+    steps: int
+    add_time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, (1, 6)
+    inpaint: InpaintLatents | None = None
+
+
+StepHook = Callable[[int, torch.Tensor], None]
+
+
+def _unet_conditioning(cond: StepConditioningLike, batch: int, use_cfg: bool, add_time_ids, device, dtype):
+    embeds = torch.cat([cond.uncond, cond.cond]) if use_cfg else cond.cond
+    kwargs = {}
+    if add_time_ids is not None:
+        pooled = torch.cat([cond.uncond_pooled, cond.pooled]) if use_cfg else cond.pooled
+        time_ids = add_time_ids.to(device=device, dtype=dtype).repeat(embeds.shape[0], 1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
+    return embeds.to(device=device, dtype=dtype), kwargs
+
+
+def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
+    """Run the sampler over ``inputs.timesteps``; returns the final latents.
+
+    ``on_step(step, latents)`` runs before every UNet call with the user-visible step number; it may raise
+    to stop (interrupt / skip) and it makes previews.
+    """
+    scheduler = inputs.scheduler
+    latents = inputs.latents
+    device, dtype = latents.device, unet.dtype
+    use_cfg = inputs.cfg_scale > 1.0
+    batch = latents.shape[0]
+    order = getattr(scheduler, "order", 1)
+    inpaint = inputs.inpaint
+    step_kwargs = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
+    current = None
+    embeds = cond_kwargs = None
+    for i, t in enumerate(inputs.timesteps):
+        step = min(i // order, inputs.steps - 1)
+        on_step(step, latents)
+        cond = inputs.conditioning.at_step(step)
+        if cond is not current:  # prompt editing: new embeddings from this step on
+            embeds, cond_kwargs = _unet_conditioning(cond, batch, use_cfg, inputs.add_time_ids, device, dtype)
+            current = cond
+        model_input = torch.cat([latents] * 2) if use_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if inpaint is not None and inpaint.masked_image_latents is not None:
+            extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
+            model_input = torch.cat([model_input, torch.cat([extra] * 2) if use_cfg else extra], dim=1)
+        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **cond_kwargs)[0]
+        if use_cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + inputs.cfg_scale * (text - uncond)
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        if inpaint is not None and inpaint.masked_image_latents is None:
+            # A plain UNet does not know the mask: keep the original, noised to the next timestep, outside it.
+            original = inpaint.image_latents
+            if i < len(inputs.timesteps) - 1:
+                original = scheduler.add_noise(original, inpaint.noise, inputs.timesteps[i + 1 : i + 2])
+            latents = (1 - inpaint.mask) * original + inpaint.mask * latents
+    return latents
+
+
+def _accepts_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float, device) -> tuple[torch.Tensor, int]:
+    """Timesteps of an img2img run: the last ``int(steps * strength)`` of a ``steps``-step schedule,
+    as diffusers and A1111 both do. Returns (timesteps, real steps)."""
+    scheduler.set_timesteps(steps, device=device)
+    real = min(int(steps * strength), steps)
+    start = max(steps - real, 0)
+    timesteps = scheduler.timesteps[start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return timesteps, real
+
+
+def txt2img_timesteps(scheduler, steps: int, device) -> torch.Tensor:
+    scheduler.set_timesteps(steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler.timesteps
+
+
+def latent_size(width: int, height: int, factor: int = 8) -> tuple[int, int]:
+    """(h, w) of the latents for an image; the VAE downsamples by ``factor`` (8 for every real SD VAE)."""
+    return math.ceil(height / factor), math.ceil(width / factor)

@@ -1,0 +1,84 @@
+"""The engine's front door: build a request, call :meth:`Engine.generate`, get images and their infotext.
+
+Usable from a Python shell with no server::
+
+    from pipelines.engine import Engine
+    from pipelines.request import GenerationRequest
+    from pipelines.settings import EngineSettings, Paths
+
+    engine = Engine(EngineSettings(paths=Paths.under(".")))
+    result = engine.generate(GenerationRequest(prompt="a photo of a cat", seed=1))
+    result.images[0].save("cat.png")
+
+The UI and the API build the same request and call the same method.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pipelines.devices import free_memory, is_out_of_memory
+from pipelines.embeddings import EmbeddingDatabase
+from pipelines.jobs import JobControl
+from pipelines.manager import ModelManager
+from pipelines.options import Options
+from pipelines.processing import GenerationResult, JobContext, run_job
+from pipelines.registry import ModelRegistry
+from pipelines.request import GenerationRequest
+from pipelines.settings import EngineSettings
+from pipelines.styles import StyleDatabase
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A job failed for a reason the user can act on (out of memory, a model that does not load)."""
+
+
+class Engine:
+    """Owns the registry, the model manager, styles and embeddings; runs one job at a time."""
+
+    def __init__(self, settings: EngineSettings, options: Options | None = None):
+        self.settings = settings
+        self.paths = settings.paths
+        self.options = options or Options(sd_checkpoint_cache=settings.checkpoint_cache)
+        self.registry = ModelRegistry(self.paths)
+        self.models = ModelManager(settings, self.registry)
+        self.styles = StyleDatabase(self.paths.styles_file)
+        self.embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
+        # One job on the GPU at a time, whoever sends it (UI, API, a script).
+        self._gpu = threading.Lock()
+
+    def generate(self, request: GenerationRequest, *, control: JobControl | None = None,
+                 options: Options | None = None) -> GenerationResult:
+        """Run a txt2img or img2img/inpaint job (by the request's type) and return what it made.
+
+        The request was validated when it was built; here the model is resolved before any model work,
+        so a missing checkpoint fails at once with the list of available ones (LookupError).
+        Out of memory frees what the job held and raises :class:`EngineError`; the next job works.
+        """
+        options = options or self.options
+        control = control or JobControl(preview_every=options.show_progress_every_n_steps)
+        self.models.resolve(request.checkpoint)
+        if request.vae not in ("Automatic", "None", ""):
+            self.registry.find_vae(request.vae)
+        unknown = [name for name in request.styles if self.styles.get(name) is None]
+        if unknown:
+            raise LookupError(f"styles: unknown style(s) {', '.join(map(repr, unknown))}; "
+                              f"choose from {', '.join(self.styles.names()) or 'none (styles.csv is empty)'}")
+        with self._gpu:
+            try:
+                model = self.models.get(request.checkpoint, request.vae)
+                ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
+                                 styles=self.styles, embeddings=self.embeddings, control=control,
+                                 device=self.models.device.device)
+                return run_job(request, ctx)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                free_memory()
+                raise EngineError(
+                    f"Out of memory at {request.width}x{request.height}, batch size {request.batch_size}: "
+                    "try a smaller size or batch, or start with --medvram / --lowvram."
+                ) from error

@@ -1,0 +1,189 @@
+"""The model manager: the one owner of loaded models, their device, dtype and memory mode.
+
+txt2img, img2img and inpaint all run on the same loaded components. Loaded checkpoints are kept in a
+least-recently-used cache whose size is a setting; the active one lives on the device, the others wait
+in RAM, and one pushed out of the cache is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.checkpoints import ModelFamily, load_checkpoint, load_vae
+from pipelines.devices import DeviceConfig, device_config, free_memory
+from pipelines.registry import ModelFile, ModelRegistry
+from pipelines.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to sample: its diffusers pipeline (used as a bag of components) and facts about it."""
+
+    file: ModelFile
+    family: ModelFamily
+    pipe: object
+    load_seconds: float
+    own_vae: torch.nn.Module
+    vae_file: ModelFile | None = None
+    #: Set once the fp16 VAE produced NaNs; the VAE then stays in fp32 for this model.
+    vae_upcast: bool = False
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family.name == "sdxl"
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.family.inpainting
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How much the VAE downsamples: 8 for real models (one less than its number of blocks, as powers of 2)."""
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+
+class ModelManager:
+    """Loads, caches and switches checkpoints and VAEs. Thread-safe; the engine holds one."""
+
+    def __init__(self, settings: EngineSettings, registry: ModelRegistry):
+        self.settings = settings
+        self.registry = registry
+        self.device: DeviceConfig = device_config(settings)
+        self.cache_size = max(1, settings.checkpoint_cache)
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._vaes: dict[Path, torch.nn.Module] = {}
+        self._lock = threading.RLock()
+        self._active: str | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The model the last job used, if it is still loaded."""
+        with self._lock:
+            return self._loaded.get(self._active) if self._active else None
+
+    def default_query(self) -> str:
+        """What to load when a request names no checkpoint: the current one, the configured one, or the first."""
+        if self._active:
+            return self._active
+        if self.settings.default_checkpoint:
+            return self.settings.default_checkpoint
+        checkpoints = self.registry.checkpoints
+        if not checkpoints:
+            raise LookupError(
+                "checkpoint: no checkpoints found; put a .safetensors file or a diffusers folder into "
+                f"{self.registry.paths.model_dirs('checkpoint')[0]}"
+            )
+        return checkpoints[0].title
+
+    def resolve(self, checkpoint: str | None) -> ModelFile:
+        """The model file a request means; LookupError names what is available."""
+        return self.registry.find_checkpoint(checkpoint or self.default_query())
+
+    def get(self, checkpoint: str | None = None, vae: str = "Automatic") -> LoadedModel:
+        """The loaded model for ``checkpoint`` with ``vae`` attached, on the device; loads it if needed."""
+        file = self.resolve(checkpoint)
+        vae_file = None if vae in ("Automatic", "", None, "None") else self.registry.find_vae(vae)
+        with self._lock:
+            model = self._loaded.get(file.title)
+            if model is None:
+                model = self._load(file)
+            self._loaded.move_to_end(file.title)
+            if self._active != file.title:
+                self._activate(model)
+                self._active = file.title
+            self._set_vae(model, vae_file)
+            return model
+
+    def unload(self) -> None:
+        """Free every loaded model."""
+        with self._lock:
+            self._loaded.clear()
+            self._vaes.clear()
+            self._active = None
+        free_memory()
+
+    def reload(self) -> LoadedModel | None:
+        """Load the current checkpoint again from disk (after the file changed)."""
+        with self._lock:
+            title = self._active
+            self.unload()
+            return self.get(title) if title else None
+
+    # --- internals
+    def _load(self, file: ModelFile) -> LoadedModel:
+        self._make_room()
+        started = time.perf_counter()
+        pipe, family = load_checkpoint(
+            file.path, torch_dtype=self.device.dtype, cache_dir=self.registry.paths.cache_dir / "configs"
+        )
+        pipe.set_progress_bar_config(disable=True)
+        if self.device.vae_dtype != self.device.dtype:
+            pipe.vae.to(dtype=self.device.vae_dtype)
+        model = LoadedModel(
+            file=file, family=family, pipe=pipe, load_seconds=time.perf_counter() - started,
+            own_vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config),
+        )
+        self._loaded[file.title] = model
+        log.info("Loaded %s (%s) in %.1f s", file.title, family.name, model.load_seconds)
+        return model
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= self.cache_size:
+            title, old = self._loaded.popitem(last=False)
+            log.info("Unloading %s", title)
+            if self._active == title:
+                self._active = None
+            del old
+            free_memory()
+
+    def _activate(self, model: LoadedModel) -> None:
+        # Park the others in RAM so that only one model takes device memory.
+        if self.device.is_accelerator:
+            for other in self._loaded.values():
+                if other is not model and other.pipe.device.type != "cpu":
+                    other.pipe.to("cpu")
+            free_memory()
+        mode = self.device.memory_mode
+        if mode == "medvram":
+            model.pipe.enable_model_cpu_offload(device=self.device.device)
+        elif mode == "lowvram":
+            model.pipe.enable_sequential_cpu_offload(device=self.device.device)
+        else:
+            model.pipe.to(self.device.device)
+
+    def _set_vae(self, model: LoadedModel, vae_file: ModelFile | None) -> None:
+        if model.vae_file == vae_file:
+            return
+        if vae_file is None:
+            vae = model.own_vae
+        else:
+            vae = self._vaes.get(vae_file.path)
+            if vae is None:
+                vae = load_vae(vae_file.path, model.family, torch_dtype=self.device.vae_dtype,
+                               cache_dir=self.registry.paths.cache_dir / "configs")
+                self._vaes = {vae_file.path: vae}  # keep one external VAE: they are small but add up
+        model.pipe.vae = vae
+        model.vae_file = vae_file
+        model.vae_upcast = False
+        if self.device.memory_mode == "normal":
+            vae.to(self.device.device)
+        else:
+            self._activate(model)  # the offload hooks must cover the new VAE

@@ -1,0 +1,59 @@
+"""User options that change how jobs are saved and shown (the Settings tab, `/sdapi/v1/options`).
+
+An :class:`Options` value is passed to each job; an override for one request is a copy with changed
+fields, never a write to a shared object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    """Options persisted in ``config.json`` in the data dir."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    samples_save: bool = Field(True, description="Save every generated image.")
+    samples_format: Literal["png", "jpg", "webp"] = Field("png", description="File format of saved images.")
+    grid_save: bool = Field(True, description="Save a grid of each batch of several images.")
+    grid_format: Literal["png", "jpg", "webp"] = Field("png", description="File format of saved grids.")
+    outdir_txt2img_samples: str = Field("", description="Folder for txt2img images (empty: outputs/txt2img-images).")
+    outdir_img2img_samples: str = Field("", description="Folder for img2img images (empty: outputs/img2img-images).")
+    show_progress_every_n_steps: int = Field(
+        5, ge=0, le=100, description="Live preview every N sampling steps (0: no preview)."
+    )
+    sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
+    default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
+
+    def with_overrides(self, overrides: dict) -> "Options":
+        """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them."""
+        unknown = set(overrides) - set(type(self).model_fields)
+        if unknown:
+            raise KeyError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return self.model_validate({**self.model_dump(), **overrides})
+
+    @classmethod
+    def load(cls, path: Path) -> "Options":
+        """Options from a JSON file; defaults when the file does not exist."""
+        if not path.is_file():
+            return cls()
+        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+    def save(self, path: Path) -> None:
+        """Write atomically, so a crash never leaves a half-written config."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.model_dump(), f, indent=2)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

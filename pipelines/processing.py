@@ -1,0 +1,422 @@
+"""One generation job as named stages: prepare prompts -> encode -> prepare latents -> denoise -> decode -> save.
+
+Each stage is a plain function of explicit inputs. :func:`run_job` strings them together for txt2img,
+img2img and inpaint; the :class:`~pipelines.engine.Engine` adds the model manager, the GPU lock and
+error handling around it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pipelines
+from pipelines import imageops, latents as latent_ops
+from pipelines.denoise import DenoiseInputs, InpaintLatents, denoise, img2img_timesteps, latent_size, txt2img_timesteps
+from pipelines.images import dated_output_dir, make_grid, save_image
+from pipelines.infotext import build_infotext, infotext_params_from_fields
+from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
+from pipelines.manager import LoadedModel
+from pipelines.options import Options
+from pipelines.prompt_encoding import PromptEncoder, build_conditioning
+from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
+from pipelines.request import RESIZE_MODES, GenerationRequest, Img2ImgRequest, INPAINTING_FILL
+from pipelines.samplers import build_scheduler, find_sampler, resolve_schedule
+from pipelines.seeds import SeedPlan, generators_for, image_noise
+
+
+@dataclass
+class GenerationResult:
+    """What a job made. ``images[k]`` has seed ``seeds[k]`` and infotext ``infotexts[k]``."""
+
+    request: GenerationRequest
+    images: list[Image.Image] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    grid_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    model_title: str = ""
+    job_timestamp: str = field(default_factory=lambda: datetime.now().strftime("%Y%m%d%H%M%S"))
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """The prompts of every image after styles and with extra-network tags taken out for encoding."""
+
+    prompts: list[str]  # as recorded in the infotext (styles applied, tags kept, as A1111 does)
+    negative_prompts: list[str]
+    encode_prompts: list[str]  # what the text encoder sees
+    encode_negative_prompts: list[str]
+    tags: list[ExtraNetworkTag]
+
+
+# --- stage 1: prompts ----------------------------------------------------------------------------
+
+
+def prepare_prompts(request: GenerationRequest, count: int, styles) -> PreparedPrompts:
+    """Apply styles, then take the ``<name:args>`` tags out of the text the encoder will see."""
+    prompt, negative = request.prompt, request.negative_prompt
+    if request.styles:
+        prompt, negative = styles.apply(prompt, negative, request.styles)
+    encode_prompt, tags = extract_extra_networks(prompt)
+    encode_negative, negative_tags = extract_extra_networks(negative)
+    return PreparedPrompts(
+        [prompt] * count, [negative] * count, [encode_prompt] * count, [encode_negative] * count,
+        tags + negative_tags,
+    )
+
+
+# --- stage 3: latents ----------------------------------------------------------------------------
+
+
+def initial_noise(request: GenerationRequest, seeds: list[int], subseeds: list[int],
+                  generators: list[torch.Generator], shape: tuple[int, int, int], factor: int) -> torch.Tensor:
+    """(B, C, h, w) noise on the CPU, one image at a time from that image's generator."""
+    resize_from = None
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        resize_from = latent_size(request.seed_resize_from_w, request.seed_resize_from_h, factor)
+    return torch.stack([
+        image_noise(gen, shape, subseed=sub, subseed_strength=request.subseed_strength, resize_from=resize_from)
+        for gen, sub in zip(generators, subseeds)
+    ])
+
+
+@dataclass
+class Img2ImgSource:
+    """The init image(s) of an img2img/inpaint batch, brought to the job's size, and the mask if any."""
+
+    images: list[Image.Image]  # at width x height, what the VAE encodes
+    originals: list[Image.Image]  # at width x height, composited back outside the mask
+    mask: Image.Image | None  # "L", width x height, blurred, 255 = redraw
+    crop_box: tuple[int, int, int, int] | None = None  # "Only masked": where the crop came from
+    full_images: list[Image.Image] | None = None  # "Only masked": the whole pictures to paste into
+    full_mask: Image.Image | None = None
+
+
+def prepare_img2img_source(request: Img2ImgRequest, first_image: int, count: int) -> Img2ImgSource:
+    """Resize the init images; for inpaint, prepare the mask and, for "Only masked", the crop."""
+    pick = [request.init_images[(first_image + k) % len(request.init_images)] for k in range(count)]
+    w, h = request.width, request.height
+    if request.mask is None:
+        images = [imageops.resize_image(im, w, h, request.resize_mode) for im in pick]
+        return Img2ImgSource(images, images, None)
+    full = [imageops.resize_image(im, pick[0].width, pick[0].height, 0) if im.size != pick[0].size else
+            im.convert("RGB") for im in pick]
+    mask = imageops.prepare_mask(request.mask.resize(full[0].size), invert=request.inpainting_mask_invert,
+                                 blur=request.mask_blur)
+    if request.inpaint_full_res:
+        box = imageops.mask_bbox(mask, request.inpaint_full_res_padding)
+        if box is not None:
+            box = imageops.expand_to_ratio(box, w, h, full[0].size)
+            crops = [im.crop(box).resize((w, h), imageops.LANCZOS) for im in full]
+            crop_mask = mask.crop(box).resize((w, h), imageops.LANCZOS)
+            return Img2ImgSource(crops, crops, crop_mask, box, full, mask)
+    images = [imageops.resize_image(im, w, h, request.resize_mode) for im in full]
+    mask = imageops.resize_image(mask.convert("RGB"), w, h, request.resize_mode).convert("L")
+    return Img2ImgSource(images, images, mask)
+
+
+def masked_content(source: Img2ImgSource, fill: int) -> list[Image.Image]:
+    """The pixels the VAE encodes: for masked content "fill" the redraw area is painted over first."""
+    if source.mask is None or fill != 0:
+        return source.images
+    return [imageops.fill_masked(im, source.mask) for im in source.images]
+
+
+def latent_mask(mask: Image.Image, shape: tuple[int, int], device, dtype) -> torch.Tensor:
+    """The mask at latent size as (1, 1, h, w) in 0..1."""
+    small = mask.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    array = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
+    return array[None, None].to(device=device, dtype=dtype)
+
+
+def img2img_latents(request: Img2ImgRequest, model: LoadedModel, source: Img2ImgSource, scheduler,
+                    make_noise: Callable[[], torch.Tensor], generators: list[torch.Generator], device):
+    """Encode the init images, apply masked content, and noise them to the strength's first timestep.
+
+    Each image's generator first samples the VAE's latent distribution, then draws the noise (the order
+    diffusers' img2img uses, so the same seeds give the same images). Returns (latents, timesteps,
+    real steps, inpaint inputs or None).
+    """
+    dtype = model.unet.dtype
+    images = masked_content(source, request.inpainting_fill)
+    pixels = latent_ops.pil_to_tensor(images)
+    image_latents = latent_ops.encode(model.vae, pixels, generators).to(device=device, dtype=dtype)
+    timesteps, real_steps = img2img_timesteps(scheduler, request.steps, request.denoising_strength, device)
+    noise = make_noise().to(device=device, dtype=dtype)
+    init, inpaint = image_latents, None
+    if source.mask is not None:
+        h, w = image_latents.shape[-2:]
+        mask = latent_mask(source.mask, (h, w), device, dtype).expand(len(images), 1, h, w)
+        if request.inpainting_fill == 2:  # latent noise
+            init = init * (1 - mask) + noise * mask
+        elif request.inpainting_fill == 3:  # latent nothing
+            init = init * (1 - mask)
+        masked = None
+        if model.is_inpainting:
+            # The inpainting UNet sees a hard mask and the picture with the redraw area blanked, as in training.
+            mask = (mask >= 0.5).to(dtype)
+            keep = torch.from_numpy(np.asarray(source.mask) < 128)[None, None].to(pixels.dtype)
+            seeds = [int(g.initial_seed()) for g in generators]
+            masked = latent_ops.encode(model.vae, latent_ops.pil_to_tensor(source.images) * keep,
+                                       generators_for(seeds)).to(device=device, dtype=dtype)
+        inpaint = InpaintLatents(mask=mask, image_latents=image_latents, noise=noise, masked_image_latents=masked)
+    latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(images))) if len(timesteps) else init
+    return latents, timesteps, real_steps, inpaint
+
+
+def blank_inpaint_conditioning(model: LoadedModel, count: int, width: int, height: int, seeds: list[int],
+                               device) -> InpaintLatents:
+    """What an inpainting UNet sees when nothing is masked (txt2img, img2img): redraw everything, over
+    the latents of a mid-grey picture, as A1111 does."""
+    dtype = model.unet.dtype
+    grey = torch.zeros(count, 3, height, width)
+    masked = latent_ops.encode(model.vae, grey, generators_for(seeds)).to(device=device, dtype=dtype)
+    mask = torch.ones(count, 1, *masked.shape[-2:], device=device, dtype=dtype)
+    return InpaintLatents(mask=mask, image_latents=masked, noise=torch.zeros_like(masked),
+                          masked_image_latents=masked)
+
+
+# --- stage 6: decode and save --------------------------------------------------------------------
+
+
+def decode_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> images; keeps the VAE in fp32 from now on if fp16 overflowed."""
+    pixels, upcast = latent_ops.decode(model.vae, latents, allow_upcast=not model.vae_upcast)
+    if upcast:
+        model.vae_upcast = True
+    return latent_ops.tensor_to_pil(pixels)
+
+
+def finish_inpaint(images: list[Image.Image], source: Img2ImgSource) -> list[Image.Image]:
+    """Keep the original pixels outside the mask; for "Only masked", paste the crop back into the picture."""
+    if source.mask is None:
+        return images
+    images = [imageops.composite(im, orig, source.mask) for im, orig in zip(images, source.originals)]
+    if source.crop_box is None:
+        return images
+    x1, y1, x2, y2 = source.crop_box
+    pasted = []
+    for im, full in zip(images, source.full_images):
+        patch = im.resize((x2 - x1, y2 - y1), imageops.LANCZOS)
+        canvas = full.copy()
+        canvas.paste(patch, (x1, y1), source.full_mask.crop(source.crop_box))
+        pasted.append(canvas)
+    return pasted
+
+
+def infotext_for(request: GenerationRequest, model: LoadedModel, prompt: str, negative: str, seed: int,
+                 subseed: int, extra: dict[str, object]) -> str:
+    """The A1111 infotext of one image."""
+    fields: dict[str, object] = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": request.steps,
+        "sampler_name": request.sampler_name,
+        "scheduler": request.scheduler,
+        "cfg_scale": request.cfg_scale,
+        "seed": seed,
+        "width": request.width,
+        "height": request.height,
+        "sd_model_hash": model.file.short_hash,
+        "sd_model_name": model.file.model_name,
+        "sd_vae_name": model.vae_file.name if model.vae_file else None,
+        "sd_vae_hash": model.vae_file.short_hash if model.vae_file else None,
+        "subseed": subseed,
+        "subseed_strength": request.subseed_strength,
+        "seed_resize_from_w": request.seed_resize_from_w,
+        "seed_resize_from_h": request.seed_resize_from_h,
+        "denoising_strength": getattr(request, "denoising_strength", None),
+        "clip_skip": request.clip_skip,
+        "tiling": request.tiling,
+        "rng": "CPU",
+    }
+    params = infotext_params_from_fields(fields)
+    params.update(extra)
+    params["Version"] = pipelines.__version__
+    return build_infotext(prompt, negative, params)
+
+
+def _img2img_extra(request: Img2ImgRequest) -> dict[str, object]:
+    extra: dict[str, object] = {}
+    if request.mask is not None:
+        extra["Mask blur"] = request.mask_blur
+        extra["Inpaint area"] = "Only masked" if request.inpaint_full_res else None
+        extra["Masked area padding"] = request.inpaint_full_res_padding if request.inpaint_full_res else None
+        extra["Mask mode"] = "Inpaint not masked" if request.inpainting_mask_invert else None
+        extra["Masked content"] = INPAINTING_FILL[request.inpainting_fill]
+    if request.resize_mode:
+        extra["Resize mode"] = RESIZE_MODES[request.resize_mode]
+    return extra
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobContext:
+    """What a job runs with besides its request."""
+
+    model: LoadedModel
+    options: Options
+    outputs_dir: Path
+    styles: object
+    embeddings: object | None
+    control: JobControl
+    device: torch.device
+
+
+def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
+    """Run every batch of ``request``; returns what finished (all of it unless interrupted)."""
+    started = time.perf_counter()
+    model, control = ctx.model, ctx.control
+    result = GenerationResult(request=request, model_title=model.file.title)
+    plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
+    prompts = prepare_prompts(request, request.image_count, ctx.styles)
+    if prompts.tags:
+        names = sorted({tag.name for tag in prompts.tags})
+        result.warnings.append(f"No extension handles the prompt tags: {', '.join(names)}; they were ignored.")
+    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
+    is_img2img = isinstance(request, Img2ImgRequest)
+    extra = _img2img_extra(request) if is_img2img else {}
+    control.start(request.n_iter, _real_steps(request))
+    tiling = _Tiling(model, request.tiling)
+    try:
+        with tiling, torch.inference_mode():
+            for batch_no in range(request.n_iter):
+                first = batch_no * request.batch_size
+                span = slice(first, first + request.batch_size)
+                control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}")
+                try:
+                    images, batch_extra = _run_batch(request, ctx, prompts, plan, span, encoder)
+                except BatchSkipped:
+                    continue
+                for k, image in enumerate(images):
+                    i = first + k
+                    infotext = infotext_for(request, model, prompts.prompts[i], prompts.negative_prompts[i],
+                                            plan.seeds[i], plan.subseeds[i], {**extra, **batch_extra})
+                    result.images.append(image)
+                    result.infotexts.append(infotext)
+                    result.seeds.append(plan.seeds[i])
+                    result.subseeds.append(plan.subseeds[i])
+                    result.prompts.append(prompts.prompts[i])
+                    result.negative_prompts.append(prompts.negative_prompts[i])
+                    if request.save_images and ctx.options.samples_save:
+                        folder = _sample_dir(request, ctx)
+                        result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
+                                                       fmt=ctx.options.samples_format))
+    except JobInterrupted:
+        result.interrupted = True
+    control.update(job_no=request.n_iter if not result.interrupted else None, step=request.steps)
+    if (request.save_images and ctx.options.grid_save and len(result.images) > 1):
+        grid = make_grid(result.images)
+        folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
+        result.grid_path = save_image(grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
+                                      fmt=ctx.options.grid_format, suffix="-grid")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _real_steps(request: GenerationRequest) -> int:
+    """Sampling steps each batch really runs: img2img runs about denoising_strength x steps."""
+    if isinstance(request, Img2ImgRequest):
+        return max(min(int(request.steps * request.denoising_strength), request.steps), 1)
+    return request.steps
+
+
+def _sample_dir(request: GenerationRequest, ctx: JobContext) -> Path:
+    custom = ctx.options.outdir_img2img_samples if request.mode == "img2img" else ctx.options.outdir_txt2img_samples
+    return Path(custom) if custom else dated_output_dir(ctx.outputs_dir, request.mode)
+
+
+def _run_batch(request: GenerationRequest, ctx: JobContext, prompts: PreparedPrompts, plan: SeedPlan,
+               span: slice, encoder: PromptEncoder) -> tuple[list[Image.Image], dict[str, object]]:
+    model, control, device = ctx.model, ctx.control, ctx.device
+    seeds, subseeds = plan.seeds[span], plan.subseeds[span]
+    generators = generators_for(seeds)
+    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seed=seeds[0])
+    dtype = model.unet.dtype
+    factor = model.vae_scale_factor
+    h, w = latent_size(request.width, request.height, factor)
+    shape = (model.unet.config.in_channels if not model.is_inpainting else 4, h, w)
+    extra: dict[str, object] = {}
+
+    # stage 3: latents (and, for img2img, the timesteps that the strength leaves)
+    source = None
+    inpaint = None
+    def make_noise() -> torch.Tensor:
+        return initial_noise(request, seeds, subseeds, generators, shape, factor)
+
+    if isinstance(request, Img2ImgRequest):
+        source = prepare_img2img_source(request, span.start, len(seeds))
+        latents, timesteps, steps_run, inpaint = img2img_latents(request, model, source, scheduler, make_noise,
+                                                                 generators, device)
+    else:
+        timesteps = txt2img_timesteps(scheduler, request.steps, device)
+        latents = make_noise().to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+        steps_run = request.steps
+    if model.is_inpainting and inpaint is None:
+        inpaint = blank_inpaint_conditioning(model, len(seeds), request.width, request.height, seeds, device)
+
+    # stage 2: conditioning (per batch, so prompt editing follows this batch's real step count)
+    conditioning = build_conditioning(encoder, prompts.encode_prompts[span], prompts.encode_negative_prompts[span],
+                                      max(steps_run, 1), request.clip_skip)
+    add_time_ids = None
+    if model.is_sdxl:
+        add_time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
+
+    # stage 4: denoise
+    control.update(steps=max(steps_run, 1))
+
+    def on_step(step: int, current: torch.Tensor) -> None:
+        control.check()
+        preview = latent_ops.preview(current, model.family.name) if control.wants_preview(step) and step else None
+        control.update(step=step, preview=preview)
+
+    if len(timesteps):
+        latents = denoise(model.unet, DenoiseInputs(
+            latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
+            cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
+            inpaint=inpaint), on_step)
+    control.check()
+
+    # stage 5: decode
+    images = decode_images(model, latents)
+    if source is not None:
+        images = finish_inpaint(images, source)
+    if conditioning.ti_hashes:
+        extra["TI hashes"] = conditioning.ti_hashes
+    return images, extra
+
+
+class _Tiling:
+    """Seamless tiling for one job: circular padding in every convolution, undone afterwards."""
+
+    def __init__(self, model: LoadedModel, enabled: bool):
+        self.enabled = enabled
+        self.convs = [m for net in (model.unet, model.vae) for m in net.modules()
+                      if isinstance(m, torch.nn.Conv2d)] if enabled else []
+        self.saved: list[str] = []
+
+    def __enter__(self):
+        self.saved = [conv.padding_mode for conv in self.convs]
+        for conv in self.convs:
+            conv.padding_mode = "circular"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for conv, mode in zip(self.convs, self.saved):
+            conv.padding_mode = mode

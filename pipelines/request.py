@@ -1,0 +1,125 @@
+"""The typed, validated request of one generation job.
+
+Every parameter is declared once here, with its type, default, bounds and a one-line description;
+the HTTP API's schema and the UI controls' ranges are derived from these declarations. Bad input
+fails here, before any model work, with a message that names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, resolve_schedule
+
+MAX_SEED = 4294967294
+MIN_SIZE, MAX_SIZE = 64, 4096
+MAX_PROMPT_CHARS = 20_000
+
+RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def _size_field(description: str) -> Any:
+    return Field(512, ge=MIN_SIZE, le=MAX_SIZE, description=description)
+
+
+class GenerationRequest(BaseModel):
+    """A txt2img job. Field names are those of the A1111 API so that infotexts and API bodies map 1:1."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the image should show.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the image should not show.")
+    styles: list[str] = Field(default_factory=list, description="Names of styles from styles.csv to apply.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="Noise seed; -1 picks a random one. Image k gets seed + k.")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="Variation seed; -1 picks a random one.")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far to move towards the variation seed.")
+    seed_resize_from_w: int = Field(-1, ge=-1, le=MAX_SIZE, description="Make noise as for this width (-1: off).")
+    seed_resize_from_h: int = Field(-1, ge=-1, le=MAX_SIZE, description="Make noise as for this height (-1: off).")
+    sampler_name: str = Field("DPM++ 2M", description="Sampling method: " + ", ".join(SAMPLERS) + ".")
+    scheduler: str = Field("Automatic", description="Schedule type: " + ", ".join(SCHEDULE_NAMES) + ".")
+    steps: int = Field(20, ge=1, le=150, description="Sampling steps.")
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0, description="How strongly the image follows the prompt.")
+    width: int = _size_field("Image width in pixels, a multiple of 8.")
+    height: int = _size_field("Image height in pixels, a multiple of 8.")
+    batch_size: int = Field(1, ge=1, le=64, description="Images per forward pass.")
+    n_iter: int = Field(1, ge=1, le=100, description="Batch count: how many batches run one after another.")
+    clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's N-th layer from the end.")
+    tiling: bool = Field(False, description="Make the image tile seamlessly.")
+    checkpoint: str | None = Field(None, description="Checkpoint title, file name, name or hash; None: current.")
+    vae: str = Field("Automatic", description="'Automatic' (the checkpoint's own VAE) or a file in models/VAE.")
+    save_images: bool = Field(True, description="Save the images to the outputs folder.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int, info) -> int:
+        if value % 8:
+            raise ValueError(f"{info.field_name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}")
+        return value
+
+    @field_validator("cfg_scale", "subseed_strength")
+    @classmethod
+    def _finite(cls, value: float, info) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"{info.field_name} must be a finite number")
+        return value
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        return find_sampler(value).name
+
+    @model_validator(mode="after")
+    def _schedule_fits_sampler(self) -> "GenerationRequest":
+        resolve_schedule(find_sampler(self.sampler_name), self.scheduler)
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "txt2img"
+
+    @property
+    def image_count(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+class Img2ImgRequest(GenerationRequest):
+    """An img2img or inpaint job: a txt2img request plus an init image and, for inpainting, a mask."""
+
+    init_images: Annotated[list[Image.Image], Field(min_length=1, description="The image(s) to start from.")]
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="How much of the image is redrawn.")
+    resize_mode: Literal[0, 1, 2, 3] = Field(
+        0, description="; ".join(f"{k}: {v}" for k, v in RESIZE_MODES.items()) + "."
+    )
+    mask: Image.Image | None = Field(None, description="Inpaint mask: white is redrawn, black is kept.")
+    mask_blur: int = Field(4, ge=0, le=64, description="Blur of the mask edge in pixels.")
+    inpainting_mask_invert: bool = Field(False, description="Redraw the black part of the mask instead.")
+    inpainting_fill: Literal[0, 1, 2, 3] = Field(
+        1, description="Masked content: " + "; ".join(f"{k}: {v}" for k, v in INPAINTING_FILL.items()) + "."
+    )
+    inpaint_full_res: bool = Field(False, description="Inpaint area 'Only masked': redraw a crop at full size.")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256, description="Padding around the mask, in pixels.")
+
+    @field_validator("init_images", mode="before")
+    @classmethod
+    def _images_are_images(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if not isinstance(item, Image.Image):
+                raise ValueError(f"init_images[{i}] is not an image (got {type(item).__name__})")
+        return items
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _mask_is_image(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, Image.Image):
+            raise ValueError(f"mask is not an image (got {type(value).__name__})")
+        return value
+
+    @property
+    def mode(self) -> str:
+        return "img2img"

@@ -1,0 +1,157 @@
+"""What the UI and the API share: the engine, the user options, and one job queue.
+
+UI jobs and API jobs go through the same :class:`JobQueue`, so they run on the device one at a time in
+the order they came, a queued job knows its position and can be cancelled, and either client can see
+and stop the job that is running, whoever sent it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pipelines.engine import Engine
+from pipelines.jobs import JobControl, Progress
+from pipelines.options import Options
+from webui.flags import Flags
+
+T = TypeVar("T")
+
+
+class JobCancelled(Exception):
+    """A queued job was cancelled before it started."""
+
+
+@dataclass
+class Ticket:
+    """A job waiting in, or running from, the queue."""
+
+    id: int
+    source: str  # "ui" or "api"
+    description: str
+    control: JobControl
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    cancelled: bool = False
+
+
+class JobQueue:
+    """First come, first served; one job runs at a time. The job runs in the caller's thread."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._running: Ticket | None = None
+        self._ids = itertools.count(1)
+        self.finished_jobs = 0
+
+    def run(self, job: Callable[[JobControl], T], *, source: str, description: str = "",
+            control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None) -> T:
+        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting."""
+        ticket = Ticket(next(self._ids), source, description, control or JobControl())
+        if on_ticket is not None:
+            on_ticket(ticket)
+        with self._cond:
+            self._waiting.append(ticket)
+            while not ticket.cancelled and (self._running is not None or self._waiting[0] is not ticket):
+                self._cond.wait()
+            self._waiting.remove(ticket)
+            if ticket.cancelled:
+                self._cond.notify_all()
+                raise JobCancelled(f"job {ticket.id} was cancelled before it started")
+            self._running = ticket
+            ticket.started_at = time.time()
+        try:
+            return job(ticket.control)
+        finally:
+            with self._cond:
+                self._running = None
+                self.finished_jobs += 1
+                self._cond.notify_all()
+
+    def position(self, ticket: Ticket) -> int:
+        """0 while running, 1 for next in line, ...; -1 when not in the queue."""
+        with self._cond:
+            if self._running is ticket:
+                return 0
+            try:
+                return list(self._waiting).index(ticket) + 1
+            except ValueError:
+                return -1
+
+    def cancel(self, ticket: Ticket) -> bool:
+        """Take a waiting job out of the queue, or interrupt it if it is running."""
+        with self._cond:
+            if self._running is ticket:
+                ticket.control.interrupt()
+                return True
+            if ticket in self._waiting:
+                ticket.cancelled = True
+                self._cond.notify_all()
+                return True
+            return False
+
+    @property
+    def running(self) -> Ticket | None:
+        with self._cond:
+            return self._running
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def progress(self) -> Progress | None:
+        """The running job's progress, whoever sent it."""
+        running = self.running
+        return running.control.progress if running else None
+
+    def interrupt(self) -> None:
+        """Interrupt the running job (the Interrupt button, POST /sdapi/v1/interrupt)."""
+        running = self.running
+        if running:
+            running.control.interrupt()
+
+    def skip(self) -> None:
+        """Skip the running job's current batch."""
+        running = self.running
+        if running:
+            running.control.skip()
+
+
+class AppContext:
+    """Built once by :func:`webui.app.serve` and handed to the UI and the API."""
+
+    def __init__(self, flags: Flags, engine: Engine, options_path: Path):
+        self.flags = flags
+        self.engine = engine
+        self.queue = JobQueue()
+        self.options_path = options_path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, flags: Flags) -> "AppContext":
+        """Engine and options from the flags; options persist in ``config.json`` in the data dir."""
+        settings = flags.engine_settings()
+        options_path = settings.paths.data_dir / "config.json"
+        options = Options.load(options_path)
+        settings = flags.engine_settings(checkpoint_cache=options.sd_checkpoint_cache)
+        return cls(flags, Engine(settings, options), options_path)
+
+    @property
+    def options(self) -> Options:
+        return self.engine.options
+
+    def update_options(self, changes: dict) -> Options:
+        """Validate, apply and persist option changes; KeyError/ValidationError name a bad key or value."""
+        with self._lock:
+            options = self.engine.options.with_overrides(changes)
+            options.save(self.options_path)
+            self.engine.options = options
+            self.engine.models.cache_size = options.sd_checkpoint_cache
+            return options

@@ -1,0 +1,149 @@
+"""Command-line flags users know from A1111 (REFERENCE §4), parsed once into a frozen :class:`Flags`.
+
+Standard library only: ``launch.py`` parses flags before the virtual environment exists.
+Flags are read from ``COMMANDLINE_ARGS`` first, then from the command line, which wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipelines.settings import EngineSettings, Paths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Everything the command line says. Secrets (auth strings) are never printed: see :meth:`public`."""
+
+    listen: bool = False
+    port: int | None = None
+    server_name: str | None = None
+    share: bool = False
+    api: bool = False
+    nowebui: bool = False
+    api_auth: str | None = None
+    gradio_auth: str | None = None
+    gradio_auth_path: str | None = None
+    data_dir: str = str(ROOT)
+    models_dir: str | None = None
+    ckpt_dir: str | None = None
+    ckpt: str | None = None
+    vae_dir: str | None = None
+    lora_dir: str | None = None
+    controlnet_dir: str | None = None
+    esrgan_models_path: str | None = None
+    medvram: bool = False
+    lowvram: bool = False
+    no_half: bool = False
+    no_half_vae: bool = False
+    precision: str = "autocast"
+    use_cpu: tuple[str, ...] = ()
+    device_id: str | None = None
+    autolaunch: bool = False
+    enable_insecure_extension_access: bool = False
+    cors_allow_origins: str | None = None
+    tls_keyfile: str | None = None
+    tls_certfile: str | None = None
+    skip_install: bool = False
+    test: bool = False
+    test_args: tuple[str, ...] = field(default_factory=tuple)
+
+    SECRET_FIELDS = ("api_auth", "gradio_auth")
+
+    @property
+    def host(self) -> str:
+        """The address to bind: --server-name, else 0.0.0.0 with --listen, else loopback."""
+        return self.server_name or ("0.0.0.0" if self.listen else "127.0.0.1")
+
+    @property
+    def server_port(self) -> int:
+        return self.port or (7861 if self.nowebui else 7860)
+
+    def public(self) -> dict[str, object]:
+        """The flags as a dict with secrets masked, for logs and `/sdapi/v1/cmd-flags`."""
+        values = asdict(self)
+        for name in self.SECRET_FIELDS:
+            if values.get(name):
+                values[name] = "***"
+        return values
+
+    def paths(self) -> Paths:
+        """Model and output folders from --data-dir, --models-dir and the per-kind folder flags."""
+        base = Paths.under(self.data_dir, self.models_dir)
+        extra = {
+            kind: (Path(folder).resolve(),)
+            for kind, folder in (
+                ("checkpoint", self.ckpt_dir), ("vae", self.vae_dir), ("lora", self.lora_dir),
+                ("controlnet", self.controlnet_dir), ("esrgan", self.esrgan_models_path),
+            )
+            if folder
+        }
+        return Paths(data_dir=base.data_dir, models_dir=base.models_dir, outputs_dir=base.outputs_dir,
+                     extra_dirs=extra)
+
+    def engine_settings(self, checkpoint_cache: int = 1) -> EngineSettings:
+        """The engine's settings these flags describe."""
+        cpu = "all" in self.use_cpu or "sd" in self.use_cpu
+        device = "cpu" if cpu else (f"cuda:{self.device_id}" if self.device_id else "auto")
+        precision = "full" if (self.no_half or self.precision == "full") else "auto"
+        memory = "lowvram" if self.lowvram else "medvram" if self.medvram else "normal"
+        return EngineSettings(paths=self.paths(), device=device, precision=precision,
+                              no_half_vae=self.no_half_vae, memory_mode=memory,
+                              checkpoint_cache=checkpoint_cache, default_checkpoint=self.ckpt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description="Stable Diffusion web UI and A1111-compatible API.")
+    add = p.add_argument
+    add("--listen", action="store_true", help="Serve on 0.0.0.0 so other machines can connect.")
+    add("--port", type=int, help="Port to serve on (7860; 7861 with --nowebui).")
+    add("--server-name", help="Address or host name to bind.")
+    add("--share", action="store_true", help="Open a public Gradio share link.")
+    add("--api", action="store_true", help="Serve the /sdapi/v1 API beside the UI.")
+    add("--nowebui", action="store_true", help="Serve only the API.")
+    add("--api-auth", help="HTTP Basic credentials for the API: user:pass[,user2:pass2].")
+    add("--gradio-auth", help="Login for the UI: user:pass[,user2:pass2].")
+    add("--gradio-auth-path", help="File with UI logins, one user:pass per line or comma separated.")
+    add("--data-dir", default=str(ROOT), help="Folder for models/, outputs/, config.json and the rest.")
+    add("--models-dir", help="Folder holding the model sub-folders (default: DATA_DIR/models).")
+    add("--ckpt-dir", help="An extra folder of checkpoints.")
+    add("--ckpt", help="Checkpoint to load at start.")
+    add("--vae-dir", help="An extra folder of VAEs.")
+    add("--lora-dir", help="An extra folder of LoRAs.")
+    add("--controlnet-dir", help="An extra folder of ControlNet models.")
+    add("--esrgan-models-path", help="An extra folder of ESRGAN upscalers.")
+    add("--medvram", action="store_true", help="Keep only the running model part on the GPU (model CPU offload).")
+    add("--lowvram", action="store_true", help="Move layers to the GPU one at a time (sequential CPU offload).")
+    add("--no-half", action="store_true", help="Run models in fp32.")
+    add("--no-half-vae", action="store_true", help="Run the VAE in fp32.")
+    add("--precision", choices=("full", "half", "autocast"), default="autocast", help="Model precision.")
+    add("--use-cpu", nargs="+", default=[], help="Run on the CPU: 'all' (or module names).")
+    add("--device-id", help="CUDA device index to use.")
+    add("--autolaunch", action="store_true", help="Open the UI in the default browser.")
+    add("--enable-insecure-extension-access", action="store_true", help="Allow installing extensions remotely.")
+    add("--cors-allow-origins", help="Comma-separated origins allowed by CORS.")
+    add("--tls-keyfile", help="TLS key file for HTTPS.")
+    add("--tls-certfile", help="TLS certificate file for HTTPS.")
+    add("--skip-install", action="store_true", help="Do not create or update the virtual environment.")
+    add("--test", action="store_true", help="Run the test suite (arguments after it go to pytest).")
+    return p
+
+
+def parse_flags(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Flags:
+    """Flags from ``COMMANDLINE_ARGS`` and ``argv``; with --test, what follows goes to pytest."""
+    environ = os.environ if environ is None else environ
+    args = shlex.split(environ.get("COMMANDLINE_ARGS", "")) + list(argv or [])
+    test_args: list[str] = []
+    if "--test" in args:
+        i = args.index("--test")
+        args, test_args = args[: i + 1], args[i + 1 :]
+    ns = build_parser().parse_args(args)
+    values = {k: v for k, v in vars(ns).items()}
+    values["use_cpu"] = tuple(values["use_cpu"])
+    return Flags(**values, test_args=tuple(test_args))
