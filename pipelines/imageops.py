@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import uniform_filter
 from PIL import Image, ImageFilter, ImageOps
+from scipy.ndimage import uniform_filter
 
 LANCZOS = Image.Resampling.LANCZOS
 

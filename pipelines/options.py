@@ -32,7 +32,7 @@ class Options(BaseModel):
     sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
     default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
 
-    def with_overrides(self, overrides: dict) -> "Options":
+    def with_overrides(self, overrides: dict) -> Options:
         """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them."""
         unknown = set(overrides) - set(type(self).model_fields)
         if unknown:
@@ -40,7 +40,7 @@ class Options(BaseModel):
         return self.model_validate({**self.model_dump(), **overrides})
 
     @classmethod
-    def load(cls, path: Path) -> "Options":
+    def load(cls, path: Path) -> Options:
         """Options from a JSON file; defaults when the file does not exist."""
         if not path.is_file():
             return cls()

@@ -8,8 +8,8 @@ error handling around it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 import pipelines
-from pipelines import imageops, latents as latent_ops
+from pipelines import imageops
+from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, InpaintLatents, denoise, img2img_timesteps, latent_size, txt2img_timesteps
 from pipelines.images import dated_output_dir, make_grid, save_image
 from pipelines.infotext import build_infotext, infotext_params_from_fields
@@ -27,8 +28,8 @@ from pipelines.manager import LoadedModel
 from pipelines.options import Options
 from pipelines.prompt_encoding import PromptEncoder, build_conditioning
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
-from pipelines.request import RESIZE_MODES, GenerationRequest, Img2ImgRequest, INPAINTING_FILL
-from pipelines.samplers import build_scheduler, find_sampler, resolve_schedule
+from pipelines.request import INPAINTING_FILL, RESIZE_MODES, GenerationRequest, Img2ImgRequest
+from pipelines.samplers import build_scheduler
 from pipelines.seeds import SeedPlan, generators_for, image_noise
 
 

@@ -58,7 +58,9 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _multiple_of_8(cls, value: int, info) -> int:
         if value % 8:
-            raise ValueError(f"{info.field_name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}")
+            raise ValueError(
+                f"{info.field_name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, got {value}"
+            )
         return value
 
     @field_validator("cfg_scale", "subseed_strength")
@@ -74,7 +76,7 @@ class GenerationRequest(BaseModel):
         return find_sampler(value).name
 
     @model_validator(mode="after")
-    def _schedule_fits_sampler(self) -> "GenerationRequest":
+    def _schedule_fits_sampler(self) -> GenerationRequest:
         resolve_schedule(find_sampler(self.sampler_name), self.scheduler)
         return self
 

@@ -30,7 +30,7 @@ class SeedPlan:
     subseeds: list[int]
 
     @classmethod
-    def for_job(cls, seed: int, subseed: int, count: int, subseed_strength: float) -> "SeedPlan":
+    def for_job(cls, seed: int, subseed: int, count: int, subseed_strength: float) -> SeedPlan:
         first = resolve_seed(seed)
         first_sub = resolve_seed(subseed) if subseed_strength > 0 else max(subseed, 0)
         return cls([first + k for k in range(count)], [first_sub + k for k in range(count)])

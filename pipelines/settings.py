@@ -48,7 +48,7 @@ class Paths:
     extra_dirs: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
     @classmethod
-    def under(cls, data_dir: Path | str, models_dir: Path | str | None = None) -> "Paths":
+    def under(cls, data_dir: Path | str, models_dir: Path | str | None = None) -> Paths:
         """The A1111 layout below ``data_dir``: ``models/``, ``outputs/``."""
         data = Path(data_dir).resolve()
         models = Path(models_dir).resolve() if models_dir else data / "models"

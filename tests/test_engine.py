@@ -11,7 +11,7 @@ from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.jobs import JobControl
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from pipelines.samplers import SAMPLERS, find_sampler
+from pipelines.samplers import SAMPLERS
 
 SD15 = "tiny-sd15.safetensors"
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors",

@@ -11,9 +11,10 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from pipelines.engine import Engine
 from pipelines.jobs import JobControl, Progress
@@ -135,7 +136,7 @@ class AppContext:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, flags: Flags) -> "AppContext":
+    def create(cls, flags: Flags) -> AppContext:
         """Engine and options from the flags; options persist in ``config.json`` in the data dir."""
         settings = flags.engine_settings()
         options_path = settings.paths.data_dir / "config.json"
