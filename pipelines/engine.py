@@ -68,6 +68,7 @@ class Engine:
             raise LookupError(f"styles: unknown style(s) {', '.join(map(repr, unknown))}; "
                               f"choose from {', '.join(self.styles.names()) or 'none (styles.csv is empty)'}")
         with self._gpu:
+            self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
                 model = self.models.get(request.checkpoint, request.vae)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,

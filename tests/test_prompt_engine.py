@@ -1,0 +1,87 @@
+"""The prompt language through the whole engine: editing, emphasis, long prompts, embeddings, styles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines.infotext import parse_infotext
+from pipelines.styles import Style
+from tests.test_engine import pixels, txt2img
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
+
+
+def _embeddings_per_step(engine, monkeypatch, request) -> list[torch.Tensor]:
+    """The text conditioning the UNet gets at each step (the conditional half of the CFG batch)."""
+    unet = engine.models.get(request.checkpoint).unet
+    seen: list[torch.Tensor] = []
+    original = unet.forward
+
+    def spy(sample, timestep, *args, encoder_hidden_states=None, **kwargs):
+        seen.append(encoder_hidden_states[-1].clone())
+        return original(sample, timestep, *args, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    engine.generate(request)
+    monkeypatch.undo()
+    return seen
+
+
+def test_prompt_editing_switches_at_the_given_step(engine, monkeypatch):
+    steps = _embeddings_per_step(engine, monkeypatch, txt2img(prompt="[a cat:a dog:2]", steps=4))
+    cat = _embeddings_per_step(engine, monkeypatch, txt2img(prompt="a cat", steps=1))[0]
+    dog = _embeddings_per_step(engine, monkeypatch, txt2img(prompt="a dog", steps=1))[0]
+    assert [torch.equal(e, cat) for e in steps] == [True, True, False, False]
+    assert [torch.equal(e, dog) for e in steps] == [False, False, True, True]
+
+
+def test_alternation_changes_every_step(engine, monkeypatch):
+    steps = _embeddings_per_step(engine, monkeypatch, txt2img(prompt="a [cat|dog]", steps=4))
+    assert not torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])
+
+
+@pytest.mark.parametrize("edit, plain", [("[a cat:a dog:0]", "a dog"), ("[a cat:a dog:1.0]", "a cat")])
+def test_edit_at_the_ends_equals_the_plain_prompt(engine, edit, plain):
+    assert _same(engine.generate(txt2img(prompt=edit)), engine.generate(txt2img(prompt=plain)))
+
+
+def test_emphasis_changes_the_image(engine):
+    plain = engine.generate(txt2img(prompt="a cat, red sky"))
+    assert not _same(plain, engine.generate(txt2img(prompt="a (cat:1.6), red sky")))
+    assert _same(plain, engine.generate(txt2img(prompt="a (cat:1.0), red sky")))
+
+
+def test_long_prompts_are_not_truncated(engine):
+    words = ", ".join(f"word{i}" for i in range(100))  # about 200 tokens
+    a = engine.generate(txt2img(prompt=words + ", a red balloon"))
+    b = engine.generate(txt2img(prompt=words + ", a blue house"))
+    assert not _same(a, b), "the words after token 150 must reach the model"
+
+
+def test_textual_inversion_from_the_embeddings_folder(engine_factory):
+    engine = engine_factory()
+    engine.paths.embeddings_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    save_file({"emb_params": torch.randn(2, 32) * 3}, engine.paths.embeddings_dir / "shiny-style.safetensors")
+    plain = engine.generate(txt2img(prompt="a cat, shiny-style"))  # the same words, but the file is a TI now
+    assert "TI hashes" in parse_infotext(plain.infotexts[0])
+    assert parse_infotext(plain.infotexts[0])["TI hashes"].startswith("shiny-style: ")
+    without = engine.generate(txt2img(prompt="a cat, plain-style"))
+    assert not _same(plain, without)
+    assert "TI hashes" not in parse_infotext(without.infotexts[0])
+
+
+def test_styles_are_applied_and_recorded(engine_factory):
+    engine = engine_factory()
+    engine.styles.save(Style("film", "{prompt}, analog film, grain", "digital"))
+    result = engine.generate(txt2img(prompt="a cat", negative_prompt="blurry", styles=["film"]))
+    parsed = parse_infotext(result.infotexts[0])
+    assert parsed["Prompt"] == "a cat, analog film, grain"
+    assert parsed["Negative prompt"] == "blurry, digital"
+    direct = engine.generate(txt2img(prompt="a cat, analog film, grain", negative_prompt="blurry, digital"))
+    assert _same(result, direct)
