@@ -26,7 +26,7 @@ from pipelines.infotext import build_infotext, infotext_params_from_fields
 from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
 from pipelines.manager import LoadedModel
 from pipelines.options import Options
-from pipelines.prompt_encoding import PromptEncoder, build_conditioning
+from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import INPAINTING_FILL, RESIZE_MODES, GenerationRequest, Img2ImgRequest
 from pipelines.samplers import build_scheduler
@@ -290,9 +290,16 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     if prompts.tags:
         names = sorted({tag.name for tag in prompts.tags})
         result.warnings.append(f"No extension handles the prompt tags: {', '.join(names)}; they were ignored.")
+    # stage 2: conditioning, once per job: every batch has the same prompts and step count.
     encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
+    with torch.inference_mode():
+        conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
+                                          prompts.encode_negative_prompts[: request.batch_size],
+                                          _real_steps(request), request.clip_skip)
     is_img2img = isinstance(request, Img2ImgRequest)
     extra = _img2img_extra(request) if is_img2img else {}
+    if conditioning.ti_hashes:
+        extra["TI hashes"] = conditioning.ti_hashes
     control.start(request.n_iter, _real_steps(request))
     tiling = _Tiling(model, request.tiling)
     try:
@@ -302,13 +309,13 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
                 span = slice(first, first + request.batch_size)
                 control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}")
                 try:
-                    images, batch_extra = _run_batch(request, ctx, prompts, plan, span, encoder)
+                    images = _run_batch(request, ctx, plan, span, conditioning)
                 except BatchSkipped:
                     continue
                 for k, image in enumerate(images):
                     i = first + k
                     infotext = infotext_for(request, model, prompts.prompts[i], prompts.negative_prompts[i],
-                                            plan.seeds[i], plan.subseeds[i], {**extra, **batch_extra})
+                                            plan.seeds[i], plan.subseeds[i], extra)
                     result.images.append(image)
                     result.infotexts.append(infotext)
                     result.seeds.append(plan.seeds[i])
@@ -321,7 +328,7 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
                                                        fmt=ctx.options.samples_format))
     except JobInterrupted:
         result.interrupted = True
-    control.update(job_no=request.n_iter if not result.interrupted else None, step=request.steps)
+    control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
     if (request.save_images and ctx.options.grid_save and len(result.images) > 1):
         grid = make_grid(result.images)
         folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
@@ -343,8 +350,8 @@ def _sample_dir(request: GenerationRequest, ctx: JobContext) -> Path:
     return Path(custom) if custom else dated_output_dir(ctx.outputs_dir, request.mode)
 
 
-def _run_batch(request: GenerationRequest, ctx: JobContext, prompts: PreparedPrompts, plan: SeedPlan,
-               span: slice, encoder: PromptEncoder) -> tuple[list[Image.Image], dict[str, object]]:
+def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice,
+               conditioning: Conditioning) -> list[Image.Image]:
     model, control, device = ctx.model, ctx.control, ctx.device
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
@@ -352,12 +359,12 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, prompts: PreparedPro
     dtype = model.unet.dtype
     factor = model.vae_scale_factor
     h, w = latent_size(request.width, request.height, factor)
-    shape = (model.unet.config.in_channels if not model.is_inpainting else 4, h, w)
-    extra: dict[str, object] = {}
+    shape = (model.vae.config.latent_channels, h, w)
 
     # stage 3: latents (and, for img2img, the timesteps that the strength leaves)
     source = None
     inpaint = None
+
     def make_noise() -> torch.Tensor:
         return initial_noise(request, seeds, subseeds, generators, shape, factor)
 
@@ -372,9 +379,6 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, prompts: PreparedPro
     if model.is_inpainting and inpaint is None:
         inpaint = blank_inpaint_conditioning(model, len(seeds), request.width, request.height, seeds, device)
 
-    # stage 2: conditioning (per batch, so prompt editing follows this batch's real step count)
-    conditioning = build_conditioning(encoder, prompts.encode_prompts[span], prompts.encode_negative_prompts[span],
-                                      max(steps_run, 1), request.clip_skip)
     add_time_ids = None
     if model.is_sdxl:
         add_time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
@@ -398,9 +402,7 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, prompts: PreparedPro
     images = decode_images(model, latents)
     if source is not None:
         images = finish_inpaint(images, source)
-    if conditioning.ti_hashes:
-        extra["TI hashes"] = conditioning.ti_hashes
-    return images, extra
+    return images
 
 
 class _Tiling:

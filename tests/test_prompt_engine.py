@@ -85,3 +85,15 @@ def test_styles_are_applied_and_recorded(engine_factory):
     assert parsed["Negative prompt"] == "blurry, digital"
     direct = engine.generate(txt2img(prompt="a cat, analog film, grain", negative_prompt="blurry, digital"))
     assert _same(result, direct)
+
+
+def test_prompts_are_encoded_once_per_job(engine, monkeypatch):
+    encoder = engine.models.get("tiny-sd15.safetensors").pipe.text_encoder
+    calls = []
+    original = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    engine.generate(txt2img(batch_size=1, n_iter=1))
+    one = len(calls)
+    calls.clear()
+    engine.generate(txt2img(batch_size=3, n_iter=3))
+    assert len(calls) == one, "nine images of the same prompt need no more encoder calls than one"
