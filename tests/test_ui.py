@@ -1,0 +1,276 @@
+"""The web UI in a real browser (headless Debian Chromium) against the real server on the tiny models.
+
+Without Chromium the browser tests skip; `apt-get install -y chromium` enables them (.ci/run does).
+Screenshots go to /tmp/ui-shots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.images import read_infotext
+from pipelines.request import GenerationRequest
+from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, screenshot, start_ui_server
+
+TINY = "tiny-sd15.safetensors"
+
+
+@pytest.fixture(scope="module")
+def ui_server(tiny_models, tmp_path_factory):
+    """The UI on the tiny models with its own data dir (one per test module)."""
+    data = tmp_path_factory.mktemp("ui-data")
+    # Small, fast defaults through ui-config.json, the way a user keeps their own defaults.
+    (data / "ui-config.json").write_text(json.dumps(FAST_DEFAULTS))
+    running = start_ui_server(tiny_models, data)
+    yield running
+    running.server.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by Playwright; the tests skip (saying how to enable them) without it."""
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("browser tests need Chromium: run `apt-get install -y chromium` (Debian) to enable them")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser, ui_server):
+    """A fresh browser tab (its own Gradio session) on the UI, loaded and ready."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)  # CI machines are small and busy
+    tab.goto(ui_server.url)
+    tab.locator("#txt2img_generate").wait_for()
+    yield tab
+    context.close()
+
+
+def choose_checkpoint(page, name: str) -> None:
+    page.locator("#setting_sd_model_checkpoint input").click()
+    page.get_by_role("option", name=re.compile(re.escape(name) + r" \[")).click()
+
+
+def generate_and_wait(page, tab: str, *, shortcut: bool = False) -> str:
+    """Press Generate (or Ctrl+Enter in the prompt), wait for the job to end, return the infotext."""
+    before = page.evaluate("tab => document.querySelector(`#${tab}_gallery img`)?.src ?? null", tab)
+    if shortcut:
+        page.locator(f"#{tab}_prompt textarea").press("Control+Enter")
+    else:
+        page.locator(f"#{tab}_generate").click()
+    # Done when the gallery shows a new file and Generate is back. Interrupt is not awaited: a tiny job
+    # may end before the browser is looked at.
+    page.wait_for_function(
+        """([tab, before]) => {
+            const img = document.querySelector(`#${tab}_gallery img`);
+            const button = document.getElementById(`${tab}_generate`);
+            const info = document.getElementById(`html_info_${tab}`).innerText;
+            return img && img.src !== before && button.offsetParent !== null && !/^\\d+(\\.\\d+)?s/.test(info);
+        }""", arg=[tab, before], timeout=90_000)
+    log = page.locator(f"#html_log_{tab}").inner_text()
+    assert "Error" not in log, log
+    page.locator(f"#{tab}_gallery img").first.wait_for()
+    return page.locator(f"#html_info_{tab}").inner_text()
+
+
+def newest_output(data_dir: Path, mode: str) -> Path:
+    files = sorted((data_dir / "outputs" / f"{mode}-images").rglob("*.png"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no {mode} image was saved"
+    return files[-1]
+
+
+def number_value(page, elem_id: str) -> float:
+    return float(page.locator(f"#{elem_id} input[type=number]").first.input_value())
+
+
+def test_txt2img_img2img_and_png_info_round_trip(page, ui_server):
+    screenshot(page, "01-start")
+    assert page.locator("#no_model_notice").is_hidden()
+    choose_checkpoint(page, TINY)
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    page.locator("#txt2img_neg_prompt textarea").fill("blurry")
+    page.locator("#txt2img_seed input").fill("1234")
+    # "a photo of a cat" is 5 tokens of 75.
+    page.wait_for_function("() => document.querySelector('#txt2img_token_counter').innerText.includes('5/75')")
+
+    info = generate_and_wait(page, "txt2img", shortcut=True)
+    screenshot(page, "02-txt2img-result")
+    assert info.startswith("a photo of a cat")
+    assert "Negative prompt: blurry" in info
+    for part in ("Steps: 3", "Sampler: Euler", "Seed: 1234", "Size: 64x64", "Model: tiny-sd15"):
+        assert part in info
+    saved = newest_output(ui_server.data_dir, "txt2img")
+    assert read_infotext(saved).replace("\n", " ") == info.replace("\n", " ")
+
+    page.locator("#txt2img_send_to_img2img").click()
+    page.locator("#img2img_image img").wait_for()
+    assert page.locator("#img2img_prompt textarea").input_value() == "a photo of a cat"
+    info2 = generate_and_wait(page, "img2img")
+    screenshot(page, "03-img2img-result")
+    assert "Denoising strength: 0.75" in info2 and "Seed: 1234" in info2
+
+    # Inpaint with a mask drawn in the browser: send the result to Inpaint and paint a stroke over it.
+    page.locator("#img2img_send_to_inpaint").click()
+    canvas = page.locator("#img2maskimg canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=10)
+    page.mouse.up()
+    info3 = generate_and_wait(page, "img2img")
+    screenshot(page, "03b-inpaint-drawn")
+    assert "Mask blur: 4" in info3, info3
+
+    page.locator("#tab_pnginfo-button, button[role=tab]:has-text('PNG Info')").first.click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    page.locator("#pnginfo_parameters").wait_for()
+    screenshot(page, "04-png-info")
+    # Change the txt2img controls, so that the values coming back are the image's, not leftovers.
+    page.locator("button[role=tab]:has-text('txt2img')").first.click()
+    page.locator("#txt2img_prompt textarea").fill("something else")
+    page.locator("#txt2img_steps input[type=number]").fill("9")
+    page.locator("#txt2img_seed input").fill("-1")
+    page.locator("button[role=tab]:has-text('PNG Info')").first.click()
+    page.locator("#pnginfo_send_to_txt2img").click()
+    page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value === 'a photo of a cat'")
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "blurry"
+    assert number_value(page, "txt2img_steps") == 3
+    assert number_value(page, "txt2img_seed") == 1234
+    assert number_value(page, "txt2img_width") == 64 and number_value(page, "txt2img_height") == 64
+    assert number_value(page, "txt2img_cfg_scale") == 7
+    assert page.locator("#txt2img_sampling input").input_value() == "Euler"
+    assert page.locator("#txt2img_scheduler input").input_value() == "Automatic"
+    assert TINY in page.locator("#setting_sd_model_checkpoint input").input_value()
+    screenshot(page, "05-sent-to-txt2img")
+
+
+def test_inpaint_with_uploaded_mask_keeps_unmasked_pixels(page, ui_server, tmp_path):
+    choose_checkpoint(page, TINY)
+    base = np.zeros((64, 64, 3), dtype=np.uint8)
+    base[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 4
+    base[..., 2] = 200
+    Image.fromarray(base).save(tmp_path / "base.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 40:] = 255  # redraw the right part only
+    Image.fromarray(mask, mode="L").save(tmp_path / "mask.png")
+
+    page.locator("button[role=tab]:has-text('img2img')").first.click()
+    page.locator("#img2img_inpaint_upload_tab-button, button[role=tab]:has-text('Inpaint upload')").first.click()
+    page.locator("#img_inpaint_base input[type=file]").set_input_files(str(tmp_path / "base.png"))
+    page.locator("#img_inpaint_mask input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+    page.locator("#img_inpaint_mask img").wait_for()
+    page.locator("#img2img_prompt textarea").fill("a red ball")
+    page.locator("#img2img_denoising_strength input[type=number]").fill("1")
+    page.locator("#img2img_mask_blur input[type=number]").fill("0")
+    page.locator("#img2img_mask_blur input[type=number]").press("Tab")
+    info = generate_and_wait(page, "img2img")
+    screenshot(page, "06-inpaint-upload")
+    assert "Mask blur: 0" in info and "Denoising strength: 1" in info
+    out = np.asarray(Image.open(newest_output(ui_server.data_dir, "img2img")).convert("RGB")).astype(int)
+    assert np.abs(out[:, :32] - base[:, :32]).max() <= 2, "pixels outside the mask must be the original's"
+    assert np.abs(out[:, 48:] - base[:, 48:]).mean() > 10, "the masked part must be redrawn"
+
+
+def test_interrupt_a_long_job(page, ui_server):
+    choose_checkpoint(page, TINY)
+    page.locator("#txt2img_steps input[type=number]").fill("150")
+    page.locator("#txt2img_batch_count input[type=number]").fill("16")
+    page.locator("#txt2img_batch_count input[type=number]").press("Tab")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("() => /Step \\d+\\/150/.test(document.querySelector('#txt2img_progress').innerText)")
+    assert page.locator("#txt2img_skip").is_visible()
+    screenshot(page, "07-running")
+    started = time.monotonic()
+    page.locator("#txt2img_interrupt").click()
+    page.locator("#txt2img_generate").wait_for(state="visible", timeout=30_000)
+    assert time.monotonic() - started < 30
+    page.wait_for_function("() => document.querySelector('#html_log_txt2img').innerText.includes('Interrupted')")
+    assert ui_server.ctx.queue.running is None
+
+
+def test_settings_and_ui_defaults_are_saved(page, ui_server):
+    page.locator("button[role=tab]:has-text('Settings')").first.click()
+    box = page.locator("#setting_show_progress_every_n_steps input[type=number]")
+    box.fill("2")
+    box.press("Tab")
+    page.locator("#settings_submit").click()
+    page.wait_for_function("() => document.querySelector('#settings_result').innerText.includes('saved')")
+    saved = json.loads((ui_server.data_dir / "config.json").read_text())
+    assert saved["show_progress_every_n_steps"] == 2 and ui_server.ctx.options.show_progress_every_n_steps == 2
+    page.locator("#ui_defaults_submit").click()
+    page.wait_for_function("() => document.querySelector('#settings_result').innerText.includes('UI defaults')")
+    defaults = json.loads((ui_server.data_dir / "ui-config.json").read_text())
+    assert defaults["txt2img/Sampling steps/value"] == 3 and defaults["img2img/Width/value"] == 64
+    screenshot(page, "08-settings")
+
+
+def test_queued_job_shows_its_position_and_can_be_cancelled(ui_server):
+    from webui.ui.jobs import Session, run_job
+
+    release = threading.Event()
+    holder = threading.Thread(target=ui_server.ctx.queue.run, args=(lambda _c: release.wait(30),),
+                              kwargs={"source": "api", "description": "an API job"})
+    holder.start()
+    try:
+        while ui_server.ctx.queue.running is None:
+            time.sleep(0.01)
+        session = Session()
+        updates = run_job(ui_server.ctx, session, GenerationRequest(prompt="x", width=64, height=64, steps=1))
+        first = next(updates)
+        assert "In queue: position 1" in first.progress_html and "API job is running" in first.progress_html
+        session.stop(ui_server.ctx.queue)
+        last = list(updates)[-1]
+        assert "Cancelled before it started" in last.progress_html
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_app_without_models_says_where_to_put_one(tmp_path, monkeypatch):
+    from webui.ui.download import network_problem
+
+    models = tmp_path / "models"
+    running = start_ui_server(models, tmp_path / "data", "--api")
+    try:
+        config = httpx.get(running.url + "config", timeout=10).text
+        assert "No checkpoint found" in config
+        assert str(models / "Stable-diffusion") in config
+        # --api mounts the A1111 API on the same server.
+        assert httpx.get(running.url + "sdapi/v1/sd-models", timeout=10).json() == []
+    finally:
+        running.server.close()
+    # Offline, the download button explains itself instead of trying (tests never download).
+    assert "HF_HUB_OFFLINE" in network_problem()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    problem = network_problem("https://127.0.0.1:9/model.safetensors", timeout=1)
+    assert problem and "127.0.0.1:9 cannot be reached" in problem
+
+
+def test_gradio_auth_parsing(tmp_path):
+    from webui.flags import parse_flags
+    from webui.ui import parse_auth
+
+    logins = tmp_path / "logins.txt"
+    logins.write_text("carol:secret\ndave:pw2,erin:pw3\n")
+    flags = parse_flags(["--gradio-auth", "alice:a1,bob:b:2", "--gradio-auth-path", str(logins)], environ={})
+    assert parse_auth(flags) == [("alice", "a1"), ("bob", "b:2"), ("carol", "secret"), ("dave", "pw2"),
+                                 ("erin", "pw3")]
+    with pytest.raises(ValueError, match="user:password"):
+        parse_auth(parse_flags(["--gradio-auth", "nopassword"], environ={}))

@@ -1,0 +1,62 @@
+"""Helpers for the browser tests: the real UI server on the tiny models, Chromium, screenshots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+#: 64x64 and few steps: the tiny models make such an image in well under a second on a CPU.
+FAST_DEFAULTS = {f"{tab}/{label}/value": value for tab in ("txt2img", "img2img")
+                 for label, value in (("Width", 64), ("Height", 64), ("Sampling steps", 3),
+                                      ("Sampling method", "Euler"))}
+SHOTS = Path(os.environ.get("SDUI_SHOTS", "/tmp/ui-shots"))
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium, or whatever ``chromium`` is on PATH; None when there is none."""
+    if Path(CHROMIUM).is_file():
+        return CHROMIUM
+    return shutil.which("chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class UiServer:
+    """A running UI server and what the tests need of it."""
+
+    ctx: object
+    server: object
+    url: str
+    data_dir: Path
+
+
+def start_ui_server(models_dir: Path, data_dir: Path, *extra_flags: str) -> UiServer:
+    """The real server (UI, with the API when ``--api`` is passed) on a free loopback port, in the background."""
+    from webui.context import AppContext
+    from webui.flags import parse_flags
+    from webui.ui import start_server
+
+    flags = parse_flags(["--data-dir", str(data_dir), "--models-dir", str(models_dir), "--use-cpu", "all",
+                         "--port", str(free_port()), *extra_flags], environ={})
+    ctx = AppContext.create(flags)
+    server = start_server(ctx, quiet=True)
+    return UiServer(ctx, server, server.local_url, data_dir)
+
+
+def screenshot(page, name: str) -> Path:
+    """Save a full-page screenshot under /tmp/ui-shots (or $SDUI_SHOTS) to look at."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

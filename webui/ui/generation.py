@@ -1,0 +1,109 @@
+"""Wiring of Generate / Interrupt / Skip for a tab: controls -> request -> queued engine job -> gallery."""
+
+from __future__ import annotations
+
+import html
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from pydantic import ValidationError
+
+from pipelines.request import GenerationRequest
+from webui.context import AppContext, JobCancelled
+from webui.ui.controls import GenerationControls
+from webui.ui.jobs import Session, run_job
+from webui.ui.output import OutputPanel, gallery_files, infotext_html
+from webui.ui.prompts import PromptArea
+from webui.ui.topbar import TopBar
+
+#: Builds the tab's request from the common fields and the values of the tab's extra inputs.
+RequestBuilder = Callable[[dict[str, Any], list[Any]], GenerationRequest]
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-paragraph message for the user; pydantic errors list each field with its problem."""
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in error.errors())
+    return str(error) or type(error).__name__
+
+
+def _log_html(lines: list[str], error: bool = False) -> str:
+    if not lines:
+        return ""
+    css = "sdui-error" if error else "sdui-log"
+    return "".join(f"<p class='{css}'>{html.escape(line)}</p>" for line in lines)
+
+
+def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls: GenerationControls,
+                    panel: OutputPanel, build_request: RequestBuilder,
+                    extra_inputs: list[gr.components.Component] = ()) -> None:
+    """Connect the tab's Generate button (and its Interrupt / Skip replacements) to the engine."""
+    names = list(controls.fields)
+    scratch = Path(tempfile.gettempdir()) / "sdui-gallery"
+    inputs = [panel.session, topbar.checkpoint, topbar.vae, topbar.clip_skip, area.prompt, area.negative_prompt,
+              area.styles, *controls.fields.values(), *extra_inputs]
+    running = {area.generate: gr.update(visible=False), area.interrupt: gr.update(visible=True),
+               area.skip: gr.update(visible=True)}
+    idle = {area.generate: gr.update(visible=True), area.interrupt: gr.update(visible=False),
+            area.skip: gr.update(visible=False), panel.preview: gr.update(visible=False, value=None),
+            panel.progress: ""}
+
+    def generate(session: Session, checkpoint: str | None, vae: str, clip_skip: int, prompt: str, negative: str,
+                 styles: list[str], *values: Any):
+        common = dict(zip(names, values[:len(names)]))
+        common.update(prompt=prompt or "", negative_prompt=negative or "", styles=styles or [],
+                      checkpoint=checkpoint or None, vae=vae or "Automatic", clip_skip=int(clip_skip or 1))
+        try:
+            request = build_request(common, list(values[len(names):]))
+        except (ValidationError, ValueError, LookupError) as error:
+            yield {**idle, panel.log: _log_html([describe_error(error)], error=True)}
+            return
+        yield {**running, panel.log: "", panel.preview: gr.update(visible=True, value=None)}
+        shown_preview = None
+        for update in run_job(ctx, session, request):
+            if update.result is None and update.error is None:
+                changes: dict = {panel.progress: update.progress_html}
+                if update.preview is not None and update.preview is not shown_preview:
+                    shown_preview = update.preview
+                    changes[panel.preview] = gr.update(value=update.preview)
+                yield changes
+                continue
+            if update.error is not None:
+                message = "Cancelled before it started." if isinstance(update.error, JobCancelled) \
+                    else f"Error: {describe_error(update.error)}"
+                yield {**idle, panel.log: _log_html([message], error=True)}
+                return
+            result = update.result
+            session.images = gallery_files(result, scratch)
+            session.infotexts = list(result.infotexts)
+            session.seeds = list(result.seeds)
+            session.subseeds = list(result.subseeds)
+            session.selected = 0
+            session.job_timestamp = result.job_timestamp
+            notes = list(result.warnings)
+            if result.interrupted:
+                notes.append(f"Interrupted: {len(result.images)} of {request.image_count} images finished.")
+            notes.append(f"Time taken: {result.seconds:.2f} s")
+            yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None),
+                   panel.infotext: infotext_html(session.selected_infotext), panel.log: _log_html(notes)}
+
+    outputs = [panel.gallery, panel.preview, panel.progress, panel.infotext, panel.log, area.generate,
+               area.interrupt, area.skip]
+    # No Gradio-side limit: the engine's JobQueue orders UI and API jobs and tells each its position.
+    area.generate.click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None,
+                        show_progress="hidden")
+    area.interrupt.click(lambda s: s.stop(ctx.queue), inputs=[panel.session], queue=False)
+    area.skip.click(lambda s: s.skip(ctx.queue), inputs=[panel.session], queue=False)
+
+    def reuse(session: Session, seeds: list[int]) -> int:
+        if not seeds:
+            raise gr.Error("No image yet: generate one first, then reuse its seed.")
+        return seeds[min(session.selected, len(seeds) - 1)]
+
+    controls.reuse_seed.click(lambda s: reuse(s, s.seeds), inputs=[panel.session],
+                              outputs=[controls.fields["seed"]], show_progress="hidden")
+    controls.reuse_subseed.click(lambda s: reuse(s, s.subseeds), inputs=[panel.session],
+                                 outputs=[controls.fields["subseed"]], show_progress="hidden")

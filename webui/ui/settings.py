@@ -1,0 +1,71 @@
+"""The Settings tab: every engine option (from :class:`Options`), saved to config.json; and UI defaults."""
+
+from __future__ import annotations
+
+import html
+import typing
+
+import gradio as gr
+from pydantic import ValidationError
+
+from pipelines.options import Options
+from pipelines.samplers import SAMPLERS
+from webui.context import AppContext
+from webui.ui import fields as f
+from webui.ui.ui_config import UiDefaults
+
+#: Options whose choices come from elsewhere than their type.
+_CHOICES = {"default_sampler": lambda: list(SAMPLERS)}
+
+
+def option_control(name: str, value: object) -> gr.components.Component:
+    """A control for one option, chosen by the option's type; its label is the option's description."""
+    info = Options.model_fields[name]
+    label = info.description or name
+    elem_id = f"setting_{name}"
+    if name in _CHOICES:
+        return gr.Dropdown(_CHOICES[name](), value=value, label=label, elem_id=elem_id)
+    if typing.get_origin(info.annotation) is typing.Literal:
+        return gr.Dropdown(list(f.choices(Options, name)), value=value, label=label, elem_id=elem_id)
+    if info.annotation is bool:
+        return gr.Checkbox(value=value, label=label, elem_id=elem_id)
+    if info.annotation is int:
+        low, high = f.bounds(Options, name)
+        if low is not None and high is not None:
+            return gr.Slider(low, high, step=1, value=value, label=label, elem_id=elem_id)
+        return gr.Number(value=value, precision=0, label=label, elem_id=elem_id)
+    return gr.Textbox(value=value, label=label, elem_id=elem_id)
+
+
+def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
+    """One control per option, an Apply button, and a button that saves the current UI values as defaults."""
+    current = ctx.options
+    names = list(Options.model_fields)
+    with gr.Row():
+        apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
+        save_defaults = gr.Button("Save current UI values as defaults", elem_id="ui_defaults_submit")
+    result = gr.HTML("", elem_id="settings_result")
+    with gr.Column(elem_id="settings"):
+        controls = [option_control(name, getattr(current, name)) for name in names]
+
+    def apply_settings(*values: object) -> str:
+        old = ctx.options
+        changes = {name: value for name, value in zip(names, values) if getattr(old, name) != value}
+        if not changes:
+            return "<p>Nothing changed.</p>"
+        try:
+            ctx.update_options(changes)
+        except (KeyError, ValidationError) as error:
+            return f"<p class='sdui-error'>Not saved: {html.escape(str(error))}</p>"
+        return (f"<p>{len(changes)} setting(s) changed and saved to {html.escape(str(ctx.options_path))}: "
+                f"{html.escape(', '.join(changes))}.</p>")
+
+    apply.click(apply_settings, inputs=controls, outputs=[result])
+
+    keys = list(defaults.components)
+
+    def save_ui_defaults(*values: object) -> str:
+        defaults.save(dict(zip(keys, values)))
+        return f"<p>UI defaults saved to {html.escape(str(defaults.path))}; they apply after a restart.</p>"
+
+    save_defaults.click(save_ui_defaults, inputs=[defaults.components[k] for k in keys], outputs=[result])

@@ -1,0 +1,120 @@
+"""The bar above the tabs: checkpoint (with refresh), SD VAE and Clip skip; and the no-model notice."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import gradio as gr
+import httpx
+
+from pipelines.request import GenerationRequest
+from webui.context import AppContext
+from webui.ui import fields as f
+from webui.ui.download import DEFAULT_MODEL_URL, download_model, network_problem
+from webui.ui.jobs import progress_html
+from webui.ui.ui_config import UiDefaults
+
+
+@dataclass
+class TopBar:
+    checkpoint: gr.Dropdown
+    refresh: gr.Button
+    vae: gr.Dropdown
+    clip_skip: gr.Slider
+    notice: gr.Markdown
+    download: gr.Button
+    download_status: gr.HTML
+
+
+def checkpoint_titles(ctx: AppContext) -> list[str]:
+    return [m.title for m in ctx.engine.registry.checkpoints]
+
+
+def vae_choices(ctx: AppContext) -> list[str]:
+    return ["Automatic", *(m.name for m in ctx.engine.registry.vaes)]
+
+
+def initial_checkpoint(ctx: AppContext) -> str | None:
+    """The loaded model, else the one --ckpt names, else the first one found."""
+    current = ctx.engine.models.current
+    if current is not None:
+        return current.file.title
+    try:
+        return ctx.engine.models.resolve(None).title
+    except LookupError:
+        return None
+
+
+def no_model_notice(ctx: AppContext) -> str:
+    folder = ctx.engine.registry.paths.model_dirs("checkpoint")[0]
+    return (f"**No checkpoint found.** Put a Stable Diffusion checkpoint (a `.safetensors` or `.ckpt` file, or a "
+            f"diffusers folder) into `{folder}` and press 🔄 next to the checkpoint list, "
+            "or download the default model (SD 1.5, about 4 GB).")
+
+
+def build_topbar(ctx: AppContext, defaults: UiDefaults) -> TopBar:
+    titles = checkpoint_titles(ctx)
+    with gr.Row(elem_id="quicksettings"):
+        checkpoint = gr.Dropdown(titles, value=initial_checkpoint(ctx), label="Stable Diffusion checkpoint",
+                                 elem_id="setting_sd_model_checkpoint", scale=4, min_width=300)
+        refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0,
+                            elem_classes="sdui-tool")
+        vae = gr.Dropdown(vae_choices(ctx), value="Automatic", label="SD VAE", elem_id="setting_sd_vae",
+                          scale=3, min_width=200, info=None)
+        clip_skip = defaults.register("Clip skip/value", f.slider(
+            GenerationRequest, "clip_skip", "Clip skip", value=defaults.value("Clip skip/value", None),
+            elem_id="setting_CLIP_stop_at_last_layers", scale=3, min_width=200))
+    with gr.Group(visible=not titles, elem_id="no_model_notice") as notice_box:
+        notice = gr.Markdown(no_model_notice(ctx))
+        with gr.Row():
+            download = gr.Button("Download the default model", elem_id="download_default_model", size="sm",
+                                 scale=0, min_width=240)
+            download_status = gr.HTML("", elem_id="download_default_model_status")
+    bar = TopBar(checkpoint, refresh, vae, clip_skip, notice, download, download_status)
+    _wire(ctx, bar, notice_box)
+    return bar
+
+
+def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
+    def refresh(current: str | None):
+        ctx.engine.registry.refresh()
+        titles = checkpoint_titles(ctx)
+        value = current if current in titles else (titles[0] if titles else None)
+        return (gr.update(choices=titles, value=value), gr.update(choices=vae_choices(ctx)),
+                gr.update(visible=not titles))
+
+    bar.refresh.click(refresh, inputs=[bar.checkpoint], outputs=[bar.checkpoint, bar.vae, notice_box],
+                      show_progress="hidden")
+
+    def load(title: str | None, vae: str) -> None:
+        if not title:
+            return
+        # Loading goes through the job queue like a generation: it must not swap models under a running job.
+        try:
+            ctx.queue.run(lambda _control: ctx.engine.models.get(title, vae), source="ui",
+                          description=f"load {title}")
+        except (LookupError, OSError, ValueError) as error:
+            raise gr.Error(f"Could not load {title}: {error}") from error
+
+    bar.checkpoint.input(load, inputs=[bar.checkpoint, bar.vae], show_progress="minimal")
+
+    def download(current: str | None):
+        problem = network_problem()
+        if problem:
+            yield (f"<p class='sdui-error'>Cannot download the default model: {html.escape(problem)} Download "
+                   f"<code>{html.escape(DEFAULT_MODEL_URL)}</code> on a machine that is online and copy it into "
+                   f"<code>{html.escape(str(ctx.engine.registry.paths.model_dirs('checkpoint')[0]))}</code>.</p>",
+                   gr.update(), gr.update())
+            return
+        folder = ctx.engine.registry.paths.model_dirs("checkpoint")[0]
+        try:
+            for fraction, text in download_model(DEFAULT_MODEL_URL, folder):
+                yield progress_html(fraction, text), gr.update(), gr.update()
+        except (OSError, httpx.HTTPError) as error:
+            yield f"<p class='sdui-error'>Download failed: {html.escape(str(error))}</p>", gr.update(), gr.update()
+            return
+        checkpoint, _, notice = refresh(current)
+        yield progress_html(1.0, "Done."), checkpoint, notice
+
+    bar.download.click(download, inputs=[bar.checkpoint], outputs=[bar.download_status, bar.checkpoint, notice_box])
