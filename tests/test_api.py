@@ -1,0 +1,440 @@
+"""The A1111-compatible API on the real server (uvicorn on loopback) with the tiny models.
+
+Clients: ``webuiapi`` from PyPI, as scripts use it, and plain ``requests`` for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+import webuiapi
+
+from pipelines.images import read_infotext
+from pipelines.infotext import parse_infotext
+from pipelines.request import GenerationRequest
+from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png, left_half_mask, picture
+
+SD21 = "tiny-sd21-v.safetensors"
+DIFFUSERS = "tiny-sd15-diffusers"
+SMALL = {"steps": 4, "width": 64, "height": 64}
+INFO_KEYS = {
+    "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+    "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",
+    "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash",
+    "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "extra_generation_params",
+    "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip", "is_using_inpainting_conditioning",
+    "version",
+}
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def api_engine(engine_factory):
+    return engine_factory(checkpoint_cache=4)
+
+
+@pytest.fixture(scope="module")
+def server(api_engine):
+    server = ApiServer(api_engine, api_engine.paths.data_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def url(server):
+    return server.url + "/sdapi/v1"
+
+
+@pytest.fixture()
+def client(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
+
+
+def post(url: str, route: str, body: dict, **kw) -> requests.Response:
+    return requests.post(f"{url}/{route}", json=body, timeout=TIMEOUT, **kw)
+
+
+def txt2img(url: str, **body) -> dict:
+    response = post(url, "txt2img", {**SMALL, "prompt": "a cat", "seed": 7, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+def test_webuiapi_txt2img_returns_images_with_infotext_and_full_info(client):
+    client.set_options({"sd_model_checkpoint": SD15})
+    result = client.txt2img(prompt="a photo of a cat", negative_prompt="blurry", seed=1234, batch_size=2,
+                            width=64, height=64, cfg_scale=6.5)
+    assert len(result.images) == 2
+    assert all(image.size == (64, 64) for image in result.images)
+    assert np.asarray(result.images[0]).std() > 1
+    info = result.info
+    assert INFO_KEYS <= set(info)
+    assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234
+    assert info["sd_model_name"] == "tiny-sd15" and info["sampler_name"] == "Euler a"
+    assert info["steps"] == 4 and info["cfg_scale"] == 6.5 and info["index_of_first_image"] == 0
+    for image, seed, infotext in zip(result.images, info["all_seeds"], info["infotexts"]):
+        embedded = image.info["parameters"]
+        assert embedded == infotext
+        parsed = parse_infotext(embedded)
+        assert parsed["Seed"] == seed and parsed["Prompt"] == "a photo of a cat"
+        assert parsed["Negative prompt"] == "blurry" and parsed["Size-1"] == 64 and parsed["Sampler"] == "Euler a"
+    assert result.parameters["prompt"] == "a photo of a cat" and result.parameters["steps"] == 4
+
+
+def test_api_image_equals_engine_image_for_the_same_request(url, api_engine):
+    answer = txt2img(url, sampler_name="DPM++ 2M", override_settings={"sd_model_checkpoint": SD15}, seed=99)
+    direct = api_engine.generate(GenerationRequest(prompt="a cat", seed=99, checkpoint=SD15, save_images=False,
+                                                   **SMALL))
+    returned = decode_png(answer["images"][0])
+    assert np.array_equal(np.asarray(returned.convert("RGB")), np.asarray(direct.images[0]))
+    assert read_infotext(returned) == direct.infotexts[0]
+
+
+def test_webuiapi_img2img_inpaint_keeps_the_unmasked_half(client):
+    source = picture()
+    result = client.img2img(images=[source], mask_image=left_half_mask(), prompt="a red ball", seed=3,
+                            denoising_strength=0.9, inpainting_fill=1, inpaint_full_res=False, mask_blur=0,
+                            width=64, height=64, override_settings={"sd_model_checkpoint": SD15})
+    assert len(result.images) == 1
+    out = np.asarray(result.images[0].convert("RGB"), dtype=np.int16)
+    original = np.asarray(source, dtype=np.int16)
+    assert np.abs(out[:, 40:] - original[:, 40:]).max() <= 2  # kept (black) half
+    assert np.abs(out[:, :24] - original[:, :24]).mean() > 5  # redrawn (white) half
+    parsed = parse_infotext(result.images[0].info["parameters"])
+    assert parsed["Denoising strength"] == 0.9 and parsed["Mask blur"] == 0 and parsed["Seed"] == 3
+    assert result.parameters["init_images"] is None  # not echoed unless include_init_images
+
+
+@pytest.mark.parametrize("fmt, prefix", [("PNG", True), ("JPEG", False), ("JPEG", True), ("WEBP", False)])
+def test_img2img_accepts_png_jpeg_webp_with_or_without_data_prefix(url, fmt, prefix):
+    body = {**SMALL, "init_images": [b64_image(picture((96, 80)), fmt, prefix)], "denoising_strength": 0.5,
+            "resize_mode": 1, "seed": 11, "include_init_images": True}
+    response = post(url, "img2img", body)
+    assert response.status_code == 200, response.text
+    image = decode_png(response.json()["images"][0])
+    assert image.size == (64, 64)
+    assert response.json()["parameters"]["init_images"] == body["init_images"]
+    assert parse_infotext(read_infotext(image))["Resize mode"] == "Crop and resize"
+
+
+def test_legacy_fields_nulls_and_unknown_fields_are_accepted(url):
+    body = {
+        "prompt": None, "negative_prompt": None, "styles": None, "sampler_name": None, "sampler_index": "Euler",
+        "scheduler": "karras", "seed": None, "eta": 0.67, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+        "s_min_uncond": 0, "firstphase_width": 0, "firstphase_height": 0, "comments": {}, "refiner_checkpoint": None,
+        "refiner_switch_at": None, "restore_faces": False, "denoising_strength": 0.7, "script_args": [],
+        "alwayson_scripts": {}, "override_settings_restore_afterwards": True, "hr_upscaler": "Latent",
+        "do_not_save_samples": True, "not_a_field_anyone_knows": [1, 2, 3], **SMALL,
+    }
+    answer = post(url, "txt2img", body)
+    assert answer.status_code == 200, answer.text
+    parsed = parse_infotext(read_infotext(decode_png(answer.json()["images"][0])))
+    assert parsed["Sampler"] == "Euler" and parsed["Schedule type"] == "Karras" and parsed["Prompt"] == ""
+
+
+def test_old_style_sampler_name_with_schedule(url):
+    info = json.loads(txt2img(url, sampler_name="DPM++ 2M Karras")["info"])
+    assert info["sampler_name"] == "DPM++ 2M" and info["scheduler"] == "Karras"
+
+
+def test_save_images_writes_outputs_and_send_images_false_returns_none(url, api_engine):
+    folder = api_engine.paths.outputs_dir / "txt2img-images"
+    before = set(folder.rglob("*.png")) if folder.exists() else set()
+    answer = txt2img(url, save_images=True, send_images=False, seed=4242, batch_size=2)
+    assert answer["images"] == []
+    new = sorted(set(folder.rglob("*.png")) - before)
+    assert [p.name.split("-", 1)[1] for p in new] == ["4242.png", "4243.png"]
+    assert parse_infotext(read_infotext(new[0]))["Seed"] == 4242
+    nothing_saved = txt2img(url, seed=5151)
+    assert not list(folder.rglob("*-5151.png")) and len(nothing_saved["images"]) == 1
+
+
+def test_saved_batch_returns_the_grid_first(url):
+    answer = txt2img(url, save_images=True, batch_size=2, seed=6060)
+    info = json.loads(answer["info"])
+    assert len(answer["images"]) == 3 and info["index_of_first_image"] == 1
+    assert decode_png(answer["images"][0]).size == (128, 64)
+
+
+# --- options, models, override_settings ----------------------------------------------------------
+
+
+def test_set_model_by_title_file_name_name_and_hash(client, url, api_engine):
+    models = client.get_sd_models()
+    by_name = {m["model_name"]: m for m in models}
+    assert {"tiny-sd15", "tiny-sd21-v", "tiny-sdxl", "tiny-sd15-inpainting", DIFFUSERS} <= set(by_name)
+    assert set(models[0]) >= {"title", "model_name", "hash", "sha256", "filename", "config"}
+    sd21 = by_name["tiny-sd21-v"]
+    for query in (sd21["title"], SD21, "tiny-sd21-v", sd21["hash"], sd21["sha256"]):
+        client.set_options({"sd_model_checkpoint": SD15})
+        client.set_options({"sd_model_checkpoint": query})
+        assert client.get_options()["sd_model_checkpoint"] == sd21["title"]
+        assert api_engine.models.current.file.title == sd21["title"]  # switched, not only recorded
+    assert json.loads(txt2img(url)["info"])["sd_model_name"] == "tiny-sd21-v"
+    client.util_set_model("tiny-sd15.safetensors")
+    assert client.util_get_current_model() == by_name["tiny-sd15"]["title"]
+
+
+def test_options_round_trip_and_persist(client, server):
+    options = client.get_options()
+    assert {"samples_format", "show_progress_every_n_steps", "sd_model_checkpoint", "sd_vae",
+            "CLIP_stop_at_last_layers"} <= set(options)
+    client.set_options({**options, "samples_format": "webp", "CLIP_stop_at_last_layers": 2, "sd_vae": "tiny-vae"})
+    try:
+        changed = client.get_options()
+        assert changed["samples_format"] == "webp" and changed["CLIP_stop_at_last_layers"] == 2
+        assert changed["sd_vae"] == "tiny-vae.safetensors"
+        saved = json.loads((server.ctx.options_path).read_text())
+        assert saved["samples_format"] == "webp"
+    finally:
+        client.set_options({"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"})
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"no_such_option": 1}, "no_such_option"),
+    ({"sd_model_checkpoint": "missing-model"}, "sd_model_checkpoint"),
+    ({"show_progress_every_n_steps": 1000}, "show_progress_every_n_steps"),
+    ({"CLIP_stop_at_last_layers": 40}, "CLIP_stop_at_last_layers"),
+    ({"sd_vae": "nope.safetensors"}, "sd_vae"),
+])
+def test_bad_options_are_refused_and_nothing_changes(url, changes, field):
+    before = requests.get(f"{url}/options", timeout=TIMEOUT).json()
+    response = post(url, "options", {"samples_format": "jpg", **changes})
+    assert response.status_code == 422
+    assert field in json.dumps(response.json()["detail"])
+    assert requests.get(f"{url}/options", timeout=TIMEOUT).json() == before
+
+
+def test_concurrent_override_settings_stay_with_their_request(url, api_engine, monkeypatch, client):
+    client.set_options({"sd_model_checkpoint": SD15})
+    running, most = 0, 0
+    lock = threading.Lock()
+    generate = api_engine.generate
+
+    def counting_generate(*args, **kwargs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(api_engine, "generate", counting_generate)
+    models = [SD15, SD21, DIFFUSERS]
+
+    def one(k: int) -> tuple[int, dict, list[str]]:
+        override = {"sd_model_checkpoint": models[k % 3], "CLIP_stop_at_last_layers": 1 + k % 4,
+                    "samples_format": "jpg"}
+        answer = txt2img(url, seed=100 + k, override_settings=override)
+        return k, json.loads(answer["info"]), answer["images"]
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    assert most == 1
+    for k, info, images in results:
+        assert info["seed"] == 100 + k and info["clip_skip"] == 1 + k % 4
+        assert info["sd_model_name"] == models[k % 3].removesuffix(".safetensors")
+        parsed = parse_infotext(read_infotext(decode_png(images[0])))
+        assert parsed["Clip skip"] == 1 + k % 4 and parsed["Seed"] == 100 + k
+    # Nothing leaked: the selected model and the options are what they were.
+    options = requests.get(f"{url}/options", timeout=TIMEOUT).json()
+    assert options["sd_model_checkpoint"].startswith(SD15)
+    assert options["samples_format"] == "png" and options["CLIP_stop_at_last_layers"] == 1
+    plain = json.loads(txt2img(url)["info"])
+    assert plain["sd_model_name"] == "tiny-sd15" and plain["clip_skip"] == 1
+
+
+def test_override_vae_applies_to_one_request(url):
+    info = json.loads(txt2img(url, override_settings={"sd_vae": "tiny-vae.safetensors"})["info"])
+    assert info["sd_vae_name"] == "tiny-vae" and info["sd_vae_hash"]
+    assert json.loads(txt2img(url)["info"])["sd_vae_name"] is None
+
+
+def test_settings_we_do_not_have_are_ignored_with_a_warning(url):
+    answer = txt2img(url, override_settings={"eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2})
+    info = json.loads(answer["info"])
+    assert info["clip_skip"] == 2 and len(answer["images"]) == 1
+    assert any("eta_noise_seed_delta" in warning for warning in info["warnings"])
+
+
+def test_refresh_unload_and_reload_checkpoint(url, api_engine, client):
+    client.set_options({"sd_model_checkpoint": SD21})
+    assert post(url, "refresh-checkpoints", {}).json() == {}
+    assert post(url, "unload-checkpoint", {}).json() == {}
+    assert api_engine.models.current is None
+    assert json.loads(txt2img(url)["info"])["sd_model_name"] == "tiny-sd21-v"  # the selection loads again
+    assert post(url, "reload-checkpoint", {}).json() == {}
+    assert api_engine.models.current.file.name == SD21
+    client.set_options({"sd_model_checkpoint": SD15})
+
+
+# --- progress, interrupt, skip -------------------------------------------------------------------
+
+
+def test_progress_shows_live_preview_and_interrupt_stops_the_job(url, client):
+    answers: list[requests.Response] = []
+    body = {"prompt": "a cat", "steps": 150, "width": 64, "height": 64, "n_iter": 20, "seed": 1,
+            "override_settings": {"show_progress_every_n_steps": 1}}
+    worker = threading.Thread(target=lambda: answers.append(post(url, "txt2img", body)))
+    worker.start()
+    seen = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = client.get_progress()
+        if progress["current_image"] and progress["state"]["sampling_step"] >= 2:
+            seen = progress
+            break
+        time.sleep(0.02)
+    assert seen is not None, "no progress with a preview was reported"
+    assert 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 20 and seen["state"]["sampling_steps"] == 150
+    assert decode_png(seen["current_image"]).size[0] > 0
+    light = requests.get(f"{url}/progress", params={"skip_current_image": "true"}, timeout=TIMEOUT).json()
+    assert light["current_image"] is None
+    assert requests.post(f"{url}/skip", timeout=TIMEOUT).json() == {}
+    assert client.interrupt() == {}
+    worker.join(timeout=60)
+    assert answers and answers[0].status_code == 200
+    info = json.loads(answers[0].json()["info"])
+    assert info["interrupted"] and len(info["all_seeds"]) < 20
+    idle = client.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+
+
+# --- info routes ---------------------------------------------------------------------------------
+
+
+def test_png_info_reads_back_the_infotext(client, url):
+    image = client.txt2img(prompt="a lighthouse", seed=777, width=64, height=64).image
+    result = client.png_info(image)
+    assert result.info == image.info["parameters"]
+    assert result.parameters["Seed"] == 777 and result.parameters["Prompt"] == "a lighthouse"
+    empty = post(url, "png-info", {"image": b64_png(picture())}).json()
+    assert empty == {"info": "", "items": {}, "parameters": {}}
+
+
+def test_lists(url, api_engine):
+    (api_engine.paths.data_dir / "styles.csv").write_text('name,prompt,negative_prompt\nfilm,"{prompt}, grain",ugly\n')
+    get = lambda route: requests.get(f"{url}/{route}", timeout=TIMEOUT)  # noqa: E731
+    samplers = get("samplers").json()
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= {s["name"] for s in samplers}
+    assert "k_euler_a" in next(s for s in samplers if s["name"] == "Euler a")["aliases"]
+    schedulers = get("schedulers").json()
+    assert {"automatic", "karras", "sgm_uniform"} <= {s["name"] for s in schedulers}
+    assert "Latent (nearest-exact)" in [m["name"] for m in get("latent-upscale-modes").json()]
+    assert get("sd-vae").json()[0]["model_name"] == "tiny-vae"
+    assert get("prompt-styles").json() == [{"name": "film", "prompt": "{prompt}, grain", "negative_prompt": "ugly"}]
+    assert get("embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert get("scripts").json() == {"txt2img": [], "img2img": []}
+    for route in ("upscalers", "extensions", "face-restorers", "realesrgan-models", "hypernetworks", "loras"):
+        assert get(route).json() == []
+    memory = get("memory").json()
+    assert memory["ram"]["total"] > 0
+    assert get("cmd-flags").json()["nowebui"] is True
+    info = json.loads(txt2img(url, styles=["film"])["info"])
+    assert info["prompt"] == "a cat, grain" and info["styles"] == ["film"]
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route, body, field, words", [
+    ("txt2img", {"width": 100000}, "width", "between 64 and 4096"),
+    ("txt2img", {"width": 100}, "width", "multiple of 8"),
+    ("txt2img", {"steps": 0}, "steps", "between 1 and 150"),
+    ("txt2img", {"prompt": "x" * 1_000_000}, "prompt", "at most 20000"),
+    ("txt2img", {"sampler_name": "Euler z"}, "sampler_name", "Euler a"),
+    ("txt2img", {"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler", "Uniform"),
+    ("txt2img", {"styles": ["no-such-style"]}, "styles", "no-such-style"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "nope"}}, "sd_model_checkpoint", "tiny-sd15"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 99}}, "CLIP_stop_at_last_layers", "1 and 12"),
+    ("txt2img", {"override_settings": {"samples_format": "bmp"}}, "samples_format", "png"),
+    ("txt2img", {"enable_hr": True}, "enable_hr", "hires"),
+    ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts", "controlnet"),
+    ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, "init_images", "not an image"),
+    ("img2img", {"init_images": ["%%%"]}, "init_images", "base64"),
+    ("img2img", {"init_images": []}, "init_images", "at least 1"),
+    ("img2img", {"init_images": [b64_png(picture())], "mask": "bm9wZQ=="}, "mask", "not an image"),
+    ("png-info", {"image": "bm90IGFuIGltYWdl"}, "image", "not an image"),
+])
+def test_bad_input_is_422_naming_the_field(url, route, body, field, words):
+    response = post(url, route, {**SMALL, **body})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert any(field in item["loc"] and words in item["msg"] for item in detail), detail
+    assert len(response.text) < 5000  # the bad value is not echoed whole
+
+
+def test_nan_cfg_and_broken_json_are_422(url):
+    headers = {"Content-Type": "application/json"}
+    nan = requests.post(f"{url}/txt2img", data='{"cfg_scale": NaN, "steps": 4}', headers=headers, timeout=TIMEOUT)
+    assert nan.status_code == 422 and "cfg_scale must be a finite number between 1.0 and 30.0" in nan.text
+    broken = requests.post(f"{url}/txt2img", data='{"prompt": ', headers=headers, timeout=TIMEOUT)
+    assert broken.status_code == 422
+
+
+def test_wrong_method_is_405(url):
+    assert requests.get(f"{url}/txt2img", timeout=TIMEOUT).status_code == 405
+    assert requests.get(f"{url}/interrupt", timeout=TIMEOUT).status_code == 405
+    assert requests.post(f"{url}/progress", timeout=TIMEOUT).status_code == 405
+
+
+def test_out_of_memory_is_a_clear_error_and_the_next_request_works(url, api_engine, monkeypatch):
+    get = api_engine.models.get
+    calls = []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return get(*args, **kwargs)
+
+    monkeypatch.setattr(api_engine.models, "get", out_of_memory_once)
+    failed = post(url, "txt2img", {**SMALL, "prompt": "a cat"})
+    assert failed.status_code == 500
+    assert failed.json()["error"] == "OutOfMemoryError" and "Out of memory" in failed.json()["detail"]
+    assert len(txt2img(url)["images"]) == 1
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+def test_api_auth_guards_every_route(api_engine, tmp_path):
+    server = ApiServer(api_engine, tmp_path, api_auth="alice:s3cret,bob:pa:ss").start()
+    try:
+        schema = requests.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json()
+        routes = [(method, path) for path, item in schema["paths"].items() for method in item]
+        assert len(routes) >= 30
+        for method, path in routes:
+            bare = requests.request(method, server.url + path, timeout=TIMEOUT)
+            assert bare.status_code == 401, (method, path)
+            assert bare.headers["WWW-Authenticate"] == "Basic"
+            wrong = requests.request(method, server.url + path, auth=("alice", "s3cre"), timeout=TIMEOUT)
+            assert wrong.status_code == 401, (method, path)
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, username="bob", password="pa:ss")
+        assert client.get_sd_models()
+        flags = requests.get(f"{server.url}/sdapi/v1/cmd-flags", auth=("alice", "s3cret"), timeout=TIMEOUT)
+        assert flags.status_code == 200 and flags.json()["api_auth"] == "***" and "s3cret" not in flags.text
+    finally:
+        server.stop()
+
+
+def test_openapi_docs_describe_fields_from_the_engine(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json()
+    body = schema["components"]["schemas"]["StableDiffusionTxt2ImgProcessingAPI"]["properties"]
+    steps = body["steps"]
+    assert steps["default"] == 50 and steps["description"] == GenerationRequest.model_fields["steps"].description
+    assert any(option.get("maximum") == 150 for option in steps.get("anyOf", [steps]))
+    assert requests.get(f"{server.url}/docs", timeout=TIMEOUT).status_code == 200

@@ -1,0 +1,151 @@
+"""Error answers of the API: 422 naming the field and its allowed range, clear 500s for engine failures.
+
+Handled in a route class rather than app-wide exception handlers, because with ``--api`` the routes live
+on Gradio's FastAPI app, whose own error handling must stay as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+from pipelines.engine import EngineError
+from webui.context import JobCancelled
+
+log = logging.getLogger("webui.api")
+
+Loc = tuple[str | int, ...]
+_MAX_INPUT_ECHO = 80
+_BOUND_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number",
+                 "string_too_long", "string_too_short", "too_long", "too_short"}
+
+
+class ApiError(Exception):
+    """Bad input found after the body parsed (an image that is not an image, a model that does not exist).
+
+    Answered as 422 in FastAPI's usual shape, ``{"detail": [{"loc": [...], "msg": ..., "type": ...}]}``.
+    """
+
+    def __init__(self, loc: Loc, msg: str, type_: str = "value_error"):
+        super().__init__(msg)
+        self.errors = [{"loc": ["body", *loc], "msg": msg, "type": type_}]
+
+    @classmethod
+    def from_errors(cls, errors: list[dict[str, Any]]) -> ApiError:
+        """One ApiError carrying several already explained errors (see :func:`validation_errors`)."""
+        error = cls((), "; ".join(e["msg"] for e in errors))
+        error.errors = errors
+        return error
+
+
+def _echo(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_INPUT_ECHO else f"{text[:_MAX_INPUT_ECHO]}... ({len(text)} characters)"
+
+
+def _bounds(model: type[BaseModel] | None, name: str) -> dict[str, Any]:
+    field = model.model_fields.get(name) if model is not None else None
+    found: dict[str, Any] = {}
+    for item in field.metadata if field is not None else ():
+        for kind, key in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt"), (MaxLen, "max_length"),
+                          (MinLen, "min_length")):
+            if isinstance(item, kind):
+                found[key] = getattr(item, key)
+    return found
+
+
+def range_text(bounds: dict[str, Any], unit: str = "") -> str:
+    """'between 1 and 150', 'at least 0', 'at most 20000 characters' from a field's declared bounds."""
+    low = bounds.get("ge", bounds.get("gt"))
+    high = bounds.get("le", bounds.get("lt"))
+    if "max_length" in bounds or "min_length" in bounds:
+        low, high = bounds.get("min_length"), bounds.get("max_length")
+        unit = f" {unit}" if unit else ""
+    else:
+        unit = ""
+    if low is not None and high is not None:
+        return f"between {low} and {high}{unit}"
+    if low is not None:
+        return f"at least {low}{unit}"
+    return f"at most {high}{unit}" if high is not None else ""
+
+
+def _explain(error: dict[str, Any], model: type[BaseModel] | None, prefix: Loc) -> dict[str, Any]:
+    loc = tuple(error.get("loc", ()))
+    # Engine request errors name engine fields; the API field of the same name is where the value came from.
+    loc = prefix + loc if prefix and loc[:1] != ("body",) else loc
+    name = next((part for part in reversed(loc) if isinstance(part, str) and part != "body"), "")
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    named = msg.partition(":")[0]
+    if not name and model is not None and named in model.model_fields:
+        # A check across fields (model validator) names its field at the start of the message.
+        name, loc = named, (*loc, named)
+    value = error.get("input")
+    bounds = _bounds(model, name) if error.get("type") in _BOUND_ERRORS else {}
+    allowed = range_text(bounds, "characters" if isinstance(value, str) else "items")
+    if allowed:
+        finite = " a finite number" if isinstance(value, float) and not math.isfinite(value) else ""
+        shown = f"{len(value)} characters" if isinstance(value, str) else _echo(value)
+        msg = f"{name} must be{finite} {allowed}, got {shown}"
+    elif name and not msg.startswith(name):
+        msg = f"{name}: {msg}"
+    return {"loc": list(loc), "msg": msg, "type": error.get("type", "value_error")}
+
+
+def validation_errors(errors: Iterable[dict[str, Any]], model: type[BaseModel] | None = None,
+                      prefix: Loc = ()) -> list[dict[str, Any]]:
+    """Pydantic errors made readable: each names its field and, for bounds, the allowed range.
+
+    The offending input is never echoed whole (a 1 MB prompt would come back in the answer).
+    """
+    return [_explain(error, model, prefix) for error in errors]
+
+
+def unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
+    """A 422 answer in FastAPI's shape."""
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _body_model(route: APIRoute) -> type[BaseModel] | None:
+    for param in route.dependant.body_params:
+        annotation = param.field_info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+    return None
+
+
+class ApiRoute(APIRoute):
+    """A route whose errors become clear JSON answers: 422 for bad input, 500 with a reason otherwise."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        body_model = _body_model(self)
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                return unprocessable(validation_errors(error.errors(), body_model))
+            except ValidationError as error:  # an engine request or options object refused a value
+                return unprocessable(validation_errors(error.errors(include_url=False), body_model, ("body",)))
+            except ApiError as error:
+                return unprocessable(error.errors)
+            except LookupError as error:  # a model that was there when the job was queued is gone
+                return unprocessable([{"loc": ["body"], "msg": str(error).strip("'\""), "type": "value_error"}])
+            except JobCancelled as error:
+                return JSONResponse({"error": "JobCancelled", "detail": str(error)}, status_code=409)
+            except EngineError as error:
+                log.error("API job failed: %s", error)
+                return JSONResponse({"error": type(error.__cause__ or error).__name__, "detail": str(error)},
+                                    status_code=500)
+
+        return handle

@@ -1,0 +1,214 @@
+"""Request and response bodies of the A1111-compatible API (REFERENCE §8).
+
+The generation bodies are built from the engine's request declarations (:mod:`pipelines.request`):
+every field the two share reuses the engine's ``FieldInfo``, so type, bounds and description are
+declared once. On top come what only the API has: A1111's defaults (50 steps, no saving), base64
+images instead of PIL ones, ``override_settings``, hires/script fields, and the legacy fields that
+clients still send. Unknown fields are ignored and ``null`` stands for "the default" everywhere, as
+A1111 clients expect.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
+
+from pipelines.request import GenerationRequest, Img2ImgRequest
+
+#: Engine fields the A1111 API sets through ``override_settings`` (or the options) instead of the body.
+NOT_IN_BODY = frozenset({"checkpoint", "vae", "clip_skip", "init_images", "mask"})
+#: API defaults that differ from the engine's, as A1111 has them.
+API_DEFAULTS: dict[str, Any] = {"steps": 50, "save_images": False, "sampler_name": None}
+
+_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+
+def _optional(name: str, info: FieldInfo) -> tuple[Any, FieldInfo]:
+    """The engine field as an API field: the same bounds and description, ``null`` accepted."""
+    field = copy.copy(info)
+    if name in API_DEFAULTS:
+        field.default = API_DEFAULTS[name]
+    if field.default_factory is not None:
+        field.default = field.default_factory()
+        field.default_factory = None
+    return info.annotation | None, field
+
+
+def _shared_fields(engine_model: type[BaseModel], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    return {name: _optional(name, info) for name, info in engine_model.model_fields.items()
+            if name not in NOT_IN_BODY and name not in skip}
+
+
+def _field(default: Any, description: str, **bounds: Any) -> Any:
+    return Field(default, description=description, **bounds)
+
+
+#: Fields of both generation bodies that the engine request does not have.
+COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
+    "sampler_index": (str | None, _field(None, "Legacy name of sampler_name; used when sampler_name is empty.")),
+    "override_settings": (dict[str, Any] | None, _field(
+        None, "Options for this request only: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, "
+              "or any key of /sdapi/v1/options.")),
+    "override_settings_restore_afterwards": (bool | None, _field(True, "Accepted for compatibility; overrides "
+                                                                 "never outlive the request here.")),
+    "send_images": (bool | None, _field(True, "Return the images in the answer.")),
+    "restore_faces": (bool | None, _field(None, "Face restoration (no face restorer is available yet).")),
+    "script_name": (str | None, _field(None, "Name of a script to run (none are available yet).")),
+    "script_args": (list[Any] | None, _field(None, "Arguments of script_name.")),
+    "alwayson_scripts": (dict[str, Any] | None, _field(
+        None, "Always-on scripts and their args, e.g. {\"controlnet\": {\"args\": [...]}}.")),
+    "do_not_save_samples": (bool | None, _field(False, "Legacy: true means save_images false.")),
+    "do_not_save_grid": (bool | None, _field(False, "Legacy: do not save the grid of a batch.")),
+    "eta": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "s_churn": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "s_tmax": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "s_tmin": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "s_noise": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "s_min_uncond": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
+    "comments": (dict[str, Any] | None, _field(None, "Free-form comments; accepted and not used.")),
+    "refiner_checkpoint": (str | None, _field(None, "SDXL refiner checkpoint (not available yet).")),
+    "refiner_switch_at": (float | None, _field(None, "When to switch to the refiner (not available yet).")),
+    "disable_extra_networks": (bool | None, _field(False, "Accepted for compatibility.")),
+    "firstpass_image": (str | None, _field(None, "Accepted for compatibility; not used.")),
+    "infotext": (str | None, _field(None, "Accepted for compatibility; not used.")),
+    "force_task_id": (str | None, _field(None, "Accepted for compatibility; not used.")),
+}
+
+TXT2IMG_API_FIELDS: dict[str, tuple[Any, Any]] = {
+    "denoising_strength": (float | None, _field(None, "Hires fix second pass strength.", ge=0.0, le=1.0)),
+    "enable_hr": (bool | None, _field(False, "Hires fix (not available yet).")),
+    "hr_scale": (float | None, _field(2.0, "Hires fix: upscale by.")),
+    "hr_upscaler": (str | None, _field(None, "Hires fix: upscaler.")),
+    "hr_second_pass_steps": (int | None, _field(0, "Hires fix: steps of the second pass (0: same).")),
+    "hr_resize_x": (int | None, _field(0, "Hires fix: resize width to.")),
+    "hr_resize_y": (int | None, _field(0, "Hires fix: resize height to.")),
+    "hr_checkpoint_name": (str | None, _field(None, "Hires fix: checkpoint of the second pass.")),
+    "hr_sampler_name": (str | None, _field(None, "Hires fix: sampler of the second pass.")),
+    "hr_scheduler": (str | None, _field(None, "Hires fix: schedule type of the second pass.")),
+    "hr_prompt": (str | None, _field("", "Hires fix: prompt of the second pass.")),
+    "hr_negative_prompt": (str | None, _field("", "Hires fix: negative prompt of the second pass.")),
+    "firstphase_width": (int | None, _field(0, "Legacy hires fix field; accepted and not used.")),
+    "firstphase_height": (int | None, _field(0, "Legacy hires fix field; accepted and not used.")),
+}
+
+IMG2IMG_API_FIELDS: dict[str, tuple[Any, Any]] = {
+    "init_images": (list[str], Field(..., min_length=1, description="The image(s) to start from: base64 PNG, "
+                                     "JPEG or WebP, with or without a data: prefix.")),
+    "mask": (str | None, _field(None, "Inpaint mask as base64: white is redrawn, black is kept.")),
+    "initial_noise_multiplier": (float | None, _field(None, "Accepted for compatibility; not used.")),
+    "image_cfg_scale": (float | None, _field(None, "Accepted for compatibility (instruct-pix2pix); not used.")),
+    "include_init_images": (bool | None, _field(False, "Echo init_images and mask in 'parameters'.")),
+}
+
+StableDiffusionTxt2ImgProcessingAPI = create_model(
+    "StableDiffusionTxt2ImgProcessingAPI", __config__=_CONFIG,
+    __doc__="txt2img body: the engine's GenerationRequest fields plus A1111's API-only and legacy fields.",
+    **_shared_fields(GenerationRequest), **COMMON_API_FIELDS, **TXT2IMG_API_FIELDS,
+)
+
+StableDiffusionImg2ImgProcessingAPI = create_model(
+    "StableDiffusionImg2ImgProcessingAPI", __config__=_CONFIG,
+    __doc__="img2img/inpaint body: the engine's Img2ImgRequest fields plus A1111's API-only and legacy fields.",
+    **_shared_fields(Img2ImgRequest), **COMMON_API_FIELDS, **IMG2IMG_API_FIELDS,
+)
+
+GenerationBody = BaseModel  # either of the two models above
+
+
+class GenerationResponse(BaseModel):
+    """What txt2img and img2img answer."""
+
+    images: list[str] = Field(description="Raw base64 PNGs (no data: prefix) with the infotext embedded.")
+    parameters: dict[str, Any] = Field(description="The request as understood, with defaults filled in.")
+    info: str = Field(description="JSON string: seeds, prompts, infotexts and more of the job.")
+
+
+class PNGInfoRequest(BaseModel):
+    """Body of png-info."""
+
+    model_config = ConfigDict(extra="ignore")
+    image: str = Field(description="Base64 image (PNG, JPEG or WebP), with or without a data: prefix.")
+
+
+class PNGInfoResponse(BaseModel):
+    """The infotext an image carries, its other text fields, and the infotext parsed."""
+
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    """The running job, whoever sent it (UI or API)."""
+
+    progress: float = Field(description="0..1 of the whole job.")
+    eta_relative: float = Field(description="Estimated seconds left.")
+    state: ProgressState
+    current_image: str | None = Field(description="Live preview as raw base64 PNG, or null.")
+    textinfo: str | None = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str
+    sha256: str
+    filename: str
+    config: str | None = None
+
+
+class SDVaeItem(BaseModel):
+    model_name: str
+    filename: str
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str] = Field(default_factory=list)
+    img2img: list[str] = Field(default_factory=list)

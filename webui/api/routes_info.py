@@ -1,0 +1,175 @@
+"""Lists and facts: samplers, schedulers, upscalers, styles, embeddings, flags, memory, scripts, png-info.
+
+Features that later issues add (upscalers, LoRA, face restoration, scripts, extensions) answer honest
+empty lists until they exist; those issues replace the lists here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import torch
+from fastapi import APIRouter
+
+from pipelines.images import decode_base64_image, read_image_metadata, read_infotext
+from pipelines.infotext import parse_infotext
+from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES
+from webui.api.errors import ApiError
+from webui.api.models import (
+    LatentUpscalerModeItem,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    PromptStyleItem,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    UpscalerItem,
+)
+from webui.context import AppContext
+
+#: A1111's latent upscale modes for hires fix (REFERENCE §9).
+LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                        "Latent (nearest)", "Latent (nearest-exact)")
+
+
+def _memory() -> dict[str, Any]:
+    ram = psutil.virtual_memory()
+    answer: dict[str, Any] = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        answer["cuda"] = {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": stats.get("active_bytes.all.current", 0),
+                       "peak": stats.get("active_bytes.all.peak", 0)},
+            "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
+                          "peak": stats.get("allocated_bytes.all.peak", 0)},
+            "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
+                         "peak": stats.get("reserved_bytes.all.peak", 0)},
+            "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0),
+                         "peak": stats.get("inactive_split_bytes.all.peak", 0)},
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+        }
+    else:
+        answer["cuda"] = {"error": "CUDA is not available"}
+    return answer
+
+
+def png_info(image_b64: str) -> dict[str, Any]:
+    """The infotext of an image, its other text fields, and the infotext parsed."""
+    try:
+        image = decode_base64_image(image_b64)
+    except ValueError as error:
+        raise ApiError(("image",), f"image: {error}") from None
+    with image:
+        info = read_infotext(image) or ""
+        items = {key: value for key, value in read_image_metadata(image).items() if key != "parameters"}
+    if info and items.get("UserComment") == info:
+        del items["UserComment"]  # the infotext of a JPEG/WebP, already in "info"
+    return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
+
+
+def router(ctx: AppContext, route_class: type) -> APIRouter:
+    """The list and info routes on ``ctx``."""
+    api = APIRouter(route_class=route_class, tags=["info"])
+    engine = ctx.engine
+
+    @api.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
+    def samplers() -> list[dict]:
+        """Sampling methods with their aliases and schedule types."""
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.default_schedule}}
+                for s in SAMPLERS.values()]
+
+    @api.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    def schedulers() -> list[dict]:
+        """Schedule types."""
+        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None}
+                for label in SCHEDULE_NAMES]
+
+    @api.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
+    def upscalers() -> list[dict]:
+        """Image upscalers (none until the upscaler feature exists)."""
+        return []
+
+    @api.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscalerModeItem])
+    def latent_upscale_modes() -> list[dict]:
+        """Latent upscale modes of hires fix."""
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+    @api.get("/sdapi/v1/prompt-styles", response_model=list[PromptStyleItem])
+    def prompt_styles() -> list[dict]:
+        """Styles from styles.csv."""
+        engine.styles.reload()
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in engine.styles.styles()]
+
+    @api.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        """Textual inversion embeddings: loaded ones, and files that failed to load."""
+        engine.embeddings.refresh()
+        loaded = {
+            ti.name: {"step": ti.step, "sd_checkpoint": None, "sd_checkpoint_name": ti.sd_checkpoint_name,
+                      "shape": int(next(iter(ti.vectors.values())).shape[-1]), "vectors": ti.vector_count}
+            for ti in engine.embeddings.items()
+        }
+        skipped = {path: {"error": message} for path, message in engine.embeddings.errors.items()}
+        return {"loaded": loaded, "skipped": skipped}
+
+    @api.post("/sdapi/v1/refresh-embeddings")
+    def refresh_embeddings() -> dict:
+        """Scan the embeddings folder again."""
+        engine.embeddings.refresh()
+        return {}
+
+    @api.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        """The command-line flags, secrets masked."""
+        return ctx.flags.public()
+
+    @api.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        """RAM and, on CUDA, GPU memory in bytes."""
+        return _memory()
+
+    @api.get("/sdapi/v1/scripts", response_model=ScriptsList)
+    def scripts() -> dict:
+        """Scripts by tab (none are installed yet)."""
+        return {"txt2img": [], "img2img": []}
+
+    @api.get("/sdapi/v1/extensions")
+    def extensions() -> list[dict]:
+        """Installed extensions (none yet)."""
+        return []
+
+    @api.get("/sdapi/v1/face-restorers")
+    def face_restorers() -> list[dict]:
+        """Face restoration models (none yet)."""
+        return []
+
+    @api.get("/sdapi/v1/realesrgan-models")
+    def realesrgan_models() -> list[dict]:
+        """RealESRGAN models (none until the upscaler feature exists)."""
+        return []
+
+    @api.get("/sdapi/v1/hypernetworks")
+    def hypernetworks() -> list[dict]:
+        """Hypernetworks (not supported)."""
+        return []
+
+    @api.get("/sdapi/v1/loras")
+    def loras() -> list[dict]:
+        """LoRA networks (none until the LoRA feature exists)."""
+        return []
+
+    @api.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> dict:
+        """Scan the LoRA folders again (nothing to scan until the LoRA feature exists)."""
+        return {}
+
+    @api.post("/sdapi/v1/png-info", response_model=PNGInfoResponse)
+    def png_info_route(body: PNGInfoRequest) -> dict:
+        """Read the generation parameters an image carries."""
+        return png_info(body.image)
+
+    return api

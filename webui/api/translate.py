@@ -1,0 +1,297 @@
+"""From an API body to an engine request, and from the engine's result to an A1111 answer.
+
+Everything here checks input before any job is queued, so bad input fails at once with a 422 that names
+the field; nothing here touches the GPU. Per-request settings (``override_settings``) become fields of
+that request and a per-request :class:`~pipelines.options.Options` copy; shared state is never written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+
+import pipelines
+from pipelines.engine import Engine
+from pipelines.images import decode_base64_image, encode_base64_png
+from pipelines.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.manager import LoadedModel
+from pipelines.options import Options
+from pipelines.processing import GenerationResult
+from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
+from webui.api.errors import ApiError, validation_errors
+from webui.api.models import NOT_IN_BODY
+from webui.api.state import ApiSelection
+
+#: A1111's default sampler for API requests that name none.
+API_DEFAULT_SAMPLER = "Euler"
+#: ``override_settings`` / options keys that are fields of the request rather than Options.
+REQUEST_OPTIONS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+#: Keys GET options shows that are derived, so a client posting the whole dict back is not refused.
+READ_ONLY_OPTIONS = frozenset({"sd_checkpoint_hash"})
+#: A1111 schedule type names (``sgm_uniform``) and labels (``SGM Uniform``), any case, to our labels.
+_SCHEDULES = {key: label for label in SCHEDULE_NAMES for key in (label.lower(), label.lower().replace(" ", "_"))}
+_AUTOMATIC_VAES = ("Automatic", "None", "")
+
+
+@dataclass
+class PreparedJob:
+    """An API request made ready to queue: the engine request and what applies to it alone."""
+
+    request: GenerationRequest  # ``checkpoint`` is None unless overridden: chosen when the job starts
+    option_changes: dict[str, Any]
+    parameters: dict[str, Any]
+    send_images: bool = True
+    return_grid: bool = True
+    checkpoint_override: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def options(self, current: Options) -> Options:
+        """The options this job runs with: the current ones with this request's overrides."""
+        return current.with_overrides(self.option_changes) if self.option_changes else current
+
+
+def normalize_scheduler(value: str) -> str:
+    """Our schedule label for an A1111 name or label in any case; unknown names pass through to fail
+    validation with the list of choices."""
+    return _SCHEDULES.get(value.strip().lower(), value)
+
+
+def split_sampler(name: str, scheduler: str) -> tuple[str, str]:
+    """An old-style name such as "DPM++ 2M Karras" is sampler "DPM++ 2M" with schedule "Karras"."""
+    if name in SAMPLERS or any(name in s.aliases for s in SAMPLERS.values()):
+        return name, scheduler
+    for label in sorted(SCHEDULE_TYPES, key=len, reverse=True):
+        base = name[: -len(label) - 1]
+        if name.endswith(" " + label) and base in SAMPLERS and scheduler == "Automatic":
+            return base, label
+    return name, scheduler
+
+
+def _refuse_unavailable(body: BaseModel) -> None:
+    """Features A1111 has and we do not yet are refused, not silently dropped."""
+    if getattr(body, "enable_hr", False):
+        raise ApiError(("enable_hr",), "enable_hr: hires fix is not available in this version")
+    if body.restore_faces:
+        raise ApiError(("restore_faces",), "restore_faces: no face restoration model is available")
+    if body.script_name:
+        raise ApiError(("script_name",), f"script_name: no script called {body.script_name!r}; none are installed")
+    if body.alwayson_scripts:
+        names = ", ".join(body.alwayson_scripts)
+        raise ApiError(("alwayson_scripts",), f"alwayson_scripts: no always-on script called {names}; none are "
+                                              "installed (see /sdapi/v1/scripts)")
+    if body.refiner_checkpoint not in (None, "", "None"):
+        raise ApiError(("refiner_checkpoint",), "refiner_checkpoint: the SDXL refiner is not available in this "
+                                                "version")
+
+
+def resolve_checkpoint(engine: Engine, query: Any, loc: tuple[str, ...]) -> str:
+    """The title of the checkpoint ``query`` names (title, file name, name or hash); 422 otherwise."""
+    try:
+        return engine.registry.find_checkpoint(str(query)).title
+    except LookupError as error:
+        raise ApiError(loc, str(error)) from None
+
+
+def resolve_vae(engine: Engine, query: Any, loc: tuple[str, ...]) -> str:
+    """The VAE setting ``query`` names ("Automatic"/"None" or a VAE file); 422 otherwise."""
+    if query is None or str(query) in _AUTOMATIC_VAES:
+        return "Automatic"
+    try:
+        return engine.registry.find_vae(str(query)).name
+    except LookupError as error:
+        raise ApiError(loc, str(error)) from None
+
+
+def split_overrides(overrides: dict[str, Any] | None, engine: Engine, current: Options
+                    ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``override_settings`` -> (request field values, Options changes, warnings), every value checked.
+
+    Scripts written for A1111 often override settings we do not have (``eta_noise_seed_delta``, ...):
+    those are ignored and named in the answer's warnings rather than failing the whole request.
+    """
+    fields: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
+    unknown = [key for key in (overrides or {}) if key not in REQUEST_OPTIONS and key not in Options.model_fields
+               and key not in READ_ONLY_OPTIONS]
+    for key, value in (overrides or {}).items():
+        if key in unknown:
+            continue
+        loc = ("override_settings", key)
+        if key == "sd_model_checkpoint":
+            fields["checkpoint"] = resolve_checkpoint(engine, value, loc)
+        elif key == "sd_vae":
+            fields["vae"] = resolve_vae(engine, value, loc)
+        elif key == "CLIP_stop_at_last_layers":
+            fields["clip_skip"] = value
+        elif key not in READ_ONLY_OPTIONS:
+            changes[key] = value
+    check_option_changes(current, changes, ("override_settings",))
+    warnings = [f"override_settings: {', '.join(unknown)} not supported here; ignored"] if unknown else []
+    return fields, changes, warnings
+
+
+def check_option_changes(current: Options, changes: dict[str, Any], loc: tuple[str, ...]) -> Options:
+    """Apply ``changes`` to a copy of ``current``; 422 naming an unknown key or a bad value."""
+    try:
+        return current.with_overrides(changes)
+    except KeyError as error:
+        known = ", ".join([*REQUEST_OPTIONS, *Options.model_fields])
+        raise ApiError(loc, f"{error.args[0]}; known options: {known}") from None
+    except ValidationError as error:
+        raise ApiError.from_errors(validation_errors(error.errors(include_url=False), Options,
+                                                     ("body", *loc))) from None
+
+
+def _decode_images(body: BaseModel) -> dict[str, Any]:
+    images = []
+    for i, data in enumerate(body.init_images):
+        try:
+            images.append(decode_base64_image(data))
+        except ValueError as error:
+            raise ApiError(("init_images", i), f"init_images[{i}]: {error}") from None
+    mask = None
+    if body.mask:
+        try:
+            mask = decode_base64_image(body.mask)
+        except ValueError as error:
+            raise ApiError(("mask",), f"mask: {error}") from None
+    return {"init_images": images, "mask": mask}
+
+
+def _engine_fields(body: BaseModel, engine_model: type[GenerationRequest]) -> dict[str, Any]:
+    """The body's values of the engine's fields; ``null`` means the API default."""
+    fields = {}
+    for name in engine_model.model_fields:
+        if name in NOT_IN_BODY:
+            continue
+        value = getattr(body, name)
+        fields[name] = type(body).model_fields[name].default if value is None else value
+    fields["styles"] = list(body.styles or [])
+    fields["prompt"] = body.prompt or ""
+    fields["negative_prompt"] = body.negative_prompt or ""
+    scheduler = normalize_scheduler(body.scheduler or "Automatic")
+    sampler = body.sampler_name or body.sampler_index or API_DEFAULT_SAMPLER
+    fields["sampler_name"], fields["scheduler"] = split_sampler(sampler, scheduler)
+    fields["save_images"] = bool(body.save_images) and not body.do_not_save_samples
+    return fields
+
+
+def _build_request(engine_model: type[GenerationRequest], fields: dict[str, Any],
+                   overridden: dict[str, Any]) -> GenerationRequest:
+    try:
+        return engine_model(**fields)
+    except ValidationError as error:
+        errors = validation_errors(error.errors(include_url=False), engine_model, ("body",))
+        for item in errors:
+            # A value that came from override_settings is reported under its option name.
+            for option, name in REQUEST_OPTIONS.items():
+                if item["loc"][1:2] == [name] and name in overridden:
+                    item["loc"] = ["body", "override_settings", option]
+                    item["msg"] = item["msg"].replace(name, option, 1)
+        raise ApiError.from_errors(errors) from None
+
+
+def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: Options) -> PreparedJob:
+    """Check an API body and build the engine request; raises :class:`ApiError` (422) for bad input."""
+    _refuse_unavailable(body)
+    engine_model = Img2ImgRequest if hasattr(body, "init_images") else GenerationRequest
+    overridden, changes, warnings = split_overrides(body.override_settings, engine, current)
+    if body.do_not_save_grid:
+        changes["grid_save"] = False
+    fields = _engine_fields(body, engine_model)
+    unknown = [name for name in fields["styles"] if engine.styles.get(name) is None]
+    if unknown:
+        raise ApiError(("styles",), f"styles: unknown style(s) {', '.join(unknown)}; available: "
+                                    f"{', '.join(engine.styles.names()) or 'none'}")
+    fields.update({"vae": selection.vae, "clip_skip": selection.clip_skip, "checkpoint": None})
+    fields.update(overridden)
+    if engine_model is Img2ImgRequest:
+        fields.update(_decode_images(body))
+    request = _build_request(engine_model, fields, overridden)
+
+    parameters = body.model_dump()
+    parameters.update(sampler_name=request.sampler_name, scheduler=request.scheduler)
+    if engine_model is Img2ImgRequest and not body.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    return PreparedJob(request=request, option_changes=changes, parameters=parameters,
+                       send_images=body.send_images is not False, return_grid=not body.do_not_save_grid,
+                       checkpoint_override="checkpoint" in overridden, warnings=warnings)
+
+
+# --- the answer ----------------------------------------------------------------------------------
+
+
+def _extra_generation_params(infotext: str) -> dict[str, Any]:
+    extra = request_fields_from_infotext(parse_infotext(infotext)).get("extra", {})
+    return {key: value for key, value in extra.items() if key != "Version"}
+
+
+def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | None,
+              index_of_first_image: int, infotexts: list[str]) -> dict[str, Any]:
+    """The ``info`` of an A1111 answer: every key of REFERENCE §8, plus our warnings."""
+    request = result.request
+    first = lambda values, default: values[0] if values else default  # noqa: E731
+    return {
+        "prompt": first(result.prompts, request.prompt),
+        "all_prompts": result.prompts,
+        "negative_prompt": first(result.negative_prompts, request.negative_prompt),
+        "all_negative_prompts": result.negative_prompts,
+        "seed": first(result.seeds, request.seed),
+        "all_seeds": result.seeds,
+        "subseed": first(result.subseeds, request.subseed),
+        "all_subseeds": result.subseeds,
+        "subseed_strength": request.subseed_strength,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler_name,
+        "scheduler": request.scheduler,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model.file.model_name if model else None,
+        "sd_model_hash": model.file.short_hash if model else None,
+        "sd_vae_name": model.vae_file.model_name if model and model.vae_file else None,
+        "sd_vae_hash": model.vae_file.short_hash if model and model.vae_file else None,
+        "seed_resize_from_w": request.seed_resize_from_w,
+        "seed_resize_from_h": request.seed_resize_from_h,
+        "denoising_strength": getattr(request, "denoising_strength", job.parameters.get("denoising_strength")),
+        "extra_generation_params": _extra_generation_params(result.infotexts[0]) if result.infotexts else {},
+        "index_of_first_image": index_of_first_image,
+        "infotexts": infotexts,
+        "styles": request.styles,
+        "job_timestamp": result.job_timestamp,
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": bool(model and model.is_inpainting),
+        "version": pipelines.__version__,
+        "interrupted": result.interrupted,
+        "warnings": [*job.warnings, *result.warnings],
+    }
+
+
+def build_response(job: PreparedJob, result: GenerationResult, model: LoadedModel | None) -> dict[str, Any]:
+    """images (raw base64 PNG with the infotext embedded), parameters and info, as A1111 answers."""
+    images = list(zip(result.images, result.infotexts))
+    index_of_first_image = 0
+    if job.return_grid and result.grid_path is not None and result.infotexts:
+        # A1111 puts the grid first when it saved one; the grid carries the first image's infotext.
+        with Image.open(result.grid_path) as grid:
+            grid.load()
+            images.insert(0, (grid, result.infotexts[0]))
+        index_of_first_image = 1
+    encoded = [encode_base64_png(image, text) for image, text in images] if job.send_images else []
+    info = info_dict(job, result, model, index_of_first_image, [text for _, text in images])
+    return {"images": encoded, "parameters": job.parameters, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def job_timestamp(started_at: float | None) -> str:
+    """A1111's job timestamp (YYYYmmddHHMMSS) of a job's start, "0" before it starts."""
+    return datetime.fromtimestamp(started_at).strftime("%Y%m%d%H%M%S") if started_at else "0"
