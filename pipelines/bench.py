@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-LONG_PROMPT = ", ".join(f"(word{i}:1.1) [thing{i}] detail" for i in range(20))  # about 300 tokens
+LONG_PROMPT = ", ".join(f"(word{i}:1.1) [thing{i}] detail" for i in range(39))  # about 300 tokens
 
 
 def build_random_sd15(folder: Path, seed: int = 0) -> Path:
