@@ -20,6 +20,7 @@ import threading
 
 from pipelines.devices import free_memory, is_out_of_memory
 from pipelines.embeddings import EmbeddingDatabase
+from pipelines.extra_networks import ExtraNetworkRegistry
 from pipelines.jobs import JobControl
 from pipelines.manager import ModelManager
 from pipelines.options import Options
@@ -47,6 +48,8 @@ class Engine:
         self.models = ModelManager(settings, self.registry)
         self.styles = StyleDatabase(self.paths.styles_file)
         self.embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
+        #: Handlers of ``<name:args>`` prompt tags (LoRA and other extensions register here).
+        self.extra_networks = ExtraNetworkRegistry()
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
         self._gpu = threading.Lock()
 
@@ -73,7 +76,7 @@ class Engine:
                 model = self.models.get(request.checkpoint, request.vae)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
-                                 device=self.models.device.device)
+                                 device=self.models.device.device, extra_networks=self.extra_networks)
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

@@ -18,6 +18,7 @@ from PIL import Image
 import pipelines
 from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
+from pipelines.extra_networks import ExtraNetworkRegistry
 from pipelines.images import dated_output_dir, make_grid, save_image
 from pipelines.img2img import (
     blank_inpaint_conditioning,
@@ -155,33 +156,47 @@ class JobContext:
     styles: object
     embeddings: object | None
     control: JobControl
+    extra_networks: ExtraNetworkRegistry
     device: torch.device
 
 
 def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     """Run every batch of ``request``; returns what finished (all of it unless interrupted)."""
     started = time.perf_counter()
-    model, control = ctx.model, ctx.control
+    model = ctx.model
     result = GenerationResult(request=request, model_title=model.file.title)
     plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
-    if prompts.tags:
-        names = sorted({tag.name for tag in prompts.tags})
-        result.warnings.append(f"No extension handles the prompt tags: {', '.join(names)}; they were ignored.")
-    # stage 2: conditioning, once per job: every batch has the same prompts and step count.
-    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
-    with torch.inference_mode():
-        conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
-                                          prompts.encode_negative_prompts[: request.batch_size],
-                                          _real_steps(request), request.clip_skip)
-    is_img2img = isinstance(request, Img2ImgRequest)
-    extra = img2img_infotext_params(request) if is_img2img else {}
-    if conditioning.ti_hashes:
-        extra["TI hashes"] = conditioning.ti_hashes
+    # Extra networks change the model (text encoder included) for this job only, so they go first.
+    with ctx.extra_networks.activated(model, prompts.tags) as (network_params, warnings):
+        result.warnings.extend(warnings)
+        # stage 2: conditioning, once per job: every batch has the same prompts and step count.
+        encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
+        with torch.inference_mode():
+            conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
+                                              prompts.encode_negative_prompts[: request.batch_size],
+                                              _real_steps(request), request.clip_skip)
+        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
+        extra.update(network_params)
+        if conditioning.ti_hashes:
+            extra["TI hashes"] = conditioning.ti_hashes
+        _run_batches(request, ctx, plan, prompts, conditioning, extra, result)
+    if request.save_images and ctx.options.grid_save and len(result.images) > 1:
+        grid = make_grid(result.images)
+        folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
+        result.grid_path = save_image(grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
+                                      fmt=ctx.options.grid_format, suffix="-grid")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, prompts: PreparedPrompts,
+                 conditioning: Conditioning, extra: dict[str, object], result: GenerationResult) -> None:
+    """Sample, decode and save batch after batch into ``result``; stops early on interrupt."""
+    model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
-    tiling = _Tiling(model, request.tiling)
     try:
-        with tiling, torch.inference_mode():
+        with _Tiling(model, request.tiling), torch.inference_mode():
             for batch_no in range(request.n_iter):
                 first = batch_no * request.batch_size
                 span = slice(first, first + request.batch_size)
@@ -201,19 +216,11 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
                     result.prompts.append(prompts.prompts[i])
                     result.negative_prompts.append(prompts.negative_prompts[i])
                     if request.save_images and ctx.options.samples_save:
-                        folder = _sample_dir(request, ctx)
-                        result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
-                                                       fmt=ctx.options.samples_format))
+                        result.paths.append(save_image(image, _sample_dir(request, ctx), seed=plan.seeds[i],
+                                                       infotext=infotext, fmt=ctx.options.samples_format))
     except JobInterrupted:
         result.interrupted = True
     control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
-    if (request.save_images and ctx.options.grid_save and len(result.images) > 1):
-        grid = make_grid(result.images)
-        folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
-        result.grid_path = save_image(grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
-                                      fmt=ctx.options.grid_format, suffix="-grid")
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _real_steps(request: GenerationRequest) -> int:

@@ -97,3 +97,61 @@ def test_prompts_are_encoded_once_per_job(engine, monkeypatch):
     calls.clear()
     engine.generate(txt2img(batch_size=3, n_iter=3))
     assert len(calls) == one, "nine images of the same prompt need no more encoder calls than one"
+
+
+class _RecordingNetwork:
+    """An extra-network handler that scales the UNet's output conv for one job, and records its calls."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple]] = []
+        self.saved = None
+
+    def activate(self, model, tags):
+        self.calls.append(("activate", tuple(tag.args for tag in tags)))
+        weight = float(tags[0].args[1])
+        self.saved = model.unet.conv_out.weight.detach().clone()
+        model.unet.conv_out.weight.data.mul_(1 + weight)
+        return {"Test nets": ", ".join(tag.args[0] for tag in tags)}
+
+    def deactivate(self, model):
+        self.calls.append(("deactivate", ()))
+        model.unet.conv_out.weight.data.copy_(self.saved)
+
+
+def test_extra_network_tags_go_to_their_handler_for_one_job(engine_factory):
+    engine = engine_factory()
+    handler = _RecordingNetwork()
+    engine.extra_networks.register("testnet", handler)
+    plain = engine.generate(txt2img(prompt="a cat"))
+    tagged = engine.generate(txt2img(prompt="a cat <testnet:foo:0.5>"))
+    assert handler.calls == [("activate", (("foo", "0.5"),)), ("deactivate", ())]
+    assert not _same(plain, tagged)
+    assert parse_infotext(tagged.infotexts[0])["Test nets"] == "foo"
+    assert tagged.warnings == []
+    assert _same(plain, engine.generate(txt2img(prompt="a cat"))), "nothing may leak into the next job"
+
+
+def test_extra_network_is_undone_after_a_failed_or_interrupted_job(engine_factory, monkeypatch):
+    from pipelines.jobs import JobControl
+
+    engine = engine_factory()
+    handler = _RecordingNetwork()
+    engine.extra_networks.register("testnet", handler)
+    plain = engine.generate(txt2img(prompt="a cat"))
+    control = JobControl(on_progress=lambda p: p.sampling_step == 2 and control.interrupt())
+    result = engine.generate(txt2img(prompt="a cat <testnet:x:1>"), control=control)
+    assert result.interrupted and handler.calls[-1] == ("deactivate", ())
+    unet = engine.models.get("tiny-sd15.safetensors").unet
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError, match="broken"):
+        engine.generate(txt2img(prompt="a cat <testnet:x:1>"))
+    monkeypatch.undo()
+    assert handler.calls[-1] == ("deactivate", ())
+    assert _same(plain, engine.generate(txt2img(prompt="a cat")))
+
+
+def test_built_in_extra_networks_cannot_be_replaced(engine_factory):
+    engine = engine_factory()
+    engine.extra_networks.register("lora", _RecordingNetwork(), builtin=True)
+    with pytest.raises(ValueError, match="built in"):
+        engine.extra_networks.register("lora", _RecordingNetwork())
