@@ -121,7 +121,7 @@ def read_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         except SafetensorError as error:
             raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     elif suffix in PICKLE_SUFFIXES:
-        loaded = _load_pickle(path)
+        loaded = load_pickled_tensors(path)
     else:
         raise ValueError(f"{path}: unsupported checkpoint type {suffix!r}; expected .safetensors or .ckpt")
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -137,7 +137,12 @@ def read_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_pickle(path: Path) -> Any:
+def load_pickled_tensors(path: Path) -> Any:
+    """What a ``.ckpt``/``.pt``/``.pth`` file holds, read with ``torch.load(weights_only=True)`` only.
+
+    A pickle that wants anything beyond tensors and plain containers raises :class:`UnsafeCheckpointError`
+    naming the file and what it wanted; nothing from the file is ever executed.
+    """
     # mmap avoids a second copy of multi-GB files; torch only supports it for its zip format.
     mmap = zipfile.is_zipfile(path)
     try:

@@ -35,6 +35,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.schedulers import PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tests.tiny_upscalers import write_tiny_esrgan
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 FAMILY_DIRS = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
 #: Tiny checkpoint kinds: family, inpainting.
@@ -390,6 +392,7 @@ def write_tiny_models(out_dir: Path) -> dict[str, Path]:
     paths = {kind: write_tiny_checkpoint(checkpoints / f"tiny-{kind}.safetensors", kind) for kind in KINDS}
     paths["sd15-diffusers"] = write_tiny_diffusers(checkpoints / "tiny-sd15-diffusers")
     paths["vae"] = write_tiny_vae(Path(out_dir) / "VAE" / "tiny-vae.safetensors")
+    paths["esrgan"] = write_tiny_esrgan(Path(out_dir) / "ESRGAN" / "tiny-esrgan-4x.pth")
     return paths
 
 

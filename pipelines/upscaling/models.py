@@ -1,0 +1,70 @@
+"""Reading upscaler model files safely and handing their weights to spandrel.
+
+spandrel detects the architecture (ESRGAN/RRDB, Real-ESRGAN x4plus and anime 6B, SwinIR, Compact,
+DAT, HAT, ...) and the scale from the weights alone. It is never given a file: a pickled ``.pth``
+is read by :mod:`pipelines.checkpoints`' weights-only loader, which refuses any pickle that would
+import code, exactly as for checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import spandrel
+import torch
+
+from pipelines.checkpoints import PICKLE_SUFFIXES, load_pickled_tensors, read_state_dict
+
+
+def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an upscaler file, unwrapped from the containers trainers save them in.
+
+    Real-ESRGAN releases nest the weights under ``params_ema``/``params``, other trainers under
+    ``model``, ``net`` or a ``module.`` prefix; ``.safetensors`` files are flat. A pickle that wants
+    code raises :class:`pipelines.checkpoints.UnsafeCheckpointError`.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_state_dict(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"upscaler model file not found: {path}")
+    # read_state_dict keeps only top-level tensors and would drop a params_ema mapping, so the
+    # weights-only load it is built on is used directly and the nesting undone by spandrel's rules.
+    loaded: Any = load_pickled_tensors(path)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(loaded).__name__})")  # noqa: TRY004
+    state = spandrel.canonicalize_state_dict(loaded)
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors")
+    return tensors
+
+
+def load_upscaler_model(path: Path) -> spandrel.ImageModelDescriptor:
+    """Load an upscaler file on the CPU in float32, in eval mode; ValueError if spandrel does not know it
+    or it is not a 3-channel image-to-image model."""
+    state = read_upscaler_state_dict(path)
+    try:
+        model = spandrel.ModelLoader().load_from_state_dict(state)
+    except spandrel.UnsupportedModelError as error:
+        raise ValueError(f"{path}: not an upscaler architecture spandrel knows ({error})") from error
+    if not isinstance(model, spandrel.ImageModelDescriptor):
+        raise ValueError(f"{path}: a {model.architecture.name} model needs a mask; it is not an upscaler")  # noqa: TRY004
+    if model.input_channels != 3 or model.output_channels != 3:
+        raise ValueError(
+            f"{path}: a {model.architecture.name} model with {model.input_channels} input and "
+            f"{model.output_channels} output channels; only RGB upscalers are supported"
+        )
+    return model.eval()
+
+
+def inference_dtype(model: spandrel.ImageModelDescriptor, device: torch.device, half: bool) -> torch.dtype:
+    """fp16 on an accelerator when asked and the architecture supports it (else bf16 if it does), fp32 otherwise."""
+    if not half or device.type == "cpu":
+        return torch.float32
+    if model.supports_half:
+        return torch.float16
+    if model.supports_bfloat16:
+        return torch.bfloat16
+    return torch.float32
