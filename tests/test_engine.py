@@ -333,7 +333,7 @@ def test_progress_reports_every_step_with_previews(engine):
     steps = [e.sampling_step for e in events]
     assert set(range(5)) <= set(steps)
     previews = [e.preview for e in events if e.preview is not None]
-    assert previews and previews[0].mode == "RGB" and previews[0].size == (64, 64)  # latents x 2
+    assert previews and previews[0].mode == "RGB" and previews[0].size == (16, 16)  # latents x 2
     assert events[-1].fraction == 1.0
 
 

@@ -58,10 +58,12 @@ _CLIP = {
     "num_hidden_layers": 5,
     "projection_dim": 32,
 }
+# Four blocks, so the VAE downsamples by 8 like every real one: image sizes map to the same latent sizes
+# as with a real model (a 512 px image is 64 latents, not 256, which would make attention explode).
 _VAE = {
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
     "latent_channels": 4,
     "layers_per_block": 1,
     "sample_size": 64,
