@@ -33,8 +33,9 @@ LONG_PROMPT = ", ".join(f"(word{i}:1.1) [thing{i}] detail" for i in range(39))  
 def build_random_sd15(folder: Path, seed: int = 0) -> Path:
     """An SD 1.5-sized diffusers folder with random weights, from the shipped configs."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from pipelines.checkpoints import shipped_tokenizer
     from pipelines.samplers import build_scheduler
 
     torch.manual_seed(seed)
@@ -42,7 +43,7 @@ def build_random_sd15(folder: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(base / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    tokenizer = shipped_tokenizer("sd1")
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=build_scheduler("Euler", "Automatic", scheduler_config),

@@ -347,6 +347,19 @@ def _materialize(configs: dict[str, dict[str, Any]], cache_dir: Path, label: str
     return target
 
 
+def shipped_tokenizer(family: str = "sd1", subfolder: str = "tokenizer") -> CLIPTokenizer:
+    """The CLIP tokenizer a family ships with, built from the files in ``pipelines/configs`` (no model needed).
+
+    For token counting before a model is loaded, and for building models from the shipped configs.
+    """
+    config = json.loads((FAMILY_CONFIG_DIRS[family] / subfolder / "tokenizer_config.json").read_text("utf-8"))
+    pad = config.get("pad_token", "<|endoftext|>")
+    return CLIPTokenizer.from_pretrained(
+        TOKENIZER_FILES_DIR, local_files_only=True, pad_token=pad["content"] if isinstance(pad, dict) else pad,
+        model_max_length=config.get("model_max_length", 77),
+    )
+
+
 def _link_or_copy(source: Path, destination: Path) -> None:
     try:
         os.link(source, destination)

@@ -321,3 +321,11 @@ def test_sd1_text_encoder_without_text_model_level(tree, tmp_path, cache_dir):
     path.with_suffix(".yaml").write_text(tree["sd15"].with_suffix(".yaml").read_text())
     pipe, _ = load_checkpoint(path, torch_dtype=torch.float32, cache_dir=cache_dir)
     assert_same_weights(pipe.text_encoder, tiny.tiny_components("sd1")["text_encoder"])
+
+
+def test_shipped_tokenizer_needs_no_model():
+    from pipelines.checkpoints import shipped_tokenizer
+
+    assert shipped_tokenizer("sd1")("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert shipped_tokenizer("sd2").pad_token == "!"
+    assert shipped_tokenizer("sdxl", "tokenizer_2").pad_token == "!"

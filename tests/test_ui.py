@@ -274,3 +274,15 @@ def test_gradio_auth_parsing(tmp_path):
                                  ("erin", "pw3")]
     with pytest.raises(ValueError, match="user:password"):
         parse_auth(parse_flags(["--gradio-auth", "nopassword"], environ={}))
+
+
+def test_token_counter_works_before_any_model_is_loaded(tmp_path):
+    from webui.context import AppContext
+    from webui.flags import parse_flags
+    from webui.ui.tokens import TokenCounter
+
+    ctx = AppContext.create(parse_flags(["--data-dir", str(tmp_path), "--use-cpu", "all"], {}))
+    assert ctx.engine.models.current is None
+    counter = TokenCounter(ctx)
+    assert counter.count("a photo of a cat") == (5, 75)
+    assert counter.count(", ".join(["a red apple"] * 30)) == (119, 150)

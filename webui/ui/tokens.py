@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pipelines.checkpoints import TOKENIZER_FILES_DIR
+from pipelines.checkpoints import shipped_tokenizer
 from pipelines.prompt_encoding import PromptEncoder, count_tokens
 from webui.context import AppContext
 
@@ -18,13 +18,9 @@ class TokenCounter:
         self._lock = threading.Lock()
 
     def _fallback_tokenizer(self):
-        from transformers import CLIPTokenizer
-
         with self._lock:
             if self._fallback is None:
-                self._fallback = CLIPTokenizer(vocab_file=str(TOKENIZER_FILES_DIR / "vocab.json"),
-                                               merges_file=str(TOKENIZER_FILES_DIR / "merges.txt"),
-                                               model_max_length=77)
+                self._fallback = shipped_tokenizer("sd1")
             return self._fallback
 
     def count(self, prompt: str, steps: int = 20) -> tuple[int, int]:
