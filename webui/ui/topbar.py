@@ -56,7 +56,8 @@ def no_model_notice(ctx: AppContext) -> str:
 def build_topbar(ctx: AppContext, defaults: UiDefaults) -> TopBar:
     titles = checkpoint_titles(ctx)
     with gr.Row(elem_id="quicksettings"):
-        checkpoint = gr.Dropdown(titles, value=initial_checkpoint(ctx), label="Stable Diffusion checkpoint",
+        # A callable value is evaluated at every page load, so a new tab shows the model loaded now.
+        checkpoint = gr.Dropdown(titles, value=lambda: initial_checkpoint(ctx), label="Stable Diffusion checkpoint",
                                  elem_id="setting_sd_model_checkpoint", scale=4, min_width=300)
         refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0,
                             elem_classes="sdui-tool")
