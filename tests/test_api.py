@@ -19,7 +19,8 @@ import webuiapi
 from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext
 from pipelines.request import GenerationRequest
-from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png, left_half_mask, picture
+from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
+from tests.pictures import half_mask, picture
 
 SD21 = "tiny-sd21-v.safetensors"
 DIFFUSERS = "tiny-sd15-diffusers"
@@ -102,7 +103,7 @@ def test_api_image_equals_engine_image_for_the_same_request(url, api_engine):
 
 def test_webuiapi_img2img_inpaint_keeps_the_unmasked_half(client):
     source = picture()
-    result = client.img2img(images=[source], mask_image=left_half_mask(), prompt="a red ball", seed=3,
+    result = client.img2img(images=[source], mask_image=half_mask(), prompt="a red ball", seed=3,
                             denoising_strength=0.9, inpainting_fill=1, inpaint_full_res=False, mask_blur=0,
                             width=64, height=64, override_settings={"sd_model_checkpoint": SD15})
     assert len(result.images) == 1

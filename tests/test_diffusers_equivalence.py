@@ -12,7 +12,8 @@ from diffusers import (
 )
 
 from pipelines.samplers import build_scheduler
-from tests.test_engine import img2img, picture, pixels, txt2img
+from tests.pictures import picture
+from tests.test_engine import img2img, pixels, txt2img
 
 
 def _generators(seeds):

@@ -12,6 +12,7 @@ from pipelines.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.jobs import JobControl
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.samplers import SAMPLERS
+from tests.pictures import half_mask, picture
 
 SD15 = "tiny-sd15.safetensors"
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors",
@@ -27,24 +28,6 @@ def txt2img(**kw) -> GenerationRequest:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
-
-
-def picture(size=(64, 64)) -> Image.Image:
-    """A synthetic picture with structure: gradient, a circle and a bar."""
-    w, h = size
-    x = np.linspace(0, 255, w, dtype=np.uint8)
-    array = np.stack([np.tile(x, (h, 1)), np.tile(x[::-1], (h, 1)), np.full((h, w), 128, np.uint8)], axis=2)
-    image = Image.fromarray(array)
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(250, 30, 30))
-    draw.rectangle((0, h - 10, w, h), fill=(0, 0, 0))
-    return image
-
-
-def half_mask(size=(64, 64)) -> Image.Image:
-    mask = Image.new("L", size, 0)
-    ImageDraw.Draw(mask).rectangle((0, 0, size[0] // 2 - 1, size[1]), fill=255)
-    return mask
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)

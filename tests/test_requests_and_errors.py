@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from pipelines.engine import EngineError
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from tests.test_engine import picture, txt2img
+from tests.pictures import picture
+from tests.test_engine import txt2img
 
 
 @pytest.mark.parametrize("field, value, message", [
