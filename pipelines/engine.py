@@ -3,7 +3,7 @@
 Usable from a Python shell with no server::
 
     from pipelines.engine import Engine
-    from pipelines.request import GenerationRequest
+    from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
     from pipelines.settings import EngineSettings, Paths
 
     engine = Engine(EngineSettings(paths=Paths.under(".")))
@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from pipelines.devices import free_memory, is_out_of_memory
 from pipelines.embeddings import EmbeddingDatabase
 from pipelines.extra_networks import ExtraNetworkRegistry
@@ -26,9 +28,10 @@ from pipelines.manager import ModelManager
 from pipelines.options import Options
 from pipelines.processing import GenerationResult, JobContext, run_job
 from pipelines.registry import ModelRegistry
-from pipelines.request import GenerationRequest
+from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.settings import EngineSettings
 from pipelines.styles import StyleDatabase
+from pipelines.upscaling import Upscalers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class Engine:
         self.models = ModelManager(settings, self.registry)
         self.styles = StyleDatabase(self.paths.styles_file)
         self.embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
+        device = self.models.device
+        self.upscalers = Upscalers(self.paths, device.device, half=device.dtype != torch.float32)
         #: Handlers of ``<name:args>`` prompt tags (LoRA and other extensions register here).
         self.extra_networks = ExtraNetworkRegistry()
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
@@ -66,6 +71,8 @@ class Engine:
         self.models.resolve(request.checkpoint)
         if request.vae not in ("Automatic", "None", ""):
             self.registry.find_vae(request.vae)
+        if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
+            self.upscalers.find(request.hr_upscaler)
         unknown = [name for name in request.styles if self.styles.get(name) is None]
         if unknown:
             raise LookupError(f"styles: unknown style(s) {', '.join(map(repr, unknown))}; "
@@ -76,7 +83,8 @@ class Engine:
                 model = self.models.get(request.checkpoint, request.vae)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
-                                 device=self.models.device.device, extra_networks=self.extra_networks)
+                                 device=self.models.device.device, extra_networks=self.extra_networks,
+                                 upscalers=self.upscalers)
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

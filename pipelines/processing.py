@@ -19,6 +19,7 @@ import pipelines
 from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
 from pipelines.extra_networks import ExtraNetworkRegistry
+from pipelines.hires import hires_params, hires_pass, hires_steps
 from pipelines.images import dated_output_dir, make_grid, save_image
 from pipelines.img2img import (
     blank_inpaint_conditioning,
@@ -36,6 +37,7 @@ from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.samplers import build_scheduler
 from pipelines.seeds import SeedPlan, generators_for, image_noise
+from pipelines.upscaling import Upscalers
 
 
 @dataclass
@@ -132,7 +134,13 @@ def infotext_for(request: GenerationRequest, model: LoadedModel, prompt: str, ne
         "subseed_strength": request.subseed_strength,
         "seed_resize_from_w": request.seed_resize_from_w,
         "seed_resize_from_h": request.seed_resize_from_h,
-        "denoising_strength": getattr(request, "denoising_strength", None),
+        "denoising_strength": request.denoising_strength if request.enable_hr or request.mode == "img2img" else None,
+        "enable_hr": request.enable_hr,
+        "hr_scale": request.hr_scale if not (request.hr_resize_x or request.hr_resize_y) else None,
+        "hr_resize_x": request.hr_resize_x,
+        "hr_resize_y": request.hr_resize_y,
+        "hr_second_pass_steps": request.hr_second_pass_steps,
+        "hr_upscaler": request.hr_upscaler,
         "clip_skip": request.clip_skip,
         "tiling": request.tiling,
         "rng": "CPU",
@@ -157,6 +165,7 @@ class JobContext:
     embeddings: object | None
     control: JobControl
     extra_networks: ExtraNetworkRegistry
+    upscalers: Upscalers
     device: torch.device
 
 
@@ -176,11 +185,20 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
             conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
                                               prompts.encode_negative_prompts[: request.batch_size],
                                               _real_steps(request), request.clip_skip)
-        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
+        hr_conditioning = None
+        if request.enable_hr:
+            hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in prompts.encode_prompts]
+            hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n
+                            for n in prompts.encode_negative_prompts]
+            with torch.inference_mode():
+                hr_conditioning = build_conditioning(encoder, hr_prompts[: request.batch_size],
+                                                     hr_negatives[: request.batch_size],
+                                                     max(hires_steps(request)[1], 1), request.clip_skip)
+        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else hires_params(request)
         extra.update(network_params)
         if conditioning.ti_hashes:
             extra["TI hashes"] = conditioning.ti_hashes
-        _run_batches(request, ctx, plan, prompts, conditioning, extra, result)
+        _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result)
     if request.save_images and ctx.options.grid_save and len(result.images) > 1:
         grid = make_grid(result.images)
         folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
@@ -191,7 +209,8 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
 
 
 def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, prompts: PreparedPrompts,
-                 conditioning: Conditioning, extra: dict[str, object], result: GenerationResult) -> None:
+                 conditioning: tuple[Conditioning, Conditioning | None], extra: dict[str, object],
+                 result: GenerationResult) -> None:
     """Sample, decode and save batch after batch into ``result``; stops early on interrupt."""
     model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
@@ -236,7 +255,8 @@ def _sample_dir(request: GenerationRequest, ctx: JobContext) -> Path:
 
 
 def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice,
-               conditioning: Conditioning) -> list[Image.Image]:
+               conditionings: tuple[Conditioning, Conditioning | None]) -> list[Image.Image]:
+    conditioning, hr_conditioning = conditionings
     model, control, device = ctx.model, ctx.control, ctx.device
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
@@ -281,6 +301,14 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
             cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
             inpaint=inpaint), on_step)
+    if hr_conditioning is not None:
+        control.update(step=0, steps=max(hires_steps(request)[1], 1), textinfo="Hires. fix")
+        latents = hires_pass(
+            request, model, latents, upscalers=ctx.upscalers, conditioning=hr_conditioning, generators=generators,
+            make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
+                                                              subseed_strength=request.subseed_strength)
+                                                  for g, sub in zip(generators, subseeds)]),
+            on_step=on_step, device=device)
     control.check()
 
     # stage 5: decode

@@ -19,6 +19,16 @@ MAX_SEED = 4294967294
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_PROMPT_CHARS = 20_000
 
+#: A1111's latent upscale modes for hires fix: torch interpolate mode and antialiasing.
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
@@ -51,6 +61,20 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's N-th layer from the end.")
     tiling: bool = Field(False, description="Make the image tile seamlessly.")
     checkpoint: str | None = Field(None, description="Checkpoint title, file name, name or hash; None: current.")
+    denoising_strength: float = Field(0.7, ge=0.0, le=1.0, description="How much the hires pass (or img2img) redraws.")
+    enable_hr: bool = Field(False, description="Hires. fix: upscale the first pass, then redraw it at the larger size.")
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0, description="Hires. fix: upscale by this factor.")
+    hr_upscaler: str = Field("Latent", description="Hires. fix upscaler: a latent mode ("
+                             + ", ".join(LATENT_UPSCALE_MODES)
+                             + ") or an image upscaler (Lanczos, Nearest, a model in models/ESRGAN).")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150, description="Hires. fix steps; 0: as many as the first pass.")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="Hires. fix: resize width to this instead (0: off).")
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="Hires. fix: resize height to this instead (0: off).")
+    hr_sampler_name: str | None = Field(None, description="Hires. fix sampler; None: the same as the first pass.")
+    hr_scheduler: str | None = Field(None, description="Hires. fix schedule type; None: the same as the first pass.")
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Hires. fix prompt; empty: the same prompt.")
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                    description="Hires. fix negative prompt; empty: the same negative prompt.")
     vae: str = Field("Automatic", description="'Automatic' (the checkpoint's own VAE) or a file in models/VAE.")
     save_images: bool = Field(True, description="Save the images to the outputs folder.")
 
@@ -78,7 +102,29 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _schedule_fits_sampler(self) -> GenerationRequest:
         resolve_schedule(find_sampler(self.sampler_name), self.scheduler)
+        if self.hr_sampler_name is not None or self.hr_scheduler is not None:
+            hr_sampler = find_sampler(self.hr_sampler_name or self.sampler_name)
+            try:
+                resolve_schedule(hr_sampler, self.hr_scheduler or self.scheduler)
+            except ValueError as error:
+                raise ValueError(f"hr_{error}") from None
+        if self.enable_hr:
+            width, height = self.hires_size
+            if max(width, height) > MAX_SIZE:
+                raise ValueError(f"hires fix: the target size {width}x{height} is larger than {MAX_SIZE}; "
+                                 "lower hr_scale or hr_resize_x/hr_resize_y")
         return self
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """Hires fix target (width, height): by hr_scale, or hr_resize_x/y (one given keeps the aspect
+        ratio; both given: the first pass covers that size and is centre-cropped). Rounded down to 8."""
+        if self.hr_resize_x or self.hr_resize_y:
+            width = self.hr_resize_x or round(self.width * self.hr_resize_y / self.height)
+            height = self.hr_resize_y or round(self.height * self.hr_resize_x / self.width)
+        else:
+            width, height = round(self.width * self.hr_scale), round(self.height * self.hr_scale)
+        return width - width % 8, height - height % 8
 
     @property
     def mode(self) -> str:
@@ -94,6 +140,7 @@ class Img2ImgRequest(GenerationRequest):
 
     init_images: Annotated[list[Image.Image], Field(min_length=1, description="The image(s) to start from.")]
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="How much of the image is redrawn.")
+    enable_hr: Literal[False] = Field(False, description="Hires. fix is for txt2img only.")
     resize_mode: Literal[0, 1, 2, 3] = Field(
         0, description="; ".join(f"{k}: {v}" for k, v in RESIZE_MODES.items()) + "."
     )
