@@ -1,0 +1,21 @@
+"""The code stays ruff-clean (STYLE.md), checked with the project's ruff.toml."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (it is in requirements.txt: python launch.py installs it)")
+    done = subprocess.run([ruff, "check", "launch.py", "pipelines", "webui", "tests"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
