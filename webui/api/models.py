@@ -79,7 +79,7 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
 
 TXT2IMG_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "denoising_strength": (float | None, _field(None, "Hires fix second pass strength.", ge=0.0, le=1.0)),
-    "enable_hr": (bool | None, _field(False, "Hires fix (not available yet).")),
+    "enable_hr": (bool | None, _field(False, "Hires fix.")),
     "hr_scale": (float | None, _field(2.0, "Hires fix: upscale by.")),
     "hr_upscaler": (str | None, _field(None, "Hires fix: upscaler.")),
     "hr_second_pass_steps": (int | None, _field(0, "Hires fix: steps of the second pass (0: same).")),
@@ -106,7 +106,9 @@ IMG2IMG_API_FIELDS: dict[str, tuple[Any, Any]] = {
 StableDiffusionTxt2ImgProcessingAPI = create_model(
     "StableDiffusionTxt2ImgProcessingAPI", __config__=_CONFIG,
     __doc__="txt2img body: the engine's GenerationRequest fields plus A1111's API-only and legacy fields.",
-    **_shared_fields(GenerationRequest), **COMMON_API_FIELDS, **TXT2IMG_API_FIELDS,
+    **_shared_fields(GenerationRequest), **COMMON_API_FIELDS,
+    # Fields the engine request has gained (hires fix) come from it; the rest stay API-only.
+    **{name: spec for name, spec in TXT2IMG_API_FIELDS.items() if name not in GenerationRequest.model_fields},
 )
 
 StableDiffusionImg2ImgProcessingAPI = create_model(
@@ -212,3 +214,47 @@ class PromptStyleItem(BaseModel):
 class ScriptsList(BaseModel):
     txt2img: list[str] = Field(default_factory=list)
     img2img: list[str] = Field(default_factory=list)
+
+
+class ExtrasBaseRequest(BaseModel):
+    """Upscaling settings shared by extra-single-image and extra-batch-images (A1111's names)."""
+
+    model_config = _CONFIG
+    resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h.")
+    show_extras_results: bool = Field(True, description="Return the images in the answer.")
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
+    codeformer_weight: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
+    upscaling_resize: float = Field(2, gt=0, le=8, description="Scale factor when resize_mode is 0.")
+    upscaling_resize_w: int = Field(512, ge=1, le=8192, description="Target width when resize_mode is 1.")
+    upscaling_resize_h: int = Field(512, ge=1, le=8192, description="Target height when resize_mode is 1.")
+    upscaling_crop: bool = Field(True, description="With resize_mode 1: cover the size and centre-crop.")
+    upscaler_1: str = Field("None", description="Name from /sdapi/v1/upscalers.")
+    upscaler_2: str = Field("None", description="Name from /sdapi/v1/upscalers, blended in by its visibility.")
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, description="Weight of upscaler_2's result.")
+    upscale_first: bool = Field(False, description="Accepted for compatibility (no face restorer).")
+
+
+class ExtrasSingleImageRequest(ExtrasBaseRequest):
+    image: str = Field(description="Base64 image, with or without a data: prefix.")
+
+
+class FileData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    data: str = Field(description="Base64 image, with or without a data: prefix.")
+    name: str = Field("", description="File name (informational).")
+
+
+class ExtrasBatchImagesRequest(ExtrasBaseRequest):
+    imageList: list[FileData] = Field(min_length=1, description="The images to process.")  # noqa: N815
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    image: str | None = Field(description="Raw base64 PNG with the infotext embedded; null without "
+                                           "show_extras_results.")
+    html_info: str
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    images: list[str]
+    html_info: str

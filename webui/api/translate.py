@@ -22,7 +22,7 @@ from pipelines.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.manager import LoadedModel
 from pipelines.options import Options
 from pipelines.processing import GenerationResult
-from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest, Img2ImgRequest
 from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
 from webui.api.errors import ApiError, validation_errors
 from webui.api.models import NOT_IN_BODY
@@ -75,8 +75,9 @@ def split_sampler(name: str, scheduler: str) -> tuple[str, str]:
 
 def _refuse_unavailable(body: BaseModel) -> None:
     """Features A1111 has and we do not yet are refused, not silently dropped."""
-    if getattr(body, "enable_hr", False):
-        raise ApiError(("enable_hr",), "enable_hr: hires fix is not available in this version")
+    if getattr(body, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
+        raise ApiError(("hr_checkpoint_name",), "hr_checkpoint_name: a separate hires checkpoint is not available "
+                                                "in this version; leave it empty")
     if body.restore_faces:
         raise ApiError(("restore_faces",), "restore_faces: no face restoration model is available")
     if body.script_name:
@@ -214,6 +215,11 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     if engine_model is Img2ImgRequest:
         fields.update(_decode_images(body))
     request = _build_request(engine_model, fields, overridden)
+    if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
+        try:
+            engine.upscalers.find(request.hr_upscaler)
+        except LookupError as error:
+            raise ApiError(("hr_upscaler",), str(error)) from None
 
     parameters = body.model_dump()
     parameters.update(sampler_name=request.sampler_name, scheduler=request.scheduler)
