@@ -7,9 +7,10 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import GenerationRequest
+from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from webui.context import AppContext
-from webui.ui.controls import GenerationControls, build_sampling_controls
+from webui.ui import fields as f
+from webui.ui.controls import SLIDER_MAX_SIZE, GenerationControls, build_sampling_controls
 from webui.ui.generation import wire_generation
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
@@ -27,12 +28,35 @@ class Txt2ImgTab:
     paste: PasteTarget
 
 
+def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
+    """The Hires. fix accordion; its controls join the tab's request fields under their engine names."""
+    model, reg = GenerationRequest, controls.fields
+    upscalers = [*LATENT_UPSCALE_MODES, *ctx.engine.upscalers.names]
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+        reg["enable_hr"] = f.checkbox(model, "enable_hr", "Hires. fix", elem_id="txt2img_enable_hr")
+        with gr.Row():
+            reg["hr_upscaler"] = gr.Dropdown(upscalers, value=f.default(model, "hr_upscaler"), label="Upscaler",
+                                             elem_id="txt2img_hr_upscaler")
+            reg["hr_second_pass_steps"] = f.slider(model, "hr_second_pass_steps", "Hires steps",
+                                                   elem_id="txt2img_hires_steps")
+            reg["denoising_strength"] = f.slider(model, "denoising_strength", "Denoising strength", step=0.01,
+                                                 elem_id="txt2img_denoising_strength")
+        with gr.Row():
+            reg["hr_scale"] = f.slider(model, "hr_scale", "Upscale by", step=0.05, maximum=4,
+                                       elem_id="txt2img_hr_scale")
+            reg["hr_resize_x"] = f.slider(model, "hr_resize_x", "Resize width to", step=8, maximum=SLIDER_MAX_SIZE * 2,
+                                          elem_id="txt2img_hr_resize_x")
+            reg["hr_resize_y"] = f.slider(model, "hr_resize_y", "Resize height to", step=8,
+                                          maximum=SLIDER_MAX_SIZE * 2, elem_id="txt2img_hr_resize_y")
+
+
 def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Txt2ImgTab:
     """Prompts on top; sampling controls left, output right."""
     area = build_prompt_area(ctx, "txt2img", defaults, counter)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, elem_id="txt2img_settings"):
             controls = build_sampling_controls(ctx, "txt2img", defaults)
+            build_hires_controls(ctx, controls)
         with gr.Column(scale=1, elem_id="txt2img_results"):
             panel = build_output_panel(ctx, "txt2img")
 
