@@ -15,6 +15,7 @@ import pytest
 import requests
 import torch
 import webuiapi
+from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext
@@ -339,7 +340,7 @@ def test_lists(url, api_engine):
     assert get("prompt-styles").json() == [{"name": "film", "prompt": "{prompt}, grain", "negative_prompt": "ugly"}]
     assert get("embeddings").json() == {"loaded": {}, "skipped": {}}
     assert get("scripts").json() == {"txt2img": [], "img2img": []}
-    for route in ("upscalers", "extensions", "face-restorers", "realesrgan-models", "hypernetworks", "loras"):
+    for route in ("extensions", "face-restorers", "realesrgan-models", "hypernetworks", "loras"):
         assert get(route).json() == []
     memory = get("memory").json()
     assert memory["ram"]["total"] > 0
@@ -349,6 +350,16 @@ def test_lists(url, api_engine):
 
 
 # --- errors --------------------------------------------------------------------------------------
+
+
+def test_hires_fix_through_the_api(client):
+    result = client.txt2img(prompt="a cat", seed=5, steps=2, width=64, height=64, enable_hr=True, hr_scale=2,
+                            hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6,
+                            sampler_name="Euler")
+    assert result.image.size == (128, 128)
+    infotext = result.info["infotexts"][0]
+    assert "Hires upscale: 2" in infotext and "Hires upscaler: Latent" in infotext
+    assert "Denoising strength: 0.6" in infotext
 
 
 @pytest.mark.parametrize("route, body, field, words", [
@@ -362,7 +373,9 @@ def test_lists(url, api_engine):
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "nope"}}, "sd_model_checkpoint", "tiny-sd15"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 99}}, "CLIP_stop_at_last_layers", "1 and 12"),
     ("txt2img", {"override_settings": {"samples_format": "bmp"}}, "samples_format", "png"),
-    ("txt2img", {"enable_hr": True}, "enable_hr", "hires"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "Magic"}, "hr_upscaler", "no upscaler named 'Magic'"),
+    ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "x"}, "hr_checkpoint_name", "not available"),
+    ("txt2img", {"enable_hr": True, "hr_scale": 100}, "hr_scale", "8"),
     ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts", "controlnet"),
     ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, "init_images", "not an image"),
     ("img2img", {"init_images": ["%%%"]}, "init_images", "base64"),
@@ -439,3 +452,87 @@ def test_openapi_docs_describe_fields_from_the_engine(server):
     assert steps["default"] == 50 and steps["description"] == GenerationRequest.model_fields["steps"].description
     assert any(option.get("maximum") == 150 for option in steps.get("anyOf", [steps]))
     assert requests.get(f"{server.url}/docs", timeout=TIMEOUT).status_code == 200
+
+
+# --- extras --------------------------------------------------------------------------------------
+
+ESRGAN = "tiny-esrgan-4x"
+
+
+def extras(url: str, **body) -> requests.Response:
+    return post(url, "extra-single-image", {"image": b64_png(picture((32, 24))), **body})
+
+
+def test_upscalers_list_has_builtins_and_the_model_files(url, tiny_models):
+    upscalers = requests.get(f"{url}/upscalers", timeout=TIMEOUT).json()
+    assert [u["name"] for u in upscalers[:3]] == ["None", "Lanczos", "Nearest"]
+    assert upscalers[0] == {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
+    model = next(u for u in upscalers if u["name"] == ESRGAN)
+    assert model["model_path"] == str(tiny_models / "ESRGAN" / "tiny-esrgan-4x.pth")
+    assert model["scale"] == 4 and model["model_name"] == ESRGAN
+
+
+def test_extra_single_image_scales_by_and_to_size(url):
+    source = picture((32, 24))
+    scaled = extras(url, upscaler_1=ESRGAN, upscaling_resize=2)
+    assert scaled.status_code == 200, scaled.text
+    image = decode_png(scaled.json()["image"])
+    assert image.size == (64, 48)
+    # The x4 model's output brought down to x2 differs from a plain Lanczos resize of the source.
+    lanczos = np.asarray(source.resize((64, 48), Image.Resampling.LANCZOS), dtype=np.float32)
+    assert np.abs(np.asarray(image.convert("RGB"), dtype=np.float32) - lanczos).mean() > 1
+    assert "Postprocess upscaler: tiny-esrgan-4x" in scaled.json()["html_info"]
+    cropped = extras(url, upscaler_1=ESRGAN, resize_mode=1, upscaling_resize_w=40, upscaling_resize_h=40,
+                     upscaling_crop=True)
+    assert cropped.status_code == 200, cropped.text
+    assert decode_png(cropped.json()["image"]).size == (40, 40)
+
+
+def test_extra_single_image_blends_upscaler_2(url):
+    def run(**body) -> np.ndarray:
+        response = extras(url, upscaler_1="Nearest", upscaling_resize=2, **body)
+        assert response.status_code == 200, response.text
+        return np.asarray(decode_png(response.json()["image"]).convert("RGB"), dtype=np.float32)
+
+    nearest, lanczos = run(), run(upscaler_2="Lanczos", extras_upscaler_2_visibility=1)
+    half = run(upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
+    assert np.abs(nearest - lanczos).mean() > 1
+    assert np.abs(half - (nearest + lanczos) / 2).max() <= 1
+
+
+def test_extra_single_image_keeps_the_source_infotext(url, tmp_path):
+    source = txt2img(url, prompt="a lighthouse", seed=321)["images"][0]
+    response = post(url, "extra-single-image", {"image": source, "upscaler_1": "Lanczos", "upscaling_resize": 1.5})
+    assert response.status_code == 200, response.text
+    info = decode_png(response.json()["image"]).info["parameters"]
+    assert info.startswith(decode_png(source).info["parameters"])
+    parsed = parse_infotext(info)
+    assert parsed["Seed"] == 321 and parsed["Prompt"] == "a lighthouse"
+    assert parsed["Postprocess upscale by"] == 1.5 and parsed["Postprocess upscaler"] == "Lanczos"
+
+
+def test_extra_batch_images_and_saving(url, server):
+    outputs = server.ctx.engine.paths.outputs_dir / "extras-images"
+    before = len(list(outputs.rglob("*.png")))
+    server.ctx.update_options({"samples_save": True})
+    try:
+        body = {"imageList": [{"data": b64_png(picture((16, 16))), "name": "a.png"},
+                              {"data": b64_png(picture((20, 12)), prefix=True), "name": "b.png"}],
+                "upscaler_1": ESRGAN, "upscaling_resize": 4}
+        response = post(url, "extra-batch-images", body)
+    finally:
+        server.ctx.update_options({"samples_save": False})
+    assert response.status_code == 200, response.text
+    assert [decode_png(image).size for image in response.json()["images"]] == [(64, 64), (80, 48)]
+    assert len(list(outputs.rglob("*.png"))) == before + 2
+
+
+def test_extras_refuses_unknown_upscalers_and_bad_images(url):
+    unknown = extras(url, upscaler_1="SwinIR 4x")
+    assert unknown.status_code == 422
+    message = unknown.json()["detail"][0]["msg"]
+    assert "SwinIR 4x" in message and ESRGAN in message and "Lanczos" in message
+    assert unknown.json()["detail"][0]["loc"] == ["body", "upscaler_1"]
+    bad = post(url, "extra-single-image", {"image": "bm90IGFuIGltYWdl", "upscaler_1": "Lanczos"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "image"]
+    assert extras(url, upscaling_resize=0).status_code == 422

@@ -297,3 +297,59 @@ def test_token_counter_works_before_any_model_is_loaded(tmp_path):
     counter = TokenCounter(ctx)
     assert counter.count("a photo of a cat") == (5, 75)
     assert counter.count(", ".join(["a red apple"] * 30)) == (119, 150)
+
+
+def test_extras_upscales_a_sent_image_x2_and_keeps_its_infotext(page, ui_server):
+    choose_checkpoint(page, TINY)
+    page.locator("#txt2img_prompt textarea").fill("a red barn")
+    page.locator("#txt2img_seed input").fill("99")
+    generate_and_wait(page, "txt2img")
+    page.locator("#txt2img_send_to_extras").click()
+    page.locator("#extras_image img").wait_for()
+    page.locator("#extras_upscaler_1 input").click()
+    page.get_by_role("option", name="tiny-esrgan-4x").click()
+    page.locator("#extras_generate").click()
+    page.wait_for_function("() => document.getElementById('html_info_extras').innerText.includes('image(s)')",
+                           timeout=90_000)
+    page.locator("#extras_gallery img").first.wait_for()
+    screenshot(page, "06-extras-result")
+    info = page.locator("#html_info_extras").inner_text()
+    assert "1 image(s), 128x128" in info and "Postprocess upscaler: tiny-esrgan-4x" in info
+    saved = newest_output(ui_server.data_dir, "extras")
+    with Image.open(saved) as image:
+        assert image.size == (128, 128)
+    text = read_infotext(saved)
+    assert text.startswith("a red barn") and "Seed: 99" in text and "Postprocess upscale by: 2" in text
+
+
+def test_extras_batch_from_directory_scales_to_size(page, ui_server, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, size in enumerate(((40, 30), (24, 24))):
+        Image.new("RGB", size, (40 * k, 90, 200)).save(folder / f"{k}.png")
+    page.locator("button[role=tab]:has-text('Extras')").first.click()
+    page.locator("button[role=tab]:has-text('Batch from Directory')").first.click()
+    page.locator("#extras_batch_input_dir textarea").fill(str(folder))
+    page.locator("button[role=tab]:has-text('Scale to')").first.click()
+    page.locator("#extras_upscaling_resize_w input[type=number]").fill("50")
+    page.locator("#extras_upscaling_resize_h input[type=number]").fill("20")
+    page.locator("#extras_upscaler_1 input").click()
+    page.get_by_role("option", name="Lanczos").click()
+    page.locator("#extras_generate").click()
+    page.wait_for_function("() => document.getElementById('html_info_extras').innerText.includes('image(s)')",
+                           timeout=90_000)
+    assert "2 image(s), 50x20" in page.locator("#html_info_extras").inner_text()
+
+
+def test_hires_fix_from_the_txt2img_tab(page, ui_server):
+    choose_checkpoint(page, TINY)
+    page.locator("#txt2img_prompt textarea").fill("a tall tower")
+    page.locator("#txt2img_hr").click()  # open the accordion
+    page.locator("#txt2img_enable_hr input[type=checkbox]").check()
+    page.locator("#txt2img_hires_steps input[type=number]").fill("2")
+    page.locator("#txt2img_hires_steps input[type=number]").press("Tab")
+    info = generate_and_wait(page, "txt2img")
+    screenshot(page, "11-hires")
+    assert "Size: 64x64" in info and "Hires upscale: 2" in info and "Hires upscaler: Latent" in info
+    saved = newest_output(ui_server.data_dir, "txt2img")
+    assert Image.open(saved).size == (128, 128)

@@ -19,6 +19,7 @@ from typing import TypeVar
 from pipelines.engine import Engine
 from pipelines.jobs import JobControl, Progress
 from pipelines.options import Options
+from pipelines.upscaling import Upscalers
 from webui.flags import Flags
 
 T = TypeVar("T")
@@ -147,6 +148,12 @@ class AppContext:
     @property
     def options(self) -> Options:
         return self.engine.options
+
+    @property
+    def upscalers(self) -> Upscalers:
+        """The image upscalers of the Extras tab and the extras API: the engine's own library, so hires
+        fix and extras share one loaded model."""
+        return self.engine.upscalers
 
     def update_options(self, changes: dict) -> Options:
         """Validate, apply and persist option changes; KeyError/ValidationError name a bad key or value."""

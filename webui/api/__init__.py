@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
-from webui.api import routes_generation, routes_info, routes_models
+from webui.api import routes_extras, routes_generation, routes_info, routes_models
 from webui.api.auth import basic_auth_dependency
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
@@ -24,5 +24,6 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_generation.router(ctx, selection, ApiRoute),
         routes_models.router(ctx, selection, ApiRoute),
         routes_info.router(ctx, ApiRoute),
+        routes_extras.router(ctx, ApiRoute),
     ):
         app.include_router(router, dependencies=dependencies)

@@ -1,6 +1,6 @@
 """Lists and facts: samplers, schedulers, upscalers, styles, embeddings, flags, memory, scripts, png-info.
 
-Features that later issues add (upscalers, LoRA, face restoration, scripts, extensions) answer honest
+Features that later issues add (LoRA, face restoration, scripts, extensions) answer honest
 empty lists until they exist; those issues replace the lists here.
 """
 
@@ -89,8 +89,10 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     def upscalers() -> list[dict]:
-        """Image upscalers (none until the upscaler feature exists)."""
-        return []
+        """Image upscalers: the built-ins (None, Lanczos, Nearest) and the model files."""
+        ctx.upscalers.refresh()
+        return [{"name": u.name, "model_name": u.model_name, "model_path": str(u.path) if u.path else None,
+                 "model_url": None, "scale": ctx.upscalers.scale(u.name)} for u in ctx.upscalers.upscalers]
 
     @api.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscalerModeItem])
     def latent_upscale_modes() -> list[dict]:
@@ -149,8 +151,10 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/realesrgan-models")
     def realesrgan_models() -> list[dict]:
-        """RealESRGAN models (none until the upscaler feature exists)."""
-        return []
+        """The Real-ESRGAN model files (from ``models/RealESRGAN/``)."""
+        ctx.upscalers.refresh()
+        return [{"name": u.name, "path": str(u.path), "scale": ctx.upscalers.scale(u.name)}
+                for u in ctx.upscalers.upscalers if u.kind == "realesrgan"]
 
     @api.get("/sdapi/v1/hypernetworks")
     def hypernetworks() -> list[dict]:

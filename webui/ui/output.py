@@ -32,6 +32,7 @@ class OutputPanel:
     send_img2img: gr.Button
     send_inpaint: gr.Button
     download: gr.File
+    send_extras: gr.Button
 
 
 def infotext_html(text: str) -> str:
@@ -55,12 +56,13 @@ def build_output_panel(ctx: AppContext, tab: str) -> OutputPanel:
         zip_button = gr.Button("Zip", elem_id=f"{tab}_save_zip", size="sm")
         send_img2img = gr.Button("Send to img2img", elem_id=f"{tab}_send_to_img2img", size="sm")
         send_inpaint = gr.Button("Send to inpaint", elem_id=f"{tab}_send_to_inpaint", size="sm")
+        send_extras = gr.Button("Send to extras", elem_id=f"{tab}_send_to_extras", size="sm")
     download = gr.File(label="Download", visible=False, interactive=False, elem_id=f"{tab}_download_files",
                        file_count="multiple")
     infotext = gr.HTML("", elem_id=f"html_info_{tab}")
     log = gr.HTML("", elem_id=f"html_log_{tab}")
     panel = OutputPanel(session, progress, preview, gallery, infotext, log, folder, save, zip_button,
-                        send_img2img, send_inpaint, download)
+                        send_img2img, send_inpaint, download, send_extras)
     _wire(ctx, panel, tab)
     return panel
 

@@ -7,6 +7,7 @@ from typing import Any
 import gradio as gr
 
 from webui.context import AppContext
+from webui.ui.extras import ExtrasTab
 from webui.ui.img2img import Img2ImgTab
 from webui.ui.paste import paste_updates
 from webui.ui.pnginfo import PngInfoTab
@@ -14,7 +15,7 @@ from webui.ui.txt2img import Txt2ImgTab
 
 
 def wire_send_buttons(ctx: AppContext, main_tabs: gr.Tabs, txt2img: Txt2ImgTab, img2img: Img2ImgTab,
-                      pnginfo: PngInfoTab) -> None:
+                      pnginfo: PngInfoTab, extras: ExtrasTab) -> None:
     """Connect every Send to ... button of the gallery panels and of PNG Info."""
     to_img2img = [img2img.image, img2img.inpaint, img2img.mode, img2img.tabs, img2img.inpaint_options, main_tabs,
                   *img2img.paste.outputs]
@@ -50,3 +51,15 @@ def wire_send_buttons(ctx: AppContext, main_tabs: gr.Tabs, txt2img: Txt2ImgTab, 
     pnginfo.send_txt2img.click(send_to_txt2img, inputs=[pnginfo.infotext],
                                outputs=[main_tabs, *txt2img.paste.outputs], show_progress="hidden")
 
+
+    def send_to_extras(image: str | None) -> dict[gr.components.Component, Any]:
+        if image is None:
+            raise gr.Error("No image to send: generate or drop one first.")
+        # The gallery file carries the infotext, which the Extras output keeps.
+        return {extras.image: gr.update(value=image), extras.source: "single",
+                extras.tabs: gr.Tabs(selected="single"), main_tabs: gr.Tabs(selected="extras")}
+
+    for panel in (txt2img.panel, img2img.panel):
+        panel.send_extras.click(lambda s: send_to_extras(s.selected_image), inputs=[panel.session],
+                                outputs=[extras.image, extras.source, extras.tabs, main_tabs],
+                                show_progress="hidden")

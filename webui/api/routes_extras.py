@@ -1,0 +1,84 @@
+"""The Extras routes: extra-single-image and extra-batch-images (REFERENCE §8).
+
+Jobs go through the shared queue like generation jobs. The answers are PNGs that keep the source
+image's infotext with the postprocessing keys added; they are saved to ``outputs/extras-images/``
+when the ``samples_save`` option is on.
+"""
+
+from __future__ import annotations
+
+import html
+
+from fastapi import APIRouter
+from PIL import Image
+
+from pipelines.images import decode_base64_image, encode_base64_png
+from webui.api.errors import ApiError
+from webui.api.models import (
+    ExtrasBaseRequest,
+    ExtrasBatchImagesRequest,
+    ExtrasBatchImagesResponse,
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
+)
+from webui.context import AppContext
+from webui.extras import ExtrasResult, ExtrasSettings, run_extras
+
+
+def _settings(ctx: AppContext, body: ExtrasBaseRequest) -> ExtrasSettings:
+    settings = ExtrasSettings(
+        resize_mode=body.resize_mode, scale=body.upscaling_resize, width=body.upscaling_resize_w,
+        height=body.upscaling_resize_h, crop=body.upscaling_crop, upscaler_1=body.upscaler_1,
+        upscaler_2=body.upscaler_2, upscaler_2_visibility=body.extras_upscaler_2_visibility,
+    )
+    ctx.upscalers.refresh()  # a model file dropped in since the last request is usable at once
+    try:
+        settings.check(ctx.upscalers)
+    except ValueError as error:
+        field = str(error).partition(":")[0].split()[0]
+        raise ApiError((field,), str(error)) from None
+    return settings
+
+
+def _decode(data: str, loc: tuple) -> Image.Image:
+    try:
+        return decode_base64_image(data)
+    except ValueError as error:
+        raise ApiError(loc, f"{'.'.join(map(str, loc))}: {error}") from None
+
+
+def _run(ctx: AppContext, images: list[Image.Image], settings: ExtrasSettings) -> list[ExtrasResult]:
+    description = f"extras: {len(images)} image(s) with {settings.upscaler_1}"
+    return ctx.queue.run(
+        lambda control: run_extras(ctx.upscalers, images, settings, ctx.options, ctx.engine.paths.outputs_dir,
+                                   control),
+        source="api", description=description)
+
+
+def _html_info(results: list[ExtrasResult]) -> str:
+    return "".join(f"<p>{html.escape(result.infotext)}</p>" for result in results[:1])
+
+
+def router(ctx: AppContext, route_class: type) -> APIRouter:
+    """The extras routes on ``ctx``."""
+    api = APIRouter(route_class=route_class, tags=["extras"])
+
+    @api.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse)
+    def extra_single_image(body: ExtrasSingleImageRequest) -> dict:
+        """Upscale one image."""
+        settings = _settings(ctx, body)
+        results = _run(ctx, [_decode(body.image, ("image",))], settings)
+        image = encode_base64_png(results[0].image, results[0].infotext) if results and body.show_extras_results \
+            else None
+        return {"image": image, "html_info": _html_info(results)}
+
+    @api.post("/sdapi/v1/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+    def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict:
+        """Upscale several images with the same settings."""
+        settings = _settings(ctx, body)
+        images = [_decode(item.data, ("imageList", index, "data")) for index, item in enumerate(body.imageList)]
+        results = _run(ctx, images, settings)
+        encoded = [encode_base64_png(r.image, r.infotext) for r in results] if body.show_extras_results else []
+        return {"images": encoded, "html_info": _html_info(results)}
+
+    return api

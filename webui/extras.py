@@ -1,0 +1,136 @@
+"""The Extras job shared by the Extras tab and the extras API: upscale images, blend a second upscaler, save.
+
+Each output keeps the infotext of its source image, with A1111's postprocessing keys added
+(``Postprocess upscale by``/``to``, ``Postprocess upscaler``, ``Postprocess upscaler 2``), so pasting
+it still gives the generation parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.images import dated_output_dir, read_infotext, save_image
+from pipelines.infotext import parse_infotext
+from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
+from pipelines.options import Options
+from pipelines.upscaling import Upscalers
+
+
+@dataclass(frozen=True)
+class ExtrasSettings:
+    """What to do to each image: scale by ``scale`` (``resize_mode`` 0) or to ``width`` x ``height`` (1)."""
+
+    resize_mode: int = 0
+    scale: float = 2.0
+    width: int = 512
+    height: int = 512
+    crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    upscaler_2_visibility: float = 0.0
+
+    def check(self, upscalers: Upscalers) -> None:
+        """Raise ValueError naming the field for a value the job cannot use."""
+        if self.resize_mode not in (0, 1):
+            raise ValueError(f"resize_mode must be 0 (scale by) or 1 (scale to), got {self.resize_mode}")
+        if self.resize_mode == 0 and not 0 < self.scale <= 8:
+            raise ValueError(f"upscaling_resize must be between 0 and 8, got {self.scale}")
+        if self.resize_mode == 1 and not (1 <= self.width <= 8192 and 1 <= self.height <= 8192):
+            raise ValueError(f"upscaling_resize_w/h must be between 1 and 8192, got {self.width}x{self.height}")
+        if not 0 <= self.upscaler_2_visibility <= 1:
+            raise ValueError(f"extras_upscaler_2_visibility must be between 0 and 1, got {self.upscaler_2_visibility}")
+        for field, name in (("upscaler_1", self.upscaler_1), ("upscaler_2", self.upscaler_2)):
+            try:
+                upscalers.find(name)
+            except LookupError:
+                raise ValueError(f"{field}: no upscaler named {name!r}; choose one of "
+                                 f"{', '.join(upscalers.names)}") from None
+
+    @property
+    def uses_second(self) -> bool:
+        return self.upscaler_2 != "None" and self.upscaler_2_visibility > 0
+
+    def params(self) -> dict[str, object]:
+        """The postprocessing keys A1111 writes for these settings."""
+        params: dict[str, object] = {}
+        if self.resize_mode == 0:
+            params["Postprocess upscale by"] = f"{self.scale:g}"
+        else:
+            params["Postprocess upscale to"] = f"{self.width}x{self.height}"
+            params["Postprocess crop to fit"] = self.crop
+        params["Postprocess upscaler"] = self.upscaler_1
+        if self.uses_second:
+            params["Postprocess upscaler 2"] = self.upscaler_2
+            params["Postprocess upscaler 2 visibility"] = f"{self.upscaler_2_visibility:g}"
+        return params
+
+
+@dataclass
+class ExtrasResult:
+    """One processed image, its infotext, and where it was saved (None when not saved)."""
+
+    image: Image.Image
+    infotext: str
+    path: Path | None
+
+
+def extras_infotext(source: str | None, params: dict[str, object]) -> str:
+    """``source`` with ``params`` appended to its parameters line (or as one when it has none)."""
+    line = ", ".join(f"{key}: {value}" for key, value in params.items())
+    if not source:
+        return line
+    parsed = parse_infotext(source)
+    # When the last line is the parameters line, the parser has taken it out of the prompts.
+    last = source.strip().splitlines()[-1].strip()
+    has_params_line = last not in f"{parsed['Prompt']}\n{parsed['Negative prompt']}"
+    return f"{source}, {line}" if has_params_line else f"{source}\n{line}"
+
+
+def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettings,
+                control: JobControl | None = None) -> Image.Image:
+    """``image`` upscaled with upscaler 1, blended with upscaler 2's result at its visibility."""
+    if settings.resize_mode == 0:
+        target: dict = {"scale": settings.scale}
+    else:
+        target = {"size": (settings.width, settings.height), "crop": settings.crop}
+    stop = control.check if control is not None else None
+    first = upscalers.upscale(image, settings.upscaler_1, should_stop=stop, **target)
+    if not settings.uses_second:
+        return first
+    second = upscalers.upscale(image, settings.upscaler_2, should_stop=stop, **target)
+    if second.mode != first.mode:
+        second = second.convert(first.mode)
+    return Image.blend(first, second, settings.upscaler_2_visibility)
+
+
+def run_extras(upscalers: Upscalers, images: Sequence[Image.Image], settings: ExtrasSettings, options: Options,
+               outputs_dir: Path, control: JobControl | None = None, *, save: bool | None = None
+               ) -> list[ExtrasResult]:
+    """Process every image in turn; saved to ``outputs/extras-images/<date>/`` when ``save`` (default:
+    the ``samples_save`` option) is true, in the ``samples_format`` format.
+
+    Interrupt (or skip) stops the job; the images finished by then are returned.
+    """
+    save = options.samples_save if save is None else save
+    params = settings.params()
+    results = []
+    for image in images:
+        infotext = extras_infotext(read_infotext(image), params)
+        try:
+            if control is not None:
+                control.check()
+            result = upscale_one(upscalers, image, settings, control)
+        except (JobInterrupted, BatchSkipped):
+            break
+        path = None
+        if save:
+            directory = dated_output_dir(outputs_dir, "extras")
+            seed = parse_infotext(infotext).get("Seed", 0)
+            path = save_image(result, directory, seed=seed if isinstance(seed, int) else 0, infotext=infotext,
+                              fmt=options.samples_format)
+        results.append(ExtrasResult(result, infotext, path))
+    return results
