@@ -34,6 +34,11 @@ def hires_steps(request: GenerationRequest) -> tuple[int, int]:
     return schedule, real
 
 
+def upscale_only(request: GenerationRequest) -> bool:
+    """Hires fix that only upscales: an image upscaler at denoising strength 0 (nothing to redraw)."""
+    return request.enable_hr and request.denoising_strength == 0 and request.hr_upscaler not in LATENT_UPSCALE_MODES
+
+
 def hires_params(request: GenerationRequest) -> dict[str, object]:
     """Infotext keys of the optional hires settings (the main ones come from the infotext table)."""
     if not request.enable_hr:

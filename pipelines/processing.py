@@ -19,7 +19,7 @@ import pipelines
 from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
 from pipelines.extra_networks import ExtraNetworkRegistry
-from pipelines.hires import hires_params, hires_pass, hires_steps
+from pipelines.hires import hires_params, hires_pass, hires_steps, upscale_only
 from pipelines.images import dated_output_dir, make_grid, save_image
 from pipelines.img2img import (
     blank_inpaint_conditioning,
@@ -301,6 +301,13 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
             cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
             inpaint=inpaint), on_step)
+    if hr_conditioning is not None and upscale_only(request):
+        # Hires with an image upscaler and no redraw: the upscaler's pixels are the result, with no
+        # VAE round trip (the one-click "generate, then upscale to an exact size" path).
+        control.check()
+        return [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True,
+                                      should_stop=control.check)
+                for image in decode_images(model, latents)]
     if hr_conditioning is not None:
         control.update(step=0, steps=max(hires_steps(request)[1], 1), textinfo="Hires. fix")
         latents = hires_pass(

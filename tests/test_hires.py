@@ -110,3 +110,18 @@ def test_hires_is_refused_for_img2img_and_too_large_targets():
         img2img(enable_hr=True, init_images=[picture()])
     with pytest.raises(ValidationError, match="larger than 4096"):
         GenerationRequest(enable_hr=True, width=2048, height=2048, hr_scale=4)
+
+
+def test_generate_then_upscale_to_an_exact_size(engine, monkeypatch):
+    """The seed's workflow: txt2img, then an ESRGAN to an exact final size, recorded in one infotext."""
+    request = txt2img(enable_hr=True, hr_upscaler="tiny-esrgan-4x", denoising_strength=0.0, width=64, height=64,
+                      hr_resize_x=256, hr_resize_y=256, steps=2)
+    sizes, result = _unet_calls(engine, monkeypatch, request)
+    assert sizes == [(8, 8)] * 2  # no second pass
+    assert result.images[0].size == (256, 256)
+    plain = engine.generate(txt2img(width=64, height=64, steps=2)).images[0]
+    expected = engine.upscalers.upscale(plain, "tiny-esrgan-4x", size=(256, 256), crop=True)
+    assert result.images[0].tobytes() == expected.tobytes(), "the upscaler's pixels, without a VAE round trip"
+    parsed = parse_infotext(result.infotexts[0])
+    assert parsed["Hires upscaler"] == "tiny-esrgan-4x" and parsed["Hires resize"] == "256x256"
+    assert parsed["Denoising strength"] == 0
