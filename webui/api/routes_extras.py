@@ -12,6 +12,7 @@ import html
 from fastapi import APIRouter
 from PIL import Image
 
+from pipelines.extras import ExtrasResult, ExtrasSettings, run_extras
 from pipelines.images import decode_base64_image, encode_base64_png
 from webui.api.errors import ApiError
 from webui.api.models import (
@@ -22,7 +23,6 @@ from webui.api.models import (
     ExtrasSingleImageResponse,
 )
 from webui.context import AppContext
-from webui.extras import ExtrasResult, ExtrasSettings, run_extras
 
 
 def _settings(ctx: AppContext, body: ExtrasBaseRequest) -> ExtrasSettings:

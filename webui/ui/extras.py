@@ -10,9 +10,9 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.extras import ExtrasResult, ExtrasSettings, run_extras
 from pipelines.images import embed_infotext
 from webui.context import AppContext, JobCancelled
-from webui.extras import ExtrasResult, ExtrasSettings, run_extras
 from webui.ui.output import infotext_html
 
 SOURCES = ("single", "batch", "folder")
