@@ -353,3 +353,14 @@ def test_hires_fix_from_the_txt2img_tab(page, ui_server):
     assert "Size: 64x64" in info and "Hires upscale: 2" in info and "Hires upscaler: Latent" in info
     saved = newest_output(ui_server.data_dir, "txt2img")
     assert Image.open(saved).size == (128, 128)
+
+
+def test_one_click_final_size_preset(page, ui_server):
+    choose_checkpoint(page, TINY)
+    page.locator("#txt2img_hr").click()
+    page.locator("#txt2img_hr_final_preset").click()
+    page.wait_for_function("() => document.querySelector('#txt2img_hr_resize_x input[type=number]').value == '2048'")
+    assert page.locator("#txt2img_enable_hr input[type=checkbox]").is_checked()
+    assert number_value(page, "txt2img_denoising_strength") == 0
+    assert number_value(page, "txt2img_hr_resize_y") == 2048
+    assert "tiny-esrgan-4x" in page.locator("#txt2img_hr_upscaler input").input_value()

@@ -28,6 +28,10 @@ class Txt2ImgTab:
     paste: PasteTarget
 
 
+#: The one-click final size: the seeds' workflow ends at 2048x2048.
+FINAL_SIZE = 2048
+
+
 def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
     """The Hires. fix accordion; its controls join the tab's request fields under their engine names."""
     model, reg = GenerationRequest, controls.fields
@@ -48,6 +52,19 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
                                           elem_id="txt2img_hr_resize_x")
             reg["hr_resize_y"] = f.slider(model, "hr_resize_y", "Resize height to", step=8,
                                           maximum=SLIDER_MAX_SIZE * 2, elem_id="txt2img_hr_resize_y")
+        preset = gr.Button(f"Then upscale to {FINAL_SIZE}x{FINAL_SIZE} (no redraw)", size="sm",
+                           elem_id="txt2img_hr_final_preset")
+        gr.Markdown("Sets Hires. fix to run an image upscaler to an exact final size at denoising 0: the "
+                    "upscaler's pixels are the result and the infotext records the whole chain.")
+
+    def final_size_preset(current: str) -> tuple:
+        models = [u.name for u in ctx.engine.upscalers.upscalers if u.is_model]
+        upscaler = current if current in models else (models[0] if models else "Lanczos")
+        return True, upscaler, 0.0, FINAL_SIZE, FINAL_SIZE
+
+    preset.click(final_size_preset, inputs=[reg["hr_upscaler"]],
+                 outputs=[reg["enable_hr"], reg["hr_upscaler"], reg["denoising_strength"], reg["hr_resize_x"],
+                          reg["hr_resize_y"]], show_progress="hidden", queue=False)
 
 
 def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Txt2ImgTab:
