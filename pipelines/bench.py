@@ -147,6 +147,16 @@ def _per_call(fn, repeat: int = 20) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def write_figures(figures: dict, out: Path | None, *, echo: bool = True) -> None:
+    """Print the figures as JSON (unless ``echo`` is off) and, with ``out``, write the same JSON there."""
+    text = json.dumps(figures, indent=2)
+    if echo:
+        print(text)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+
+
 def print_table(figures: dict) -> None:
     print(f"\n{'figure':34} value")
     for key, value in figures.items():
@@ -165,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     figures = run(args.quick, args.model, args.runs, args.steps, args.size)
     print_table(figures)
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2))
-        print(f"\nwrote {args.out}")
+    write_figures(figures, args.out, echo=False)
     return 0
 
 

@@ -32,10 +32,6 @@ class Sampler:
             name for name, overrides in SCHEDULE_TYPES.items() if all(key in accepted for key in overrides)
         )
 
-    @property
-    def is_ancestral(self) -> bool:
-        return "generator" in inspect.signature(self.cls.step).parameters
-
 
 SAMPLERS: dict[str, Sampler] = {
     s.name: s

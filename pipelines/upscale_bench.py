@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.bench import write_figures
+
 MODEL_NAME = "rrdb-x4plus-random"
 
 
@@ -186,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     figures = run(args)
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    write_figures(figures, args.out)
     return 0
 
 

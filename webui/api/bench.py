@@ -12,7 +12,6 @@ included). ``time_ratio_vs_engine`` is the median API time over the median engin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import requests
+
+from pipelines.bench import write_figures
 
 MODEL = "tiny-sd15.safetensors"
 
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
     figures = run(args.rounds, args.steps, args.size, args.device)
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    write_figures(figures, args.out)
     return 0
 
 
