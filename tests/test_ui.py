@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.request import GenerationRequest
-from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, screenshot, start_ui_server
+from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, fill_number, screenshot, start_ui_server
 
 TINY = "tiny-sd15.safetensors"
 
@@ -331,8 +331,8 @@ def test_extras_batch_from_directory_scales_to_size(page, ui_server, tmp_path):
     page.locator("button[role=tab]:has-text('Batch from Directory')").first.click()
     page.locator("#extras_batch_input_dir textarea").fill(str(folder))
     page.locator("button[role=tab]:has-text('Scale to')").first.click()
-    page.locator("#extras_upscaling_resize_w input[type=number]").fill("50")
-    page.locator("#extras_upscaling_resize_h input[type=number]").fill("20")
+    fill_number(page, "extras_upscaling_resize_w", 50)
+    fill_number(page, "extras_upscaling_resize_h", 20)
     page.locator("#extras_upscaler_1 input").click()
     page.get_by_role("option", name="Lanczos").click()
     page.locator("#extras_generate").click()

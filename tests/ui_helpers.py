@@ -60,3 +60,23 @@ def screenshot(page, name: str) -> Path:
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def fill_number(page, elem_id: str, value: float) -> None:
+    """Type ``value`` into a Gradio number/slider box and make sure it stuck.
+
+    A box in a tab that was just selected can still be mounting when Playwright types into it, and Gradio
+    then resets it to its initial value; typing again once it is visible and settled is reliable.
+    """
+    from playwright.sync_api import expect
+
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.wait_for(state="visible")
+    text = str(value)
+    for _ in range(3):
+        box.fill(text)
+        box.press("Tab")
+        page.wait_for_timeout(200)
+        if box.input_value() == text:
+            break
+    expect(box).to_have_value(text)
