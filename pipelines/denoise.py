@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from pipelines.scripts import UnetCall, UnetPatch, combined_residuals
 
 
 class StepConditioningLike(Protocol):
@@ -53,6 +55,11 @@ class DenoiseInputs:
     steps: int
     add_time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, (1, 6)
     inpaint: InpaintLatents | None = None
+    #: Always-on scripts' additions to every UNet call (ControlNet residuals), for this run only.
+    patches: Sequence[UnetPatch] = ()
+    #: Size in pixels of the image being made, and which pass this is (0 first, 1 hires): for the patches.
+    size: tuple[int, int] = (0, 0)
+    pass_index: int = 0
 
 
 StepHook = Callable[[int, torch.Tensor], None]
@@ -93,10 +100,16 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
             current = cond
         model_input = torch.cat([latents] * 2) if use_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        unet_kwargs = dict(cond_kwargs)
+        if inputs.patches:
+            unet_kwargs.update(combined_residuals(inputs.patches, UnetCall(
+                step=step, steps=inputs.steps, timestep=t, sample=model_input, encoder_hidden_states=embeds,
+                added_cond_kwargs=cond_kwargs.get("added_cond_kwargs"), cfg=use_cfg, width=inputs.size[0],
+                height=inputs.size[1], pass_index=inputs.pass_index)))
         if inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
             model_input = torch.cat([model_input, torch.cat([extra] * 2) if use_cfg else extra], dim=1)
-        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **cond_kwargs)[0]
+        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **unet_kwargs)[0]
         if use_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + inputs.cfg_scale * (text - uncond)

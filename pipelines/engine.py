@@ -29,6 +29,7 @@ from pipelines.options import Options
 from pipelines.processing import GenerationResult, JobContext, run_job
 from pipelines.registry import ModelRegistry
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
+from pipelines.scripts import ScriptRegistry, SelectableScriptRegistry
 from pipelines.settings import EngineSettings
 from pipelines.styles import StyleDatabase
 from pipelines.upscaling import Upscalers
@@ -55,6 +56,10 @@ class Engine:
         self.upscalers = Upscalers(self.paths, device.device, half=device.dtype != torch.float32)
         #: Handlers of ``<name:args>`` prompt tags (LoRA and other extensions register here).
         self.extra_networks = ExtraNetworkRegistry()
+        #: Always-on scripts (ControlNet and other extensions register here).
+        self.scripts = ScriptRegistry()
+        #: Scripts of the Script dropdown (X/Y/Z plot, prompt matrix, ...).
+        self.selectable_scripts = SelectableScriptRegistry()
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
         self._gpu = threading.Lock()
 
@@ -68,11 +73,17 @@ class Engine:
         """
         options = options or self.options
         control = control or JobControl(preview_every=options.show_progress_every_n_steps)
+        if request.script_name:
+            # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.
+            script, args = self.selectable_scripts.parse(request.script_name, request.script_args)
+            plain = request.model_copy(update={"script_name": None, "script_args": []})
+            return script.run(plain, args, lambda sub: self.generate(sub, control=control, options=options), control)
         self.models.resolve(request.checkpoint)
         if request.vae not in ("Automatic", "None", ""):
             self.registry.find_vae(request.vae)
         if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
             self.upscalers.find(request.hr_upscaler)
+        scripts = self.scripts.parse(request.alwayson_scripts)
         unknown = [name for name in request.styles if self.styles.get(name) is None]
         if unknown:
             raise LookupError(f"styles: unknown style(s) {', '.join(map(repr, unknown))}; "
@@ -84,7 +95,7 @@ class Engine:
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
-                                 upscalers=self.upscalers)
+                                 upscalers=self.upscalers, scripts=scripts)
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

@@ -50,6 +50,11 @@ class ExtraNetworkRegistry:
             if builtin:
                 self._builtin.add(name)
 
+    def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` belongs to a built-in (and so cannot be registered by a plug-in)."""
+        with self._lock:
+            return name in self._builtin
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._handlers)

@@ -8,7 +8,7 @@ steps (0: as many as the first pass) at ``denoising_strength``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from pipelines.img2img import blank_inpaint_conditioning
 from pipelines.manager import LoadedModel
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.samplers import build_scheduler
+from pipelines.scripts import UnetPatch
 
 
 def hires_steps(request: GenerationRequest) -> tuple[int, int]:
@@ -69,8 +70,12 @@ def upscale_latents(latents: torch.Tensor, mode: str, size: tuple[int, int], cov
 def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Tensor, *, upscalers,
                conditioning, generators: list[torch.Generator],
                make_noise: Callable[[tuple[int, int, int]], torch.Tensor],
-               on_step: Callable[[int, torch.Tensor], None], device) -> torch.Tensor:
-    """Upscale the first pass's latents and redraw them; returns the latents at the hires size."""
+               on_step: Callable[[int, torch.Tensor], None], device,
+               patches: Sequence[UnetPatch] = ()) -> torch.Tensor:
+    """Upscale the first pass's latents and redraw them; returns the latents at the hires size.
+
+    ``patches`` are the always-on scripts' UNet patches; they see ``pass_index=1`` and the hires size.
+    """
     width, height = request.hires_size
     factor = model.vae_scale_factor
     size = (height // factor, width // factor)
@@ -101,4 +106,4 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Te
     return denoise(model.unet, DenoiseInputs(
         latents=start, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
         cfg_scale=request.cfg_scale, generators=generators, steps=real, add_time_ids=add_time_ids,
-        inpaint=inpaint), on_step)
+        inpaint=inpaint, patches=patches, size=(width, height), pass_index=1), on_step)

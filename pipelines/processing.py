@@ -36,6 +36,7 @@ from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditi
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.samplers import build_scheduler
+from pipelines.scripts import AlwaysOnScript, ScriptRun, running_scripts
 from pipelines.seeds import SeedPlan, generators_for, image_noise
 from pipelines.upscaling import Upscalers
 
@@ -52,6 +53,8 @@ class GenerationResult:
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    #: Images the always-on scripts add after the generated ones (ControlNet's detected maps); not saved.
+    extra_images: list[Image.Image] = field(default_factory=list)
     grid_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
@@ -167,6 +170,8 @@ class JobContext:
     extra_networks: ExtraNetworkRegistry
     upscalers: Upscalers
     device: torch.device
+    #: The always-on scripts this job enables, with their parsed arguments.
+    scripts: list[tuple[AlwaysOnScript, object]] = field(default_factory=list)
 
 
 def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
@@ -176,9 +181,12 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     result = GenerationResult(request=request, model_title=model.file.title)
     plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
-    # Extra networks change the model (text encoder included) for this job only, so they go first.
-    with ctx.extra_networks.activated(model, prompts.tags) as (network_params, warnings):
+    # Extra networks change the model (text encoder included) for this job only, so they go first; both they
+    # and the always-on scripts are undone on the way out, however the job ends.
+    with ctx.extra_networks.activated(model, prompts.tags) as (network_params, warnings), \
+            running_scripts(ctx.scripts, request, model, ctx.device) as scripts:
         result.warnings.extend(warnings)
+        result.warnings.extend(scripts.warnings)
         # stage 2: conditioning, once per job: every batch has the same prompts and step count.
         encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
         with torch.inference_mode():
@@ -196,9 +204,11 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
                                                      max(hires_steps(request)[1], 1), request.clip_skip)
         extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else hires_params(request)
         extra.update(network_params)
+        extra.update(scripts.infotext)
         if conditioning.ti_hashes:
             extra["TI hashes"] = conditioning.ti_hashes
-        _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result)
+        _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result, scripts)
+        result.extra_images.extend(scripts.extra_images)
     if request.save_images and ctx.options.grid_save and len(result.images) > 1:
         grid = make_grid(result.images)
         folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
@@ -210,7 +220,7 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
 
 def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, prompts: PreparedPrompts,
                  conditioning: tuple[Conditioning, Conditioning | None], extra: dict[str, object],
-                 result: GenerationResult) -> None:
+                 result: GenerationResult, scripts: ScriptRun) -> None:
     """Sample, decode and save batch after batch into ``result``; stops early on interrupt."""
     model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
@@ -221,7 +231,7 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                 span = slice(first, first + request.batch_size)
                 control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}")
                 try:
-                    images = _run_batch(request, ctx, plan, span, conditioning)
+                    images = _run_batch(request, ctx, plan, span, conditioning, scripts)
                 except BatchSkipped:
                     continue
                 for k, image in enumerate(images):
@@ -255,7 +265,7 @@ def _sample_dir(request: GenerationRequest, ctx: JobContext) -> Path:
 
 
 def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice,
-               conditionings: tuple[Conditioning, Conditioning | None]) -> list[Image.Image]:
+               conditionings: tuple[Conditioning, Conditioning | None], scripts: ScriptRun) -> list[Image.Image]:
     conditioning, hr_conditioning = conditionings
     model, control, device = ctx.model, ctx.control, ctx.device
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
@@ -293,6 +303,7 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
 
     def on_step(step: int, current: torch.Tensor) -> None:
         control.check()
+        scripts.on_step(step, current)
         preview = latent_ops.preview(current, model.family.name) if control.wants_preview(step) and step else None
         control.update(step=step, preview=preview)
 
@@ -300,14 +311,16 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
         latents = denoise(model.unet, DenoiseInputs(
             latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
             cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
-            inpaint=inpaint), on_step)
+            inpaint=inpaint, patches=scripts.patches, size=(request.width, request.height)), on_step)
     if hr_conditioning is not None and upscale_only(request):
         # Hires with an image upscaler and no redraw: the upscaler's pixels are the result, with no
         # VAE round trip (the one-click "generate, then upscale to an exact size" path).
         control.check()
-        return [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True,
-                                      should_stop=control.check)
-                for image in decode_images(model, latents)]
+        images = [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True,
+                                        should_stop=control.check)
+                  for image in decode_images(model, latents)]
+        scripts.after_batch(images)
+        return images
     if hr_conditioning is not None:
         control.update(step=0, steps=max(hires_steps(request)[1], 1), textinfo="Hires. fix")
         latents = hires_pass(
@@ -315,13 +328,14 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
                                                               subseed_strength=request.subseed_strength)
                                                   for g, sub in zip(generators, subseeds)]),
-            on_step=on_step, device=device)
+            on_step=on_step, device=device, patches=scripts.patches)
     control.check()
 
     # stage 5: decode
     images = decode_images(model, latents)
     if source is not None:
         images = finish_inpaint(images, source)
+    scripts.after_batch(images)
     return images
 
 

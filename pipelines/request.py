@@ -77,6 +77,10 @@ class GenerationRequest(BaseModel):
                                     description="Hires. fix negative prompt; empty: the same negative prompt.")
     vae: str = Field("Automatic", description="'Automatic' (the checkpoint's own VAE) or a file in models/VAE.")
     save_images: bool = Field(True, description="Save the images to the outputs folder.")
+    script_name: str | None = Field(None, description="A script from the Script dropdown to run (e.g. 'X/Y/Z plot').")
+    script_args: list[Any] = Field(default_factory=list, description="The arguments of script_name.")
+    alwayson_scripts: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Always-on scripts (extensions) to run, by name, with their arguments.")
 
     @field_validator("width", "height")
     @classmethod

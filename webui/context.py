@@ -20,6 +20,7 @@ from pipelines.engine import Engine
 from pipelines.jobs import JobControl, Progress
 from pipelines.options import Options
 from pipelines.upscaling import Upscalers
+from webui.extensions import LoadedExtensions, load_extensions
 from webui.flags import Flags
 
 T = TypeVar("T")
@@ -129,9 +130,12 @@ class JobQueue:
 class AppContext:
     """Built once by :func:`webui.app.serve` and handed to the UI and the API."""
 
-    def __init__(self, flags: Flags, engine: Engine, options_path: Path):
+    def __init__(self, flags: Flags, engine: Engine, options_path: Path,
+                 extensions: LoadedExtensions | None = None):
         self.flags = flags
         self.engine = engine
+        #: What the extensions registered for the UI and the API (their engine parts live in the engine).
+        self.extensions = extensions or LoadedExtensions()
         self.queue = JobQueue()
         self.options_path = options_path
         self._lock = threading.Lock()
@@ -143,7 +147,11 @@ class AppContext:
         options_path = settings.paths.data_dir / "config.json"
         options = Options.load(options_path)
         settings = flags.engine_settings(checkpoint_cache=options.sd_checkpoint_cache)
-        return cls(flags, Engine(settings, options), options_path)
+        engine = Engine(settings, options)
+        extensions = load_extensions(engine, Path(flags.extensions_dir) if flags.extensions_dir else None,
+                                     disable_all=flags.disable_all_extensions,
+                                     disable_extra=flags.disable_extra_extensions)
+        return cls(flags, engine, options_path, extensions)
 
     @property
     def options(self) -> Options:

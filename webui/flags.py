@@ -47,6 +47,9 @@ class Flags:
     device_id: str | None = None
     autolaunch: bool = False
     enable_insecure_extension_access: bool = False
+    extensions_dir: str | None = None
+    disable_all_extensions: bool = False
+    disable_extra_extensions: bool = False
     cors_allow_origins: str | None = None
     tls_keyfile: str | None = None
     tls_certfile: str | None = None
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device-id", help="CUDA device index to use.")
     add("--autolaunch", action="store_true", help="Open the UI in the default browser.")
     add("--enable-insecure-extension-access", action="store_true", help="Allow installing extensions remotely.")
+    add("--extensions-dir", help="Folder of third-party extensions (default: the extensions/ folder of the app).")
+    add("--disable-all-extensions", action="store_true", help="Load no extension, built-ins included.")
+    add("--disable-extra-extensions", action="store_true", help="Load only the built-in extensions.")
     add("--cors-allow-origins", help="Comma-separated origins allowed by CORS.")
     add("--tls-keyfile", help="TLS key file for HTTPS.")
     add("--tls-certfile", help="TLS certificate file for HTTPS.")

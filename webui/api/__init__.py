@@ -7,13 +7,18 @@ UI jobs never run at once.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 
 from webui.api import routes_extras, routes_generation, routes_info, routes_models
 from webui.api.auth import basic_auth_dependency
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
 from webui.context import AppContext
+
+log = logging.getLogger(__name__)
 
 
 def mount_api(app: FastAPI, ctx: AppContext) -> None:
@@ -26,4 +31,20 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_info.router(ctx, ApiRoute),
         routes_extras.router(ctx, ApiRoute),
     ):
+        app.include_router(router, dependencies=dependencies)
+    _mount_extension_routes(app, ctx, dependencies)
+
+
+def _mount_extension_routes(app: FastAPI, ctx: AppContext, dependencies: list) -> None:
+    """The extensions' routes, behind the same auth; a plug-in may not take a path and method already served."""
+    for record, router in ctx.extensions.routers:
+        taken = {(route.path, method) for route in app.routes if isinstance(route, APIRoute)
+                 for method in route.methods}
+        wanted = {(route.path, method) for route in router.routes if isinstance(route, APIRoute)
+                  for method in route.methods}
+        clashes = sorted(wanted & taken)
+        if clashes and not record.builtin:
+            record.error = f"its API routes clash with existing ones: {clashes}"
+            log.error("extension %s: %s; its routes are not served", record.name, record.error)
+            continue
         app.include_router(router, dependencies=dependencies)

@@ -19,7 +19,9 @@ from pydantic.fields import FieldInfo
 from pipelines.request import GenerationRequest, Img2ImgRequest
 
 #: Engine fields the A1111 API sets through ``override_settings`` (or the options) instead of the body.
-NOT_IN_BODY = frozenset({"checkpoint", "vae", "clip_skip", "init_images", "mask"})
+#: Engine fields the API body does not carry as such (alwayson_scripts has A1111's {"name": {"args": [...]}} shape).
+NOT_IN_BODY = frozenset({"checkpoint", "vae", "clip_skip", "init_images", "mask", "alwayson_scripts", "script_name",
+                         "script_args"})
 #: API defaults that differ from the engine's, as A1111 has them.
 API_DEFAULTS: dict[str, Any] = {"steps": 50, "save_images": False, "sampler_name": None}
 
@@ -56,7 +58,7 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
                                                                  "never outlive the request here.")),
     "send_images": (bool | None, _field(True, "Return the images in the answer.")),
     "restore_faces": (bool | None, _field(None, "Face restoration (no face restorer is available yet).")),
-    "script_name": (str | None, _field(None, "Name of a script to run (none are available yet).")),
+    "script_name": (str | None, _field(None, "Title of a script to run (see /sdapi/v1/scripts), e.g. 'x/y/z plot'.")),
     "script_args": (list[Any] | None, _field(None, "Arguments of script_name.")),
     "alwayson_scripts": (dict[str, Any] | None, _field(
         None, "Always-on scripts and their args, e.g. {\"controlnet\": {\"args\": [...]}}.")),

@@ -1,6 +1,6 @@
 """Lists and facts: samplers, schedulers, upscalers, styles, embeddings, flags, memory, scripts, png-info.
 
-Features that later issues add (LoRA, face restoration, scripts, extensions) answer honest
+Features that later issues add (face restoration, hypernetworks) answer honest
 empty lists until they exist; those issues replace the lists here.
 """
 
@@ -136,13 +136,17 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/scripts", response_model=ScriptsList)
     def scripts() -> dict:
-        """Scripts by tab (none are installed yet)."""
-        return {"txt2img": [], "img2img": []}
+        """Script names by tab, as A1111 lists them: the Script dropdown's (lowercase titles), then the
+        always-on scripts of the loaded extensions."""
+        return {tab: [title.lower() for title, _ in ctx.extensions.selectable_for(tab)]
+                + [name for name, _ in ctx.extensions.scripts_for(tab)] for tab in ("txt2img", "img2img")}
 
     @api.get("/sdapi/v1/extensions")
     def extensions() -> list[dict]:
-        """Installed extensions (none yet)."""
-        return []
+        """Every extension folder found: built-ins and plug-ins, loaded, disabled or failed (with the error)."""
+        return [{"name": r.name, "remote": r.remote, "branch": r.branch, "commit_hash": r.commit_hash,
+                 "version": r.commit_hash[:8], "commit_date": 0, "enabled": r.loaded, "builtin": r.builtin,
+                 "error": r.error} for r in ctx.extensions.records]
 
     @api.get("/sdapi/v1/face-restorers")
     def face_restorers() -> list[dict]:
@@ -160,16 +164,6 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     def hypernetworks() -> list[dict]:
         """Hypernetworks (not supported)."""
         return []
-
-    @api.get("/sdapi/v1/loras")
-    def loras() -> list[dict]:
-        """LoRA networks (none until the LoRA feature exists)."""
-        return []
-
-    @api.post("/sdapi/v1/refresh-loras")
-    def refresh_loras() -> dict:
-        """Scan the LoRA folders again (nothing to scan until the LoRA feature exists)."""
-        return {}
 
     @api.post("/sdapi/v1/png-info", response_model=PNGInfoResponse)
     def png_info_route(body: PNGInfoRequest) -> dict:

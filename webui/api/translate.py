@@ -24,6 +24,7 @@ from pipelines.options import Options
 from pipelines.processing import GenerationResult
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest, Img2ImgRequest
 from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
+from pipelines.scripts import ScriptError
 from webui.api.errors import ApiError, validation_errors
 from webui.api.models import NOT_IN_BODY
 from webui.api.state import ApiSelection
@@ -80,12 +81,6 @@ def _refuse_unavailable(body: BaseModel) -> None:
                                                 "in this version; leave it empty")
     if body.restore_faces:
         raise ApiError(("restore_faces",), "restore_faces: no face restoration model is available")
-    if body.script_name:
-        raise ApiError(("script_name",), f"script_name: no script called {body.script_name!r}; none are installed")
-    if body.alwayson_scripts:
-        names = ", ".join(body.alwayson_scripts)
-        raise ApiError(("alwayson_scripts",), f"alwayson_scripts: no always-on script called {names}; none are "
-                                              "installed (see /sdapi/v1/scripts)")
     if body.refiner_checkpoint not in (None, "", "None"):
         raise ApiError(("refiner_checkpoint",), "refiner_checkpoint: the SDXL refiner is not available in this "
                                                 "version")
@@ -165,6 +160,22 @@ def _decode_images(body: BaseModel) -> dict[str, Any]:
     return {"init_images": images, "mask": mask}
 
 
+def alwayson_args(value: Any) -> dict[str, list[Any]]:
+    """A1111's ``{"name": {"args": [...]}}`` as the engine's ``{"name": [...]}`` (a bare list is accepted too)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(("alwayson_scripts",), "alwayson_scripts: expected an object like "
+                                              '{"controlnet": {"args": [...]}}')
+    scripts = {}
+    for name, entry in value.items():
+        args = entry.get("args", []) if isinstance(entry, dict) else entry
+        if not isinstance(args, list):
+            raise ApiError(("alwayson_scripts", name, "args"), f"alwayson_scripts.{name}.args: expected a list")
+        scripts[name] = args
+    return scripts
+
+
 def _engine_fields(body: BaseModel, engine_model: type[GenerationRequest]) -> dict[str, Any]:
     """The body's values of the engine's fields; ``null`` means the API default."""
     fields = {}
@@ -180,6 +191,9 @@ def _engine_fields(body: BaseModel, engine_model: type[GenerationRequest]) -> di
     sampler = body.sampler_name or body.sampler_index or API_DEFAULT_SAMPLER
     fields["sampler_name"], fields["scheduler"] = split_sampler(sampler, scheduler)
     fields["save_images"] = bool(body.save_images) and not body.do_not_save_samples
+    fields["alwayson_scripts"] = alwayson_args(body.alwayson_scripts)
+    fields["script_name"] = body.script_name or None
+    fields["script_args"] = list(body.script_args or [])
     return fields
 
 
@@ -215,6 +229,15 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     if engine_model is Img2ImgRequest:
         fields.update(_decode_images(body))
     request = _build_request(engine_model, fields, overridden)
+    try:
+        engine.scripts.parse(request.alwayson_scripts)
+    except ScriptError as error:
+        raise ApiError(("alwayson_scripts",), str(error)) from None
+    if request.script_name:
+        try:
+            engine.selectable_scripts.parse(request.script_name, request.script_args)
+        except ScriptError as error:
+            raise ApiError(("script_name",), str(error)) from None
     if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
         try:
             engine.upscalers.find(request.hr_upscaler)
@@ -293,8 +316,10 @@ def build_response(job: PreparedJob, result: GenerationResult, model: LoadedMode
             grid.load()
             images.insert(0, (grid, result.infotexts[0]))
         index_of_first_image = 1
-    encoded = [encode_base64_png(image, text) for image, text in images] if job.send_images else []
     info = info_dict(job, result, model, index_of_first_image, [text for _, text in images])
+    # Like A1111, the always-on scripts' extra images (ControlNet's detected maps) follow the generated ones.
+    images += [(image, "") for image in result.extra_images]
+    encoded = [encode_base64_png(image, text) for image, text in images] if job.send_images else []
     return {"images": encoded, "parameters": job.parameters, "info": json.dumps(info, ensure_ascii=False)}
 
 

@@ -1,0 +1,204 @@
+"""Finding and loading extensions: each in isolation, built-ins first, a broken one logged and left out.
+
+An extension is a folder with an ``extension.py`` that defines ``setup(api: ExtensionAPI)``. Built-ins
+ship in the repository's ``extensions/`` folder and are named in :data:`BUILTIN`; plug-ins are the other
+folders of the extensions folder (``--extensions-dir``, default the repository's ``extensions/``). A folder
+whose name ends in ``.disabled`` is skipped. What ``setup`` registers takes effect only if it returns
+normally and none of it takes a built-in's name; otherwise the extension is logged with its name and the
+error, listed as failed, and the app starts without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import subprocess
+import sys
+import traceback
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.engine import Engine
+from webui.extension_api import TABS, ExtensionAPI, PasteHook, PromptPanel, Registrations
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_DIR = ROOT / "extensions"
+#: Extensions that ship with the app, loaded first; a plug-in cannot replace what they register.
+BUILTIN: tuple[str, ...] = ("lora", "controlnet", "xyz_grid", "prompt_matrix", "prompts_from_file")
+ENTRY_POINT = "extension.py"
+PACKAGE = "sdui_extensions"
+
+
+@dataclass
+class ExtensionRecord:
+    """One extension folder and how loading it went (what ``/sdapi/v1/extensions`` lists)."""
+
+    name: str
+    path: Path
+    builtin: bool
+    enabled: bool = True
+    error: str | None = None
+    commit_hash: str = ""
+    remote: str = ""
+    branch: str = ""
+
+    @property
+    def loaded(self) -> bool:
+        return self.enabled and self.error is None
+
+
+@dataclass
+class LoadedExtensions:
+    """Everything the loaded extensions registered that the UI and the API need."""
+
+    records: list[ExtensionRecord] = field(default_factory=list)
+    script_ui: list[tuple[str, object, tuple[str, ...]]] = field(default_factory=list)  # (script name, builder, tabs)
+    #: (lowercase title, title, UI builder, tabs) of the Script dropdown's scripts.
+    selectable_ui: list[tuple[str, str, object, tuple[str, ...]]] = field(default_factory=list)
+    routers: list[tuple[ExtensionRecord, object]] = field(default_factory=list)
+    panels: list[PromptPanel] = field(default_factory=list)
+    paste_hooks: list[PasteHook] = field(default_factory=list)
+
+    def scripts_for(self, tab: str) -> list[tuple[str, object]]:
+        """(script name, UI builder or None) of the always-on scripts shown on ``tab``."""
+        return [(name, builder) for name, builder, tabs in self.script_ui if tab in tabs]
+
+    def selectable_for(self, tab: str) -> list[tuple[str, object]]:
+        """(title, UI builder or None) of the Script dropdown's scripts on ``tab``."""
+        return [(title, builder) for _, title, builder, tabs in self.selectable_ui if tab in tabs]
+
+    def apply_paste_hooks(self, params: dict[str, str]) -> dict[str, str]:
+        """Run every paste hook over parsed infotext params; a failing hook is logged and skipped."""
+        for hook in self.paste_hooks:
+            try:
+                params = hook(dict(params))
+            except Exception:  # an extension's bug must not break pasting: log it with its traceback
+                log.exception("an extension's paste hook failed; pasting without it")
+        return params
+
+
+def discover(plugin_dir: Path | None) -> list[ExtensionRecord]:
+    """Built-ins (in :data:`BUILTIN` order) then plug-ins (sorted by name); ``.disabled`` folders disabled."""
+    records = [ExtensionRecord(name, BUILTIN_DIR / name, builtin=True)
+               for name in BUILTIN if (BUILTIN_DIR / name / ENTRY_POINT).is_file()]
+    folder = plugin_dir or BUILTIN_DIR
+    if folder.is_dir():
+        for path in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+            if not path.is_dir() or path.name.startswith((".", "_")):
+                continue
+            if path.resolve().parent == BUILTIN_DIR.resolve() and path.name in BUILTIN:
+                continue
+            if not (path / ENTRY_POINT).is_file():
+                continue
+            disabled = path.name.endswith(".disabled")
+            name = path.name.removesuffix(".disabled")
+            records.append(ExtensionRecord(name, path, builtin=False, enabled=not disabled))
+    return records
+
+
+def load_extensions(engine: Engine, plugin_dir: Path | None = None, *, disable_all: bool = False,
+                    disable_extra: bool = False) -> LoadedExtensions:
+    """Load every enabled extension into ``engine`` and return what the UI and API need.
+
+    ``disable_all`` skips every extension (built-ins too), ``disable_extra`` only the plug-ins (A1111's
+    ``--disable-all-extensions`` / ``--disable-extra-extensions``).
+    """
+    loaded = LoadedExtensions()
+    for record in discover(plugin_dir):
+        loaded.records.append(record)
+        if disable_all or (disable_extra and not record.builtin):
+            record.enabled = False
+        if not record.enabled:
+            log.info("extension %s is disabled", record.name)
+            continue
+        record.commit_hash, record.remote, record.branch = _git_facts(record.path)
+        api = ExtensionAPI(record.name, record.path, engine, builtin=record.builtin)
+        try:
+            module = _import_entry_point(record)
+            setup = getattr(module, "setup", None)
+            if not callable(setup):
+                raise TypeError(f"{ENTRY_POINT} defines no setup(api) function")
+            setup(api)
+            _commit(api.registrations, engine, loaded, record)
+        except Exception as error:  # any failure of third-party code: report it, start without the extension
+            record.error = f"{type(error).__name__}: {error}"
+            log.error("extension %s failed to load and is left out: %s\n%s", record.name, record.error,
+                      traceback.format_exc())
+    return loaded
+
+
+def _import_entry_point(record: ExtensionRecord) -> types.ModuleType:
+    """Import ``extension.py`` as a module of its own package, so its relative imports work."""
+    if PACKAGE not in sys.modules:
+        root = types.ModuleType(PACKAGE)
+        root.__path__ = []
+        sys.modules[PACKAGE] = root
+    safe = re.sub(r"\W", "_", record.name)
+    if record.builtin:
+        safe = f"builtin_{safe}"
+    package_name = f"{PACKAGE}.{safe}"
+    init = record.path / "__init__.py"
+    spec = importlib.util.spec_from_file_location(package_name, init if init.is_file() else None,
+                                                  submodule_search_locations=[str(record.path)])
+    if spec is None:
+        raise ImportError(f"cannot import the folder {record.path}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[package_name] = package
+    if spec.loader is not None:
+        spec.loader.exec_module(package)
+    entry_name = f"{package_name}.extension"
+    entry_spec = importlib.util.spec_from_file_location(entry_name, record.path / ENTRY_POINT)
+    module = importlib.util.module_from_spec(entry_spec)
+    sys.modules[entry_name] = module
+    try:
+        entry_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(entry_name, None)
+        raise
+    return module
+
+
+def _commit(registrations: Registrations, engine: Engine, loaded: LoadedExtensions, record: ExtensionRecord) -> None:
+    """Apply an extension's registrations all at once; nothing is applied if one takes a built-in name."""
+    for script, _, _ in registrations.scripts:
+        if engine.scripts.is_builtin(script.name):
+            raise ValueError(f"always-on script {script.name!r} is built in and cannot be replaced")
+    for script, _, _ in registrations.selectable_scripts:
+        if engine.selectable_scripts.is_builtin(script.title):
+            raise ValueError(f"script {script.title!r} is built in and cannot be replaced")
+    for name, _ in registrations.extra_networks:
+        if engine.extra_networks.is_builtin(name):
+            raise ValueError(f"extra network {name!r} is built in and cannot be replaced")
+    for script, builder, tabs in registrations.scripts:
+        engine.scripts.register(script, builtin=record.builtin)
+        loaded.script_ui = [entry for entry in loaded.script_ui if entry[0] != script.name.lower()]
+        loaded.script_ui.append((script.name.lower(), builder, tabs or TABS))
+    for script, builder, tabs in registrations.selectable_scripts:
+        engine.selectable_scripts.register(script, builtin=record.builtin)
+        loaded.selectable_ui = [entry for entry in loaded.selectable_ui if entry[0] != script.title.lower()]
+        loaded.selectable_ui.append((script.title.lower(), script.title, builder, tabs or TABS))
+    for name, handler in registrations.extra_networks:
+        engine.extra_networks.register(name, handler, builtin=record.builtin)
+    loaded.routers.extend((record, router) for router in registrations.routers)
+    loaded.panels.extend(registrations.panels)
+    loaded.paste_hooks.extend(registrations.paste_hooks)
+
+
+def _git_facts(folder: Path) -> tuple[str, str, str]:
+    """(commit hash, remote URL, branch) of an extension cloned with git; empty strings otherwise."""
+    if not (folder / ".git").exists():
+        return "", "", ""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                                  timeout=5, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return git("rev-parse", "HEAD"), git("config", "--get", "remote.origin.url"), git("rev-parse", "--abbrev-ref",
+                                                                                          "HEAD")
