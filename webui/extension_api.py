@@ -30,10 +30,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.extra_networks import ExtraNetworkHandler
+from pipelines.grids import GridLabel, annotated_grid, combine_grids, infotext_with_params, labels, save_grid
 from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext
+from pipelines.processing import GenerationResult
 from pipelines.prompt_parser import ExtraNetworkTag
-from pipelines.scripts import AlwaysOnScript, Job, JobRunner, SelectableScript, UnetCall, UnetPatch, UnetResiduals
+from pipelines.scripts import (
+    AlwaysOnScript,
+    Job,
+    JobRunner,
+    ScriptError,
+    SelectableScript,
+    UnetCall,
+    UnetPatch,
+    UnetResiduals,
+)
 
 if TYPE_CHECKING:  # the engine types an extension sees, without importing the engine at run time
     from fastapi import APIRouter
@@ -44,7 +55,8 @@ if TYPE_CHECKING:  # the engine types an extension sees, without importing the e
 __all__ = [
     "AlwaysOnScript", "ExtensionAPI", "ExtraNetworkHandler", "ExtraNetworkTag", "Job", "JobRunner", "PasteHook",
     "PromptPanel", "ScriptControls", "SelectableScript", "TabUi", "UnetCall", "UnetPatch", "UnetResiduals",
-    "parse_infotext", "read_infotext",
+    "parse_infotext", "read_infotext", "ScriptError",
+    "GenerationResult", "GridLabel", "annotated_grid", "combine_grids", "infotext_with_params", "labels", "save_grid",
 ]
 
 TABS = ("txt2img", "img2img")
@@ -195,3 +207,42 @@ class ExtensionAPI:
     def add_paste_hook(self, hook: PasteHook) -> None:
         """Rewrite parsed infotext params before "Send to" / "Read generation parameters" paste them."""
         self.registrations.paste_hooks.append(hook)
+
+    # --- facts for the Script dropdown's scripts (read-only) ------------------------------------
+
+    @property
+    def outputs_dir(self) -> Path:
+        """The outputs folder (``outputs/`` under the data dir unless configured): grids go to
+        ``<mode>-grids/`` there (see save_grid)."""
+        return self._engine.paths.outputs_dir
+
+    def checkpoint_titles(self) -> list[str]:
+        """Titles ("name.safetensors [hash]") of the checkpoints found now, in folder order."""
+        return [model.title for model in self._engine.registry.checkpoints]
+
+    def find_checkpoint(self, query: str) -> str:
+        """The title of the checkpoint ``query`` names (title, file name, name or hash); LookupError lists
+        the available ones."""
+        return self._engine.registry.find_checkpoint(query).title
+
+    def vae_names(self) -> list[str]:
+        """What a request's ``vae`` may be: "Automatic", "None" and the files in models/VAE."""
+        return ["Automatic", "None", *(vae.name for vae in self._engine.registry.vaes)]
+
+    def sampler_names(self) -> list[str]:
+        """The sampling methods, as the Sampling method dropdown lists them."""
+        from pipelines.samplers import SAMPLERS
+
+        return list(SAMPLERS)
+
+    def schedule_names(self) -> list[str]:
+        """The schedule types ("Automatic" first)."""
+        from pipelines.samplers import SCHEDULE_NAMES
+
+        return list(SCHEDULE_NAMES)
+
+    def hires_upscaler_names(self) -> list[str]:
+        """What ``hr_upscaler`` may be: the latent modes, then the image upscalers."""
+        from pipelines.request import LATENT_UPSCALE_MODES
+
+        return [*LATENT_UPSCALE_MODES, *self._engine.upscalers.names]

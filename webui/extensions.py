@@ -141,15 +141,25 @@ def _import_entry_point(record: ExtensionRecord) -> types.ModuleType:
     if record.builtin:
         safe = f"builtin_{safe}"
     package_name = f"{PACKAGE}.{safe}"
+    # A folder loaded before under the same name (another --extensions-dir, a test) must not lend its modules.
+    for stale in [key for key in sys.modules if key == package_name or key.startswith(package_name + ".")]:
+        del sys.modules[stale]
     init = record.path / "__init__.py"
-    spec = importlib.util.spec_from_file_location(package_name, init if init.is_file() else None,
-                                                  submodule_search_locations=[str(record.path)])
-    if spec is None:
-        raise ImportError(f"cannot import the folder {record.path}")
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[package_name] = package
-    if spec.loader is not None:
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(package_name, init,
+                                                      submodule_search_locations=[str(record.path)])
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import the folder {record.path}")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[package_name] = package
         spec.loader.exec_module(package)
+    else:
+        # A folder without __init__.py: a bare package whose path is the folder (spec_from_file_location
+        # needs a file, so it cannot make this one).
+        package = types.ModuleType(package_name)
+        package.__path__ = [str(record.path)]
+        package.__package__ = package_name
+        sys.modules[package_name] = package
     entry_name = f"{package_name}.extension"
     entry_spec = importlib.util.spec_from_file_location(entry_name, record.path / ENTRY_POINT)
     module = importlib.util.module_from_spec(entry_spec)
@@ -165,9 +175,13 @@ def _import_entry_point(record: ExtensionRecord) -> types.ModuleType:
 def _commit(registrations: Registrations, engine: Engine, loaded: LoadedExtensions, record: ExtensionRecord) -> None:
     """Apply an extension's registrations all at once; nothing is applied if one takes a built-in name."""
     for script, _, _ in registrations.scripts:
+        if not script.name:
+            raise ValueError(f"{type(script).__name__}: an always-on script needs a name")
         if engine.scripts.is_builtin(script.name):
             raise ValueError(f"always-on script {script.name!r} is built in and cannot be replaced")
     for script, _, _ in registrations.selectable_scripts:
+        if not script.title:
+            raise ValueError(f"{type(script).__name__}: a selectable script needs a title")
         if engine.selectable_scripts.is_builtin(script.title):
             raise ValueError(f"script {script.title!r} is built in and cannot be replaced")
     for name, _ in registrations.extra_networks:

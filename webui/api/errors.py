@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.scripts import ScriptError
 from webui.context import JobCancelled
 
 log = logging.getLogger("webui.api")
@@ -139,6 +140,8 @@ class ApiRoute(APIRoute):
                 return unprocessable(validation_errors(error.errors(include_url=False), body_model, ("body",)))
             except ApiError as error:
                 return unprocessable(error.errors)
+            except ScriptError as error:  # a script refused its arguments once it saw the whole request
+                return unprocessable([{"loc": ["body", "script_args"], "msg": str(error), "type": "value_error"}])
             except LookupError as error:  # a model that was there when the job was queued is gone
                 return unprocessable([{"loc": ["body"], "msg": str(error).strip("'\""), "type": "value_error"}])
             except JobCancelled as error:

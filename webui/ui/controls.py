@@ -27,7 +27,6 @@ class GenerationControls:
     reuse_seed: gr.Button | None = None
     random_subseed: gr.Button | None = None
     reuse_subseed: gr.Button | None = None
-    script: gr.Dropdown | None = None
 
     def values(self, components: list[gr.components.Component], values: list[Any]) -> dict[str, Any]:
         """Request fields from the values of ``components`` (as Gradio passes them) for our fields."""
@@ -107,8 +106,6 @@ def build_sampling_controls(ctx: AppContext, tab: str, defaults: UiDefaults,
                 elem_id=f"{tab}_seed_resize_from_h"))
     keep("tiling", "Tiling", f.checkbox(model, "tiling", "Tiling", value=start("Tiling", None),
                                         elem_id=f"{tab}_tiling"))
-    # Scripts come with a later issue; until then the dropdown offers only "None", as A1111 does bare.
-    controls.script = gr.Dropdown(["None"], value="None", label="Script", elem_id=f"{tab}_script")
     _wire(controls)
     return controls
 

@@ -11,8 +11,10 @@ from PIL import Image
 
 from pipelines.request import INPAINTING_FILL, RESIZE_MODES, Img2ImgRequest
 from webui.context import AppContext
+from webui.extension_api import TabUi
 from webui.ui import fields as f
 from webui.ui.controls import GenerationControls, build_sampling_controls
+from webui.ui.extension_ui import ExtensionControls, build_extension_controls, build_prompt_panels
 from webui.ui.generation import wire_generation
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
@@ -40,6 +42,7 @@ class Img2ImgTab:
     inpaint_base: gr.Image
     inpaint_mask: gr.Image
     inpaint_options: gr.Group
+    extensions: ExtensionControls
 
 
 def mask_from_layers(editor: dict | None) -> Image.Image | None:
@@ -79,6 +82,8 @@ def source_images(mode: str, image, sketch, inpaint, base, mask) -> tuple[Image.
 
 def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Img2ImgTab:
     area = build_prompt_area(ctx, "img2img", defaults, counter)
+    tab_ui = TabUi("img2img", area.prompt, area.negative_prompt)
+    build_prompt_panels(ctx, tab_ui)
     mode = gr.State("img2img")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, elem_id="img2img_settings"):
@@ -118,6 +123,7 @@ def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
                                         info=f.description(Img2ImgRequest, "inpaint_full_res"))
                 padding = f.slider(Img2ImgRequest, "inpaint_full_res_padding", "Only masked padding, pixels",
                                    step=4, elem_id="img2img_inpaint_full_res_padding")
+            extensions = build_extension_controls(ctx, tab_ui)
         with gr.Column(scale=1, elem_id="img2img_results"):
             panel = build_output_panel(ctx, "img2img")
 
@@ -126,18 +132,22 @@ def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
         tab.select(lambda name=name: (name, gr.update(visible=name.startswith("inpaint"))),
                    outputs=[mode, inpaint_options], show_progress="hidden", queue=False)
 
+    ours = [mode, image, sketch, inpaint, inpaint_base, inpaint_mask, resize_mode, denoising, mask_blur, mask_mode,
+            masked_content, inpaint_area, padding]
+
     def build_request(common: dict[str, Any], extra: list[Any]) -> Img2ImgRequest:
         (mode_value, image_value, sketch_value, inpaint_value, base_value, mask_value, resize, strength, blur,
-         mask_mode_value, fill, area_value, pad) = extra
+         mask_mode_value, fill, area_value, pad) = extra[:len(ours)]
+        alwayson, script_name, script_args = extensions.request_fields(extra[len(ours):])
         init, mask = source_images(mode_value, image_value, sketch_value, inpaint_value, base_value, mask_value)
         return Img2ImgRequest(**common, init_images=[init], mask=mask, resize_mode=resize or 0,
                               denoising_strength=strength, mask_blur=int(blur),
                               inpainting_mask_invert=bool(mask_mode_value), inpainting_fill=fill,
-                              inpaint_full_res=bool(area_value), inpaint_full_res_padding=int(pad))
+                              inpaint_full_res=bool(area_value), inpaint_full_res_padding=int(pad),
+                              alwayson_scripts=alwayson, script_name=script_name, script_args=script_args)
 
-    wire_generation(ctx, topbar, area, controls, panel, build_request,
-                    [mode, image, sketch, inpaint, inpaint_base, inpaint_mask, resize_mode, denoising, mask_blur,
-                     mask_mode, masked_content, inpaint_area, padding])
-    paste = PasteTarget.of(topbar, area, controls, {"denoising_strength": denoising, "mask_blur": mask_blur})
+    wire_generation(ctx, topbar, area, controls, panel, build_request, [*ours, *extensions.inputs])
+    paste = PasteTarget.of(topbar, area, controls, {"denoising_strength": denoising, "mask_blur": mask_blur},
+                           extensions)
     return Img2ImgTab(area, controls, panel, paste, mode, tabs, image, sketch, inpaint, inpaint_base, inpaint_mask,
-                      inpaint_options)
+                      inpaint_options, extensions)

@@ -1,7 +1,12 @@
-"""Filling a tab's controls from an infotext (PNG Info -> Send to txt2img / img2img, Send to img2img)."""
+"""Filling a tab's controls from an infotext (PNG Info -> Send to txt2img / img2img, Send to img2img).
+
+The extensions' paste hooks rewrite the parsed infotext first (e.g. LoRAs found by hash); then our
+controls and the ones the extensions' scripts declared in ``ScriptControls.paste`` are filled.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +17,11 @@ from pipelines.registry import ModelFile
 from pipelines.samplers import find_sampler
 from webui.context import AppContext
 from webui.ui.controls import GenerationControls, schedule_choices
+from webui.ui.extension_ui import ExtensionControls, PasteSource
 from webui.ui.prompts import PromptArea
 from webui.ui.topbar import TopBar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,17 +30,55 @@ class PasteTarget:
 
     fields: dict[str, gr.components.Component] = field(default_factory=dict)
     checkpoint: gr.Dropdown | None = None
+    #: The extensions' controls with the infotext key (or function of the parsed infotext) that fills each.
+    scripts: list[tuple[gr.components.Component, PasteSource]] = field(default_factory=list)
 
     @classmethod
     def of(cls, topbar: TopBar, area: PromptArea, controls: GenerationControls,
-           extra: dict[str, gr.components.Component] | None = None) -> PasteTarget:
+           extra: dict[str, gr.components.Component] | None = None,
+           extensions: ExtensionControls | None = None) -> PasteTarget:
         fields = {"prompt": area.prompt, "negative_prompt": area.negative_prompt, "clip_skip": topbar.clip_skip,
                   **controls.fields, **(extra or {})}
-        return cls(fields, topbar.checkpoint)
+        return cls(fields, topbar.checkpoint, extensions.paste_fields if extensions else [])
 
     @property
     def outputs(self) -> list[gr.components.Component]:
-        return [*self.fields.values(), self.checkpoint]
+        ours = [*self.fields.values(), self.checkpoint]
+        return ours + [c for c, _ in self.scripts if all(c is not o for o in ours)]
+
+
+def _coerce(component: gr.components.Component, value: Any) -> Any:
+    """An infotext value (text or number) as the component expects it."""
+    if isinstance(component, gr.Checkbox) and isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on", "enabled")
+    if isinstance(component, (gr.Slider, gr.Number)) and isinstance(value, str):
+        return float(value)
+    if isinstance(component, gr.Textbox) and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def script_updates(params: dict[str, Any], pairs: list[tuple[gr.components.Component, PasteSource]]
+                   ) -> dict[gr.components.Component, Any]:
+    """Updates for the extensions' paste fields: an infotext key fills its control when present; a function
+    is called with the whole parsed infotext and fills its control unless it returns None. A function that
+    fails, or a value the control cannot take, is logged and skipped, so one extension cannot break pasting.
+    """
+    updates: dict[gr.components.Component, Any] = {}
+    for component, source in pairs:
+        try:
+            if isinstance(source, str):
+                if source not in params:
+                    continue
+                value = params[source]
+            else:
+                value = source(dict(params))
+                if value is None:
+                    continue
+            updates[component] = gr.update(value=_coerce(component, value))
+        except Exception:  # an extension's paste function or an odd infotext value: skip that control only
+            log.exception("pasting into an extension's control (%s) failed; it was left as it was", source)
+    return updates
 
 
 def find_model(ctx: AppContext, fields: dict[str, Any]) -> tuple[ModelFile | None, str | None]:
@@ -56,7 +102,8 @@ def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.co
     if not (text or "").strip():
         raise gr.Error("No parameters to send: the image has no infotext.")
     try:
-        fields = request_fields_from_infotext(parse_infotext(text))
+        params = ctx.extensions.apply_paste_hooks(parse_infotext(text))
+        fields = request_fields_from_infotext(params)
     except ValueError as error:
         raise gr.Error(str(error)) from error
     updates: dict[gr.components.Component, Any] = {}
@@ -80,4 +127,5 @@ def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.co
         updates[target.checkpoint] = gr.update(value=model.title)
     if warning:
         gr.Warning(warning)
+    updates.update(script_updates(params, target.scripts))
     return updates

@@ -9,8 +9,10 @@ import gradio as gr
 
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from webui.context import AppContext
+from webui.extension_api import TabUi
 from webui.ui import fields as f
 from webui.ui.controls import SLIDER_MAX_SIZE, GenerationControls, build_sampling_controls
+from webui.ui.extension_ui import ExtensionControls, build_extension_controls, build_prompt_panels
 from webui.ui.generation import wire_generation
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
@@ -26,6 +28,7 @@ class Txt2ImgTab:
     controls: GenerationControls
     panel: OutputPanel
     paste: PasteTarget
+    extensions: ExtensionControls
 
 
 #: The one-click final size: the seeds' workflow ends at 2048x2048.
@@ -70,15 +73,21 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
 def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Txt2ImgTab:
     """Prompts on top; sampling controls left, output right."""
     area = build_prompt_area(ctx, "txt2img", defaults, counter)
+    tab_ui = TabUi("txt2img", area.prompt, area.negative_prompt)
+    build_prompt_panels(ctx, tab_ui)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, elem_id="txt2img_settings"):
             controls = build_sampling_controls(ctx, "txt2img", defaults)
             build_hires_controls(ctx, controls)
+            extensions = build_extension_controls(ctx, tab_ui)
         with gr.Column(scale=1, elem_id="txt2img_results"):
             panel = build_output_panel(ctx, "txt2img")
 
-    def build_request(common: dict[str, Any], _extra: list[Any]) -> GenerationRequest:
-        return GenerationRequest(**common)
+    def build_request(common: dict[str, Any], extra: list[Any]) -> GenerationRequest:
+        alwayson, script_name, script_args = extensions.request_fields(extra)
+        return GenerationRequest(**common, alwayson_scripts=alwayson, script_name=script_name,
+                                 script_args=script_args)
 
-    wire_generation(ctx, topbar, area, controls, panel, build_request)
-    return Txt2ImgTab(area, controls, panel, PasteTarget.of(topbar, area, controls))
+    wire_generation(ctx, topbar, area, controls, panel, build_request, extensions.inputs)
+    paste = PasteTarget.of(topbar, area, controls, extensions=extensions)
+    return Txt2ImgTab(area, controls, panel, paste, extensions)
