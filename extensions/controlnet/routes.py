@@ -1,0 +1,74 @@
+"""sd-webui-controlnet's HTTP routes: version, model and module lists, and running a preprocessor."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from .models import ControlNetLibrary
+from .preprocessors import detect, lookup, module_detail, module_names
+from .units import decode_image
+
+#: What /controlnet/version answers; clients only check that it is an integer of this generation.
+API_VERSION = 2
+
+
+class DetectRequest(BaseModel):
+    """Body of POST /controlnet/detect."""
+
+    controlnet_module: str = Field("none", description="Preprocessor to run.")
+    controlnet_input_images: list[str] = Field(default_factory=list, description="Images, base64.")
+    controlnet_processor_res: int = Field(512, ge=64, le=2048, description="Short side the preprocessor works at.")
+    controlnet_threshold_a: float = Field(-1, description="First parameter; -1 = the preprocessor's default.")
+    controlnet_threshold_b: float = Field(-1, description="Second parameter; -1 = the preprocessor's default.")
+
+
+def _b64_png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
+    """Add the /controlnet/* routes to ``router``."""
+
+    @router.get("/controlnet/version")
+    def version() -> dict:
+        return {"version": API_VERSION}
+
+    @router.get("/controlnet/model_list")
+    def model_list(update: bool = True) -> dict:
+        if update:
+            library.refresh()
+        return {"model_list": library.titles()}
+
+    @router.get("/controlnet/module_list")
+    def module_list() -> dict:
+        return {"module_list": module_names(), "module_detail": module_detail(library.folders())}
+
+    @router.post("/controlnet/detect")
+    def run_detect(body: DetectRequest) -> dict:
+        preprocessor = lookup(body.controlnet_module)
+        if preprocessor is None:
+            detail = module_detail(library.folders()).get(body.controlnet_module.strip().lower())
+            reason = detail["reason"] if detail else f"unknown module; choose from {', '.join(module_names())}"
+            raise HTTPException(422, detail=[{"loc": ["body", "controlnet_module"], "type": "value_error",
+                                              "msg": f"controlnet_module {body.controlnet_module!r}: {reason}"}])
+        images = []
+        for i, data in enumerate(body.controlnet_input_images):
+            try:
+                image = decode_image(data)
+            except ValueError as error:
+                raise HTTPException(422, detail=[{"loc": ["body", "controlnet_input_images", i],
+                                                  "type": "value_error",
+                                                  "msg": f"controlnet_input_images[{i}] {error}"}]) from None
+            if image is None:
+                continue
+            images.append(_b64_png(detect(preprocessor, image, body.controlnet_processor_res,
+                                          body.controlnet_threshold_a, body.controlnet_threshold_b)))
+        return {"images": images, "info": "Success"}
+
+    return router

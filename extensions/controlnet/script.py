@@ -1,0 +1,198 @@
+"""The always-on script "controlnet": units in, one UNet patch per unit for the job.
+
+Each enabled unit's image is preprocessed once per job; its map is fitted to the size of every UNet call
+(so the hires pass gets it at the hires size) and fed to the ControlNet, whose residuals the engine adds
+to the UNet's skip connections. Nothing on the checkpoint's model is changed, so nothing can leak into the
+next job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from webui.extension_api import AlwaysOnScript, Job, UnetCall, UnetResiduals
+
+from .models import ControlNetEntry, ControlNetLibrary
+from .preprocessors import (
+    NEEDS_WEIGHTS,
+    Preprocessor,
+    detect,
+    lookup,
+    module_names,
+    resolve_thresholds,
+    unavailable_reason,
+)
+from .units import ControlNetUnit, parse_unit
+
+#: "My prompt is more important": each deeper residual keeps this fraction of the next one's strength.
+SOFT_INJECTION_BASE = 0.825
+
+
+@dataclass
+class ParsedUnit:
+    """An enabled unit, resolved: where it sits in the argument list, its preprocessor and model."""
+
+    index: int
+    unit: ControlNetUnit
+    preprocessor: Preprocessor
+    entry: ControlNetEntry
+
+
+@dataclass
+class UnitPatch:
+    """The UNet patch of one unit for one job; the fitted control image is cached per call size."""
+
+    unit: ControlNetUnit
+    model: Any  # diffusers ControlNetModel
+    detected: Image.Image
+    _images: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, call: UnetCall) -> UnetResiduals | None:
+        unit = self.unit
+        if unit.weight == 0 or not unit.guidance_start <= call.progress < unit.guidance_end:
+            return None
+        if (unit.hr_option == "Low res only" and call.pass_index == 1) or (
+                unit.hr_option == "High res only" and call.pass_index == 0):
+            return None
+        sample, hidden, added = call.sample, call.encoder_hidden_states, call.added_cond_kwargs
+        cond_only = call.cfg and unit.control_mode == "ControlNet is more important"
+        if cond_only:  # the unconditional half runs without control, so CFG pushes towards it
+            half = sample.shape[0] // 2
+            sample, hidden = sample[half:], hidden[half:]
+            added = {key: value[half:] for key, value in added.items()} if added else None
+        dtype = self.model.dtype
+        image = self._image(call.width, call.height, sample.shape[0]).to(device=sample.device, dtype=dtype)
+        down, mid = self.model(
+            sample.to(dtype), call.timestep, encoder_hidden_states=hidden.to(dtype), controlnet_cond=image,
+            conditioning_scale=unit.weight,
+            added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None, return_dict=False)
+        residuals = [*down, mid]
+        if unit.control_mode == "My prompt is more important":
+            last = len(residuals) - 1
+            residuals = [r * SOFT_INJECTION_BASE ** (last - i) for i, r in enumerate(residuals)]
+        residuals = [r.to(call.sample.dtype) for r in residuals]
+        if cond_only:
+            residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+        return UnetResiduals(residuals[:-1], residuals[-1])
+
+    def _image(self, width: int, height: int, batch: int) -> torch.Tensor:
+        key = (width, height, batch)
+        if key not in self._images:
+            fitted = fit_image(self.detected, width, height, self.unit.resize_mode)
+            pixels = torch.from_numpy(np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0)
+            self._images[key] = pixels.permute(2, 0, 1)[None].expand(batch, -1, -1, -1).contiguous()
+        return self._images[key]
+
+
+def fit_image(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
+    """``image`` brought to ``width`` x ``height`` by a unit's resize mode."""
+    if image.size == (width, height):
+        return image
+    if resize_mode == "Just Resize":
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    if resize_mode == "Crop and Resize":
+        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    inner = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)  # "Resize and Fill": pad with black
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
+    return canvas
+
+
+def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize_mode: str) -> int:
+    """The processor resolution at which the map needs no resampling once fitted to the output size."""
+    raw_w, raw_h = image.size
+    ratios = (height / raw_h, width / raw_w)
+    scale = min(ratios) if resize_mode == "Resize and Fill" else max(ratios)
+    return max(64, round(scale * min(raw_w, raw_h)))
+
+
+def unit_infotext(parsed: ParsedUnit, resolution: int) -> str:
+    """The value of the ``ControlNet N`` infotext key."""
+    unit = parsed.unit
+    a, b = resolve_thresholds(parsed.preprocessor, unit.threshold_a, unit.threshold_b)
+    return (f"Module: {parsed.preprocessor.name}, Model: {parsed.entry.title}, Weight: {unit.weight}, "
+            f"Resize Mode: {unit.resize_mode}, Guidance Start: {unit.guidance_start:g}, "
+            f"Guidance End: {unit.guidance_end:g}, Pixel Perfect: {unit.pixel_perfect}, "
+            f"Control Mode: {unit.control_mode}, Processor Res: {resolution}, Threshold A: {a:g}, "
+            f"Threshold B: {b:g}")
+
+
+class ControlNetScript(AlwaysOnScript):
+    """ControlNet units as an always-on script (``alwayson_scripts["controlnet"]["args"] = [unit, ...]``)."""
+
+    name = "controlnet"
+    title = "ControlNet"
+
+    def __init__(self, library: ControlNetLibrary):
+        self.library = library
+
+    def parse_args(self, args: Sequence[Any]) -> list[ParsedUnit] | None:
+        """The enabled units, with preprocessor and model resolved; None when no unit is enabled."""
+        parsed = []
+        for index, raw in enumerate(args):
+            if raw is None:
+                continue
+            unit = parse_unit(index, raw)
+            if not unit.enabled:
+                continue
+            preprocessor = lookup(unit.module)
+            if preprocessor is None:
+                raise ValueError(f"unit {index}: module: {self._module_problem(unit.module)}")
+            if unit.model.strip().lower() in ("", "none"):
+                raise ValueError(f"unit {index}: model: choose a ControlNet model; available: "
+                                 f"{', '.join(self.library.titles()) or 'none installed'}")
+            try:
+                entry = self.library.find(unit.model)
+            except LookupError as error:
+                raise ValueError(f"unit {index}: model: {error}") from None
+            parsed.append(ParsedUnit(index, unit, preprocessor, entry))
+        return parsed or None
+
+    def _module_problem(self, module: str) -> str:
+        if module.strip().lower() in NEEDS_WEIGHTS:
+            return f"{module!r} is unavailable: {unavailable_reason(module.strip().lower(), self.library.folders())}"
+        return f"unknown preprocessor {module!r}; choose from {', '.join(module_names())}"
+
+    def before_job(self, job: Job) -> None:
+        """Load each unit's model, detect its map, and add its UNet patch and infotext."""
+        for parsed in job.args:
+            unit = parsed.unit
+            image = unit.image or _init_image(job.request)
+            if image is None:
+                raise ValueError(f"ControlNet unit {parsed.index}: image: a control image is needed "
+                                 "(img2img uses the init image when none is given)")
+            model = self.library.load(parsed.entry)
+            _check_family(model, job.model, parsed)
+            width, height = job.request.width, job.request.height
+            resolution = unit.processor_res
+            if unit.pixel_perfect:
+                resolution = pixel_perfect_resolution(image, width, height, unit.resize_mode)
+            elif resolution == -1:
+                resolution = 512
+            detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b)
+            job.add_unet_patch(UnitPatch(unit, model, detected))
+            job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, resolution)
+            if unit.save_detected_map and parsed.preprocessor.name != "none":
+                job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
+
+
+def _init_image(request: Any) -> Image.Image | None:
+    images = getattr(request, "init_images", None)
+    return images[0] if images else None
+
+
+def _check_family(controlnet: Any, loaded: Any, parsed: ParsedUnit) -> None:
+    """A ControlNet works only with the UNet family it was trained for; say so instead of a shape error."""
+    wanted = controlnet.config.cross_attention_dim
+    have = loaded.unet.config.cross_attention_dim
+    sdxl = controlnet.config.addition_embed_type == "text_time"
+    if wanted != have or sdxl != bool(loaded.is_sdxl):
+        kind = "SDXL" if sdxl else f"an SD model with {wanted}-wide text embeddings"
+        raise ValueError(f"ControlNet unit {parsed.index}: model {parsed.entry.title} is for {kind}; "
+                         f"the checkpoint is {loaded.family.name}")
