@@ -63,6 +63,8 @@ class JobControl:
         self._skipped = threading.Event()
         self._lock = threading.Lock()
         self._progress = Progress()
+        # (batches before the current job, batches in all, text) while a script runs several jobs as one
+        self._series: tuple[int, int, str] | None = None
         self.on_progress = on_progress
         #: Make a preview every N sampling steps; 0 turns previews off.
         self.preview_every = preview_every
@@ -96,8 +98,43 @@ class JobControl:
             raise BatchSkipped()
 
     def start(self, job_count: int, sampling_steps: int) -> None:
+        """A job of ``job_count`` batches begins; inside a series it continues the series' count instead."""
         with self._lock:
-            self._progress = Progress(job_count=job_count, sampling_steps=sampling_steps)
+            if self._series is None:
+                self._progress = Progress(job_count=job_count, sampling_steps=sampling_steps)
+            else:
+                offset, total, text = self._series
+                p = self._progress
+                p.job_no, p.job_count, p.sampling_step, p.sampling_steps = offset, total, 0, sampling_steps
+                p.textinfo = text
+        self._notify()
+
+    # --- called by a selectable script that runs several jobs (X/Y/Z plot, prompt matrix, ...)
+    def start_series(self, batch_count: int, textinfo: str = "") -> None:
+        """Report the next jobs as one: progress, ETA and ``job_no``/``job_count`` count ``batch_count``
+        batches in all, so a plot of 12 images reads "image 5 of 12" rather than "batch 1 of 1" twelve times."""
+        with self._lock:
+            self._series = (0, batch_count, textinfo)
+            self._progress = Progress(job_count=batch_count, textinfo=textinfo)
+        self._notify()
+
+    def series_position(self, batches_done: int, textinfo: str = "") -> None:
+        """The next job of the series starts after ``batches_done`` batches."""
+        with self._lock:
+            if self._series is None:
+                raise RuntimeError("series_position() called before start_series()")
+            total = self._series[1]
+            self._series = (batches_done, total, textinfo)
+            self._progress.job_no = batches_done
+            self._progress.textinfo = textinfo
+        self._notify()
+
+    def end_series(self) -> None:
+        """Back to reporting each job on its own."""
+        with self._lock:
+            if self._series is not None:
+                self._progress.job_no = self._progress.job_count
+            self._series = None
         self._notify()
 
     def update(self, *, job_no: int | None = None, step: int | None = None, steps: int | None = None,
@@ -105,7 +142,7 @@ class JobControl:
         with self._lock:
             p = self._progress
             if job_no is not None:
-                p.job_no = job_no
+                p.job_no = job_no + (self._series[0] if self._series else 0)
             if step is not None:
                 p.sampling_step = step
             if steps is not None:
@@ -113,7 +150,7 @@ class JobControl:
             if preview is not None:
                 p.preview = preview
             if textinfo is not None:
-                p.textinfo = textinfo
+                p.textinfo = f"{self._series[2]} · {textinfo}" if self._series and self._series[2] else textinfo
         self._notify()
 
     def wants_preview(self, step: int) -> bool:

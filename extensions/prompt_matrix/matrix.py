@@ -1,0 +1,164 @@
+"""Prompt matrix: ``a cat|red|blue`` makes one image per combination of the optional parts (2^n), in a grid
+whose headings show which parts each row and column has.
+
+``script_args``, in A1111's order: ``[put_at_start, different_seeds, prompt_type, variations_delimiter,
+margin_size]``; prompt_type is "positive" or "negative" (which prompt holds the ``|``), variations_delimiter
+"comma" or "space". Trailing arguments may be left out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from webui.extension_api import (
+    ExtensionAPI,
+    GenerationResult,
+    GridLabel,
+    SelectableScript,
+    annotated_grid,
+    infotext_with_params,
+    save_grid,
+)
+
+TITLE = "Prompt matrix"
+MAX_SEED = 4294967294
+#: 2^MAX_PARTS images at most: a stray "|" in a long prompt should not start thousands of jobs.
+MAX_PARTS = 8
+_DEFAULTS = [False, False, "positive", "comma", 0]
+
+
+@dataclass(frozen=True)
+class MatrixArgs:
+    """Parsed ``script_args`` of a prompt matrix."""
+
+    put_at_start: bool = False
+    different_seeds: bool = False
+    negative: bool = False
+    joiner: str = ", "
+    margin: int = 0
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_matrix_args(args: Sequence[Any]) -> MatrixArgs:
+    """Check the arguments; ValueError names the bad one and its allowed values."""
+    if len(args) > len(_DEFAULTS):
+        raise ValueError(f"expected at most {len(_DEFAULTS)} arguments, got {len(args)}")
+    put_at_start, different_seeds, prompt_type, delimiter, margin = list(args) + _DEFAULTS[len(args):]
+    if str(prompt_type).lower() not in ("positive", "negative"):
+        raise ValueError(f"prompt_type must be 'positive' or 'negative', got {prompt_type!r}")
+    joiners = {"comma": ", ", "space": " "}
+    if str(delimiter).lower() not in joiners:
+        raise ValueError(f"variations_delimiter must be 'comma' or 'space', got {delimiter!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 500:
+        raise ValueError(f"margin_size must be a number of pixels from 0 to 500, got {margin!r}")
+    return MatrixArgs(_flag(put_at_start, "put_at_start"), _flag(different_seeds, "different_seeds"),
+                      str(prompt_type).lower() == "negative", joiners[str(delimiter).lower()], int(margin))
+
+
+def combinations(prompt: str, args: MatrixArgs) -> tuple[list[str], list[str]]:
+    """(the optional parts, the prompt of each combination); combination i has part k when bit k of i is set."""
+    base, *parts = [part.strip() for part in prompt.split("|")]
+    if not parts:
+        raise ValueError("the prompt has no '|': write the optional parts after it, e.g. 'a cat|red|blue'")
+    if len(parts) > MAX_PARTS:
+        raise ValueError(f"{len(parts)} optional parts make {2 ** len(parts)} images; at most {MAX_PARTS} parts")
+    prompts = []
+    for i in range(2 ** len(parts)):
+        chosen = [part for k, part in enumerate(parts) if i & (1 << k)]
+        pieces = [*chosen, base] if args.put_at_start else [base, *chosen]
+        prompts.append(args.joiner.join(piece for piece in pieces if piece))
+    return parts, prompts
+
+
+class PromptMatrix(SelectableScript):
+    """The prompt matrix script (see the module docstring for its arguments)."""
+
+    title = TITLE
+
+    def __init__(self, api: ExtensionAPI):
+        self.api = api
+
+    def parse_args(self, args: Sequence[Any]) -> MatrixArgs:
+        """Check the options before anything runs."""
+        return parse_matrix_args(args)
+
+    def run(self, request: Any, args: MatrixArgs, run_job, control) -> Any:
+        """One job per combination, then the grid (first) and every image with its own infotext."""
+        started = time.perf_counter()
+        source = request.negative_prompt if args.negative else request.prompt
+        parts, prompts = combinations(source, args)
+        seed = request.seed if request.seed != -1 else random.randint(0, MAX_SEED)
+        base = {name: getattr(request, name) for name in type(request).model_fields}
+        requests = []
+        for i, text in enumerate(prompts):
+            fields = {**base, "negative_prompt" if args.negative else "prompt": text,
+                      "seed": (seed + i * request.image_count) % (MAX_SEED + 1) if args.different_seeds else seed}
+            requests.append(type(request).model_validate(fields))  # all checked before the first job
+        result = GenerationResult(request=request)
+        cells: list[Any] = [None] * len(requests)
+        control.start_series(len(requests) * request.n_iter)
+        try:
+            for i, sub in enumerate(requests):
+                if control.interrupted:
+                    result.interrupted = True
+                    break
+                control.series_position(i * request.n_iter, f"{TITLE}: image {i + 1} of {len(requests)}")
+                done = run_job(sub)
+                _extend(result, done)
+                cells[i] = done.images[0] if done.images else None
+                if done.interrupted:
+                    result.interrupted = True
+                    break
+        finally:
+            control.end_series()
+        if any(cell is not None for cell in cells):
+            _add_grid(result, request, self.api, parts, cells, args)
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+def _extend(result: Any, done: Any) -> None:
+    result.images.extend(done.images)
+    result.infotexts.extend(done.infotexts)
+    result.seeds.extend(done.seeds)
+    result.subseeds.extend(done.subseeds)
+    result.prompts.extend(done.prompts)
+    result.negative_prompts.extend(done.negative_prompts)
+    result.paths.extend(done.paths)
+    result.warnings.extend(w for w in done.warnings if w not in result.warnings)
+    result.model_title = done.model_title or result.model_title
+
+
+def _add_grid(result: Any, request: Any, api: ExtensionAPI, parts: list[str], cells: list[Any],
+              args: MatrixArgs) -> None:
+    """The labelled grid goes first, as A1111 returns it: the first half of the parts across the top, the
+    rest down the left, each heading naming every part, struck through where the cell leaves it out."""
+    half = len(parts) // 2
+    top, left = parts[:half], parts[half:]
+    col_headings = [[GridLabel(part, bool(col & (1 << k))) for k, part in enumerate(top)]
+                    for col in range(2 ** half)] if top else None
+    row_headings = [[GridLabel(part, bool(row & (1 << k))) for k, part in enumerate(left)]
+                    for row in range(2 ** len(left))]
+    grid = annotated_grid(cells, 2 ** half, col_headings=col_headings, row_headings=row_headings,
+                          margin=args.margin)
+    infotext = infotext_with_params(result.infotexts[0], {"Script": TITLE})
+    if request.save_images:
+        path = save_grid(grid, api.outputs_dir, request.mode, seed=result.seeds[0], infotext=infotext)
+        result.paths.insert(0, path)
+    result.images.insert(0, grid)
+    result.infotexts.insert(0, infotext)
+    result.seeds.insert(0, result.seeds[0])
+    result.subseeds.insert(0, result.subseeds[0])
+    result.prompts.insert(0, request.prompt)
+    result.negative_prompts.insert(0, request.negative_prompt)
+    if len(result.paths) != len(result.images):
+        result.paths.clear()  # the gallery shows saved files only when every image has one

@@ -1,0 +1,317 @@
+"""The X/Y/Z plot: one job per combination of up to three axes' values, drawn as labelled grids.
+
+``script_args`` (API and UI alike), in A1111's order::
+
+    [x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type, z_values,
+     z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+     vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode, confirm]
+
+A type is an axis label ("Seed", "Checkpoint name", ...; any case) or its index in :data:`AXIS_TYPES`.
+Trailing arguments may be left out (their defaults: legend on, no sub-images, no sub-grids, fixed seeds,
+margin 0). ``confirm`` must be true for a plot of more than :data:`CONFIRM_ABOVE` cells.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webui.extension_api import (
+    ExtensionAPI,
+    GenerationResult,
+    SelectableScript,
+    annotated_grid,
+    combine_grids,
+    infotext_with_params,
+    labels,
+    save_grid,
+)
+
+from .axes import AxisType, find_axis_type
+
+TITLE = "X/Y/Z plot"
+#: A plot with more cells than this runs only with ``confirm`` set.
+CONFIRM_ABOVE = 100
+MAX_SEED = 4294967294
+_DEFAULTS = ["Nothing", "", [], "Nothing", "", [], "Nothing", "", [], True, False, False, False, False, False,
+             False, 0, False, False]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """An axis of one plot: its type, its parsed values and the text they came from (for the infotext)."""
+
+    type: AxisType
+    values: list[Any]
+    text: str
+
+
+@dataclass(frozen=True)
+class PlotArgs:
+    """Parsed ``script_args`` of a plot."""
+
+    axes: tuple[Axis, Axis, Axis]  # x, y, z
+    draw_legend: bool = True
+    include_images: bool = False
+    include_subgrids: bool = False
+    keep_random_seeds: bool = False
+    vary_seeds: tuple[bool, bool, bool] = (False, False, False)
+    margin: int = 0
+
+    @property
+    def cell_count(self) -> int:
+        x, y, z = self.axes
+        return len(x.values) * len(y.values) * len(z.values)
+
+
+@dataclass
+class Throughput:
+    """Seconds per image of the plots run so far, for the UI's time estimate (a fact of this machine)."""
+
+    seconds: float = 0.0
+    images: int = 0
+
+    def add(self, seconds: float, images: int) -> None:
+        self.seconds += seconds
+        self.images += images
+
+    @property
+    def per_image(self) -> float | None:
+        return self.seconds / self.images if self.images else None
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def parse_plot_args(args: Sequence[Any], api: ExtensionAPI) -> PlotArgs:
+    """Check every axis value against the app (checkpoints, samplers, ...) before anything runs."""
+    if len(args) > len(_DEFAULTS):
+        raise ValueError(f"expected at most {len(_DEFAULTS)} arguments, got {len(args)}")
+    values = list(args) + _DEFAULTS[len(args):]
+    csv_mode = _flag(values[17], "csv_mode")
+    axes = []
+    for letter, (type_name, text, picked) in zip("XYZ", (values[0:3], values[3:6], values[6:9])):
+        try:
+            axis_type = find_axis_type(type_name)
+            text = "" if text is None else text
+            if not isinstance(text, str):
+                raise ValueError(f"values must be text, got {type(text).__name__}")
+            if picked is None:
+                picked = []
+            if not isinstance(picked, list):
+                raise ValueError(f"the dropdown values must be a list, got {type(picked).__name__}")
+            parsed = axis_type.parse(text, [] if csv_mode else picked, api)
+        except (ValueError, LookupError) as error:
+            raise ValueError(f"{letter} axis ({type_name}): {error}") from None
+        shown = ", ".join(map(str, picked)) if picked and not csv_mode and axis_type.choices else text
+        axes.append(Axis(axis_type, parsed, shown))
+    margin = values[16]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 500:
+        raise ValueError(f"margin_size must be a number of pixels from 0 to 500, got {margin!r}")
+    parsed_args = PlotArgs(
+        axes=(axes[0], axes[1], axes[2]), draw_legend=_flag(values[9], "draw_legend"),
+        include_images=_flag(values[10], "include_lone_images"),
+        include_subgrids=_flag(values[11], "include_sub_grids"),
+        keep_random_seeds=_flag(values[12], "no_fixed_seeds"),
+        vary_seeds=(_flag(values[13], "vary_seeds_x"), _flag(values[14], "vary_seeds_y"),
+                    _flag(values[15], "vary_seeds_z")),
+        margin=int(margin),
+    )
+    if parsed_args.cell_count > CONFIRM_ABOVE and not _flag(values[18], "confirm"):
+        raise ValueError(f"this plot has {parsed_args.cell_count} cells (more than {CONFIRM_ABOVE}); "
+                         "set confirm (the last argument) to run it anyway")
+    return parsed_args
+
+
+@dataclass
+class Cell:
+    """One job of the plot: where its image goes and the request that makes it."""
+
+    ix: int
+    iy: int
+    iz: int
+    request: Any
+    result: Any = None
+
+
+@dataclass
+class Plan:
+    cells: list[Cell] = field(default_factory=list)
+
+    def ordered(self, loaded: str | None = None) -> list[Cell]:
+        """The run order: cells with the same checkpoint together (each loads once), the ``loaded`` one
+        first; otherwise the grid order, Z then Y then X."""
+        first_seen: dict[Any, int] = {loaded: -1}
+        for cell in self.cells:
+            first_seen.setdefault(cell.request.checkpoint, len(first_seen))
+        return sorted(self.cells, key=lambda c: first_seen[c.request.checkpoint])
+
+
+def _fixed_seeds(request: Any, keep_random: bool) -> dict[str, int]:
+    """Seed -1 picked once for the whole plot (so every cell differs only by its axes) unless kept random."""
+    if keep_random:
+        return {}
+    fixed = {}
+    if request.seed == -1:
+        fixed["seed"] = random.randint(0, MAX_SEED)
+    if request.subseed == -1:
+        fixed["subseed"] = random.randint(0, MAX_SEED)
+    return fixed
+
+
+def plan_cells(request: Any, args: PlotArgs, current_checkpoint: str | None) -> Plan:
+    """Every cell's request, built (and so validated) before any generation: a bad combination, like a
+    schedule a sampler cannot run, fails here naming the cell."""
+    x, y, z = args.axes
+    base = {name: getattr(request, name) for name in type(request).model_fields}
+    base.update(_fixed_seeds(request, args.keep_random_seeds))
+    for axis in args.axes:
+        if axis.type.label == "Prompt S/R":
+            search = axis.values[0]
+            if search not in request.prompt and search not in request.negative_prompt:
+                raise ValueError(f"Prompt S/R: the search term {search!r} (the first value) is in neither the "
+                                 "prompt nor the negative prompt")
+    plan = Plan()
+    for iz, vz in enumerate(z.values):
+        for iy, vy in enumerate(y.values):
+            for ix, vx in enumerate(x.values):
+                fields = dict(base)
+                for axis, value in ((x, vx), (y, vy), (z, vz)):
+                    axis.type.apply(fields, value, axis.values)
+                offset = (ix if args.vary_seeds[0] else 0) + (iy * len(x.values) if args.vary_seeds[1] else 0) \
+                    + (iz * len(x.values) * len(y.values) if args.vary_seeds[2] else 0)
+                if offset and fields["seed"] != -1:
+                    fields["seed"] = (fields["seed"] + offset) % (MAX_SEED + 1)
+                fields["checkpoint"] = fields.get("checkpoint") or current_checkpoint
+                try:
+                    sub = type(request).model_validate(fields)
+                except ValueError as error:
+                    where = ", ".join(a.type.caption(v) for a, v in ((x, vx), (y, vy), (z, vz)) if a.type.caption(v))
+                    raise ValueError(f"the cell {where}: {error}") from None
+                plan.cells.append(Cell(ix, iy, iz, sub))
+    return plan
+
+
+def grid_params(args: PlotArgs) -> dict[str, object]:
+    """What the grid's infotext records of the plot: ``Script: X/Y/Z plot, X Type: Seed, X Values: ...``."""
+    params: dict[str, object] = {"Script": TITLE}
+    for letter, axis in zip("XYZ", args.axes):
+        if axis.type.label != "Nothing":
+            params[f"{letter} Type"] = axis.type.label
+            params[f"{letter} Values"] = axis.text
+    return params
+
+
+class XyzPlot(SelectableScript):
+    """The X/Y/Z plot script (see the module docstring for its arguments)."""
+
+    title = TITLE
+
+    def __init__(self, api: ExtensionAPI):
+        self.api = api
+        self.throughput = Throughput()
+
+    def parse_args(self, args: Sequence[Any]) -> PlotArgs:
+        """Parse and check the axes; ValueError names the axis, the value and the allowed ones."""
+        return parse_plot_args(args, self.api)
+
+    def run(self, request: Any, args: PlotArgs, run_job, control) -> Any:
+        """Run every cell (checkpoint by checkpoint), then draw and save the grids; an interrupt keeps
+        the finished cells."""
+        started = time.perf_counter()
+        current = self.api.current_model()
+        plan = plan_cells(request, args, request.checkpoint or (current.file.title if current else None))
+        ordered = plan.ordered(current.file.title if current else None)
+        per_cell = request.image_count
+        control.start_series(len(ordered) * request.n_iter, f"{TITLE}: image 1 of {len(ordered) * per_cell}")
+        interrupted = False
+        try:
+            for k, cell in enumerate(ordered):
+                if control.interrupted:
+                    interrupted = True
+                    break
+                control.series_position(k * request.n_iter,
+                                        f"{TITLE}: image {k * per_cell + 1} of {len(ordered) * per_cell}")
+                cell.result = run_job(cell.request)
+                if cell.result.interrupted:
+                    interrupted = True
+                    break
+        finally:
+            control.end_series()
+        finished = [c for c in plan.cells if c.result is not None and c.result.images]
+        if finished:
+            self.throughput.add(sum(c.result.seconds for c in finished), sum(len(c.result.images) for c in finished))
+        return self._assemble(request, args, plan, interrupted, time.perf_counter() - started)
+
+    def _assemble(self, request: Any, args: PlotArgs, plan: Plan, interrupted: bool, seconds: float) -> Any:
+        """The result: the grid (combined when there are several Z values), the sub-grids, then the cells."""
+        x, y, z = args.axes
+        done = [cell for cell in plan.cells if cell.result is not None and cell.result.images]
+        result = GenerationResult(request=request, interrupted=interrupted, seconds=seconds,
+                                  model_title=done[-1].result.model_title if done else "")
+        if not done:
+            result.warnings.append(f"{TITLE} interrupted before its first image.")
+            return result
+        params = grid_params(args)
+        grids, grid_infotexts, grid_seeds = [], [], []
+        for iz in range(len(z.values)):
+            cells = [c for c in plan.cells if c.iz == iz]
+            images = [c.result.images[0] if c.result is not None and c.result.images else None for c in cells]
+            first = next((c.result for c in cells if c.result is not None and c.result.images), None)
+            if first is None:
+                continue
+            col_headings = [labels(x.type.caption(v)) for v in x.values] if args.draw_legend else None
+            row_headings = [labels(y.type.caption(v)) for v in y.values] if args.draw_legend else None
+            if args.draw_legend and x.type.label == "Nothing":
+                col_headings = None
+            if args.draw_legend and y.type.label == "Nothing":
+                row_headings = None
+            grids.append((iz, annotated_grid(images, len(x.values), col_headings=col_headings,
+                                             row_headings=row_headings, margin=args.margin)))
+            grid_infotexts.append(infotext_with_params(first.infotexts[0], params))
+            grid_seeds.append(first.seeds[0])
+        shown: list[tuple[Any, str, int]] = []
+        if len(grids) > 1:
+            headings = [labels(z.type.caption(z.values[iz])) for iz, _ in grids] if args.draw_legend else None
+            combined = combine_grids([grid for _, grid in grids], headings, margin=args.margin)
+            shown.append((combined, grid_infotexts[0], grid_seeds[0]))
+            if args.include_subgrids:
+                shown.extend((grid, text, seed) for (_, grid), text, seed in zip(grids, grid_infotexts, grid_seeds))
+        else:
+            shown.append((grids[0][1], grid_infotexts[0], grid_seeds[0]))
+        for image, infotext, seed in shown:
+            if request.save_images:
+                result.paths.append(save_grid(image, self.api.outputs_dir, request.mode, seed=seed,
+                                              infotext=infotext))
+            result.images.append(image)
+            result.infotexts.append(infotext)
+            result.seeds.append(seed)
+            result.subseeds.append(-1)
+            result.prompts.append(request.prompt)
+            result.negative_prompts.append(request.negative_prompt)
+        if args.include_images:
+            for cell in done:
+                sub = cell.result
+                result.images.extend(sub.images)
+                result.infotexts.extend(sub.infotexts)
+                result.seeds.extend(sub.seeds)
+                result.subseeds.extend(sub.subseeds)
+                result.prompts.extend(sub.prompts)
+                result.negative_prompts.extend(sub.negative_prompts)
+                result.paths.extend(sub.paths)
+        if len(result.paths) != len(result.images):
+            result.paths = []  # the gallery shows saved files only when every image has one
+        for cell in done:
+            result.warnings.extend(w for w in cell.result.warnings if w not in result.warnings)
+        if interrupted:
+            result.warnings.append(f"{TITLE} interrupted: {len(done)} of {len(plan.cells)} cells finished.")
+        return result
+
