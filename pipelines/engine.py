@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from pipelines import acceleration
 from pipelines.devices import free_memory, is_out_of_memory
 from pipelines.embeddings import EmbeddingDatabase
 from pipelines.extra_networks import ExtraNetworkRegistry
@@ -92,10 +93,12 @@ class Engine:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
                 model = self.models.get(request.checkpoint, request.vae)
+                notice = acceleration.prepare(model, options.unet_compile, acceleration.job_shapes(request, model),
+                                              self.models.device.device)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
-                                 upscalers=self.upscalers, scripts=scripts)
+                                 upscalers=self.upscalers, scripts=scripts, notice=notice or "")
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

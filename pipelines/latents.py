@@ -76,10 +76,20 @@ def decode(vae, latents: torch.Tensor, *, allow_upcast: bool = True) -> tuple[to
             vae.disable_tiling()
 
 
-def preview(latents: torch.Tensor, family: str) -> Image.Image:
-    """A small RGB image of the first latent of a batch, without the VAE (latent size, upscaled 2x)."""
+def approx_preview_pixels(latents: torch.Tensor, family: str) -> torch.Tensor:
+    """The first latent of a batch as RGB (3, h, w) in [0, 1] at latent size, on the latents' device:
+    a fixed linear map, free of any model call."""
     factors = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd"].to(latents.device, torch.float32)
     rgb = torch.einsum("chw,cr->rhw", latents[0].float(), factors)
-    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().permute(1, 2, 0).cpu().numpy()
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def preview(latents: torch.Tensor, family: str) -> Image.Image:
+    """A small RGB image of the first latent of a batch, without the VAE (latent size, upscaled 2x).
+
+    Waits for the device; the step loop uses :class:`pipelines.previews.PreviewMaker`, which does not.
+    """
+    rgb = approx_preview_pixels(latents, family)
+    array = rgb.mul(255).byte().permute(1, 2, 0).cpu().numpy()
     image = Image.fromarray(array)
     return image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.acceleration import apply_defaults
 from pipelines.checkpoints import ModelFamily, load_checkpoint, load_vae
 from pipelines.devices import DeviceConfig, device_config, free_memory
 from pipelines.registry import ModelFile, ModelRegistry
@@ -37,6 +38,10 @@ class LoadedModel:
     #: Set once the fp16 VAE produced NaNs; the VAE then stays in fp32 for this model.
     vae_upcast: bool = False
     scheduler_config: dict = field(default_factory=dict)
+    #: Folders searched for TAESD preview weights (models/VAE-taesd and extras).
+    taesd_dirs: tuple[Path, ...] = ()
+    #: The tiny preview VAE, once a TAESD preview loaded it.
+    taesd: torch.nn.Module | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -67,6 +72,7 @@ class ModelManager:
         self.settings = settings
         self.registry = registry
         self.device: DeviceConfig = device_config(settings)
+        apply_defaults(self.device.device)
         self.cache_size = max(1, settings.checkpoint_cache)
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._vaes: dict[Path, torch.nn.Module] = {}
@@ -140,6 +146,7 @@ class ModelManager:
         model = LoadedModel(
             file=file, family=family, pipe=pipe, load_seconds=time.perf_counter() - started,
             own_vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config),
+            taesd_dirs=self.registry.paths.model_dirs("taesd"),
         )
         self._loaded[file.title] = model
         log.info("Loaded %s (%s) in %.1f s", file.title, family.name, model.load_seconds)
@@ -160,6 +167,8 @@ class ModelManager:
             for other in self._loaded.values():
                 if other is not model and other.pipe.device.type != "cpu":
                     other.pipe.to("cpu")
+                    if self.device.device.type == "cuda" and self.device.memory_mode == "normal":
+                        _pin(other.pipe)
             free_memory()
         mode = self.device.memory_mode
         if mode == "medvram":
@@ -187,3 +196,14 @@ class ModelManager:
             vae.to(self.device.device)
         else:
             self._activate(model)  # the offload hooks must cover the new VAE
+
+
+def _pin(pipe) -> None:
+    """Move a parked model's weights into pinned (page-locked) RAM: copying them back to the GPU then runs
+    by direct DMA instead of through a pageable staging buffer (not yet timed on a GPU here)."""
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in (*component.parameters(), *component.buffers()):
+            if tensor.device.type == "cpu" and not tensor.is_pinned():
+                tensor.data = tensor.data.pin_memory()

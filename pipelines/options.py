@@ -29,6 +29,17 @@ class Options(BaseModel):
     show_progress_every_n_steps: int = Field(
         5, ge=0, le=100, description="Live preview every N sampling steps (0: no preview)."
     )
+    show_progress_type: Literal["Approx cheap", "TAESD"] = Field(
+        "Approx cheap",
+        description="Live preview method. Approx cheap: free, blurry colours at 1/8 size. TAESD: a sharp "
+        "full-size preview from the tiny VAE in models/VAE-taesd (a 2.4 M-weight model kept on the GPU; "
+        "Approx cheap when no TAESD file is there). Neither changes the final image.",
+    )
+    unet_compile: bool = Field(
+        False,
+        description="Compile the UNet with torch.compile (NVIDIA GPU): faster sampling, same image within "
+        "fp16 noise, but the first image at each new size and batch waits about a minute while it compiles.",
+    )
     sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
     default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
 

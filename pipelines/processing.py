@@ -32,6 +32,7 @@ from pipelines.infotext import build_infotext, infotext_params_from_fields
 from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
 from pipelines.manager import LoadedModel
 from pipelines.options import Options
+from pipelines.previews import preview_maker
 from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import GenerationRequest, Img2ImgRequest
@@ -170,6 +171,8 @@ class JobContext:
     extra_networks: ExtraNetworkRegistry
     upscalers: Upscalers
     device: torch.device
+    #: Shown with the first batch's progress (e.g. "compiling the UNet for 512x512").
+    notice: str = ""
     #: The always-on scripts this job enables, with their parsed arguments.
     scripts: list[tuple[AlwaysOnScript, object]] = field(default_factory=list)
 
@@ -229,7 +232,8 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
             for batch_no in range(request.n_iter):
                 first = batch_no * request.batch_size
                 span = slice(first, first + request.batch_size)
-                control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}")
+                notice = f" - {ctx.notice}" if batch_no == 0 and ctx.notice else ""
+                control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}{notice}")
                 try:
                     images = _run_batch(request, ctx, plan, span, conditioning, scripts)
                 except BatchSkipped:
@@ -301,11 +305,15 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
     # stage 4: denoise
     control.update(steps=max(steps_run, 1))
 
+    # Previews are copied off the GPU without waiting for it and shown once they have arrived.
+    previews = preview_maker(model, ctx.options.show_progress_type)
+
     def on_step(step: int, current: torch.Tensor) -> None:
         control.check()
         scripts.on_step(step, current)
-        preview = latent_ops.preview(current, model.family.name) if control.wants_preview(step) and step else None
-        control.update(step=step, preview=preview)
+        if control.wants_preview(step) and step:
+            previews.submit(current)
+        control.update(step=step, preview=previews.poll())
 
     if len(timesteps):
         latents = denoise(model.unet, DenoiseInputs(

@@ -1,0 +1,110 @@
+"""Speed-ups applied to a loaded model: the defaults that keep the image, and the opt-in ``torch.compile``.
+
+Defaults (:func:`apply_defaults`, on CUDA): cuDNN picks the fastest convolution algorithm for each shape
+(results differ from the default pick by fp16 rounding at most). diffusers already runs attention through
+PyTorch's scaled-dot-product attention (flash / memory-efficient kernels).
+
+Opt-in (:func:`prepare`): ``torch.compile`` of the UNet with static shapes, which gives the fastest kernels
+but compiles once per (batch, size). Compiled graphs are kept per shape, so going back to a size used
+before does not compile again; the job's progress text says when a new size is being compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Compiled graphs kept per UNet (one per batch x size x prompt length); beyond this, dynamo recompiles.
+COMPILED_SHAPES_KEPT = 32
+
+
+def apply_defaults(device: torch.device) -> None:
+    """Process-wide settings that make sampling faster without changing the image beyond fp16 noise."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_supported(device: torch.device) -> bool:
+    """True where ``torch.compile`` can build the UNet: a CUDA device with Triton available."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < COMPILED_SHAPES_KEPT:
+            setattr(config, name, COMPILED_SHAPES_KEPT)
+
+
+def is_compiled(unet: torch.nn.Module) -> bool:
+    """True once :func:`compile_unet` wrapped this UNet."""
+    return getattr(unet, "_compiled_call_impl", None) is not None
+
+
+def compile_unet(unet: torch.nn.Module) -> None:
+    """Compile ``unet`` in place (its attributes and weights stay as they are); compiling happens lazily,
+    at the first call of each new input shape."""
+    _raise_recompile_limit()
+    unet.compile(dynamic=False, fullgraph=False)
+    unet._sd_compiled_shapes = set()
+
+
+def uncompile_unet(unet: torch.nn.Module) -> None:
+    """Back to eager execution (the compiled graphs are dropped)."""
+    unet._compiled_call_impl = None
+    unet._sd_compiled_shapes = set()
+
+
+def new_shapes(unet: torch.nn.Module, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Which of ``shapes`` (batch rows, latent h, latent w) this compiled UNet has not seen; marks them seen."""
+    seen = getattr(unet, "_sd_compiled_shapes", None)
+    if seen is None:
+        return []
+    fresh = [shape for shape in dict.fromkeys(shapes) if shape not in seen]
+    seen.update(fresh)
+    return fresh
+
+
+def prepare(model, enabled: bool, shapes: list[tuple[int, int, int]], device: torch.device) -> str | None:
+    """Compile or un-compile ``model``'s UNet as the ``enabled`` option asks, before a job.
+
+    ``shapes`` are the (batch rows, latent h, latent w) the job will run (first pass and hires, see
+    :func:`job_shapes`). Returns a warm-up message for the job's progress text when one of them will be
+    compiled by this job, else None.
+    """
+    unet = model.unet
+    if enabled and not compile_supported(device):
+        log.warning("torch.compile of the UNet is on, but it needs a CUDA GPU with Triton; running uncompiled")
+        enabled = False
+    if enabled and not is_compiled(unet):
+        compile_unet(unet)
+    elif not enabled and is_compiled(unet):
+        uncompile_unet(unet)
+    fresh = new_shapes(unet, shapes) if enabled else []
+    if not fresh:
+        return None
+    factor = model.vae_scale_factor
+    sizes = ", ".join(f"{w * factor}x{h * factor} (UNet batch {b})" for b, h, w in fresh)
+    return f"Compiling the UNet for {sizes}: the first image at a new size takes about a minute"
+
+
+def job_shapes(request, model) -> list[tuple[int, int, int]]:
+    """The (UNet batch rows, latent h, latent w) a txt2img/img2img request will run through the UNet."""
+    from pipelines.denoise import latent_size
+
+    rows = request.batch_size * (2 if request.cfg_scale > 1.0 else 1)
+    factor = model.vae_scale_factor
+    shapes = [(rows, *latent_size(request.width, request.height, factor))]
+    if getattr(request, "enable_hr", False):
+        width, height = request.hires_size
+        shapes.append((rows, *latent_size(width, height, factor)))
+    return shapes
