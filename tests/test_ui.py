@@ -218,9 +218,7 @@ def test_interrupt_a_long_job(page, ui_server):
 
 def test_settings_and_ui_defaults_are_saved(page, ui_server):
     page.locator("button[role=tab]:has-text('Settings')").first.click()
-    box = page.locator("#setting_show_progress_every_n_steps input[type=number]")
-    box.fill("2")
-    box.press("Tab")
+    fill_number(page, "setting_show_progress_every_n_steps", 2)
     page.locator("#settings_submit").click()
     page.wait_for_function("() => document.querySelector('#settings_result').innerText.includes('saved')")
     saved = json.loads((ui_server.data_dir / "config.json").read_text())

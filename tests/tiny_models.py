@@ -395,6 +395,13 @@ def write_tiny_models(out_dir: Path) -> dict[str, Path]:
     paths["sd15-diffusers"] = write_tiny_diffusers(checkpoints / "tiny-sd15-diffusers")
     paths["vae"] = write_tiny_vae(Path(out_dir) / "VAE" / "tiny-vae.safetensors")
     paths["esrgan"] = write_tiny_esrgan(Path(out_dir) / "ESRGAN" / "tiny-esrgan-4x.pth")
+    # Imported here, not at the top: these modules build on this one.
+    from tests.tiny_controlnets import write_tiny_controlnets
+    from tests.tiny_loras import write_tiny_loras
+
+    for family in ("sd1", "sd2", "sdxl"):
+        paths.update(write_tiny_loras(Path(out_dir) / "Lora", family))
+    paths.update(write_tiny_controlnets(Path(out_dir) / "ControlNet"))
     return paths
 
 
