@@ -41,3 +41,34 @@ def engine_factory(tiny_models, tmp_path_factory):
 def engine(engine_factory):
     """One engine shared by the tests that only generate (its model cache holds all tiny models)."""
     return engine_factory(checkpoint_cache=5)
+
+
+# --- browser tests: each UI test module defines its own ``ui_server`` fixture ----------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium driven by Playwright; the tests skip (saying how to enable them) without it."""
+    from tests.ui_helpers import CHROMIUM_ARGS, chromium_path
+
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("browser tests need Chromium: run `apt-get install -y chromium` (Debian) to enable them")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser, ui_server):
+    """A fresh browser tab (its own Gradio session) on the module's UI server, loaded and ready."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    tab.set_default_timeout(60_000)  # CI machines are small and busy
+    tab.goto(ui_server.url)
+    tab.locator("#txt2img_generate").wait_for()
+    yield tab
+    context.close()

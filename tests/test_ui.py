@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.request import GenerationRequest
-from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, fill_number, screenshot, start_ui_server
+from tests.ui_helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_server
 
 TINY = "tiny-sd15.safetensors"
 
@@ -33,32 +33,6 @@ def ui_server(tiny_models, tmp_path_factory):
     running = start_ui_server(tiny_models, data)
     yield running
     running.server.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Debian Chromium driven by Playwright; the tests skip (saying how to enable them) without it."""
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("browser tests need Chromium: run `apt-get install -y chromium` (Debian) to enable them")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def page(browser, ui_server):
-    """A fresh browser tab (its own Gradio session) on the UI, loaded and ready."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    tab = context.new_page()
-    tab.set_default_timeout(60_000)  # CI machines are small and busy
-    tab.goto(ui_server.url)
-    tab.locator("#txt2img_generate").wait_for()
-    yield tab
-    context.close()
 
 
 def choose_checkpoint(page, name: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.test_ui import TINY, choose_checkpoint, generate_and_wait, newest_output, number_value
-from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, fill_number, screenshot, start_ui_server
+from tests.ui_helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_server
 from webui.extensions import ROOT
 
 # A selectable script with a textbox: its value replaces the prompt of the one job it runs.
@@ -74,30 +74,6 @@ def ui_server(tiny_models, tmp_path_factory):
     running = start_ui_server(tiny_models, data, "--extensions-dir", str(extensions))
     yield running
     running.server.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("browser tests need Chromium: run `apt-get install -y chromium` (Debian) to enable them")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def page(browser, ui_server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    tab = context.new_page()
-    tab.set_default_timeout(60_000)
-    tab.goto(ui_server.url)
-    tab.locator("#txt2img_generate").wait_for()
-    yield tab
-    context.close()
 
 
 def example_controls(page, tab: str) -> tuple[bool, float]:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext
-from tests.ui_helpers import CHROMIUM_ARGS, FAST_DEFAULTS, chromium_path, screenshot, start_ui_server
+from tests.ui_helpers import FAST_DEFAULTS, screenshot, start_ui_server
 
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"]
 
@@ -29,23 +29,6 @@ def ui_server(tiny_models, tmp_path_factory):
     running = start_ui_server(tiny_models, data)
     yield running
     running.server.close()
-
-
-@pytest.fixture
-def page(ui_server):
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("browser tests need Chromium: run `apt-get install -y chromium` (Debian) to enable them")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        tab = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        tab.set_default_timeout(60_000)
-        tab.goto(ui_server.url)
-        tab.locator("#txt2img_generate").wait_for()
-        yield tab
-        browser.close()
 
 
 def choose(page, elem_id: str, option: str | re.Pattern) -> None:
