@@ -63,6 +63,16 @@ class GenerationResult:
     job_timestamp: str = field(default_factory=lambda: datetime.now().strftime("%Y%m%d%H%M%S"))
     seconds: float = 0.0
 
+    def extend(self, other: GenerationResult) -> None:
+        """Append ``other``'s images with their infotexts, seeds, prompts and paths (a script's sub-job)."""
+        self.images.extend(other.images)
+        self.infotexts.extend(other.infotexts)
+        self.seeds.extend(other.seeds)
+        self.subseeds.extend(other.subseeds)
+        self.prompts.extend(other.prompts)
+        self.negative_prompts.extend(other.negative_prompts)
+        self.paths.extend(other.paths)
+
 
 @dataclass(frozen=True)
 class PreparedPrompts:

@@ -127,13 +127,7 @@ class PromptMatrix(SelectableScript):
 
 
 def _extend(result: Any, done: Any) -> None:
-    result.images.extend(done.images)
-    result.infotexts.extend(done.infotexts)
-    result.seeds.extend(done.seeds)
-    result.subseeds.extend(done.subseeds)
-    result.prompts.extend(done.prompts)
-    result.negative_prompts.extend(done.negative_prompts)
-    result.paths.extend(done.paths)
+    result.extend(done)
     result.warnings.extend(w for w in done.warnings if w not in result.warnings)
     result.model_title = done.model_title or result.model_title
 

@@ -299,14 +299,7 @@ class XyzPlot(SelectableScript):
             result.negative_prompts.append(request.negative_prompt)
         if args.include_images:
             for cell in done:
-                sub = cell.result
-                result.images.extend(sub.images)
-                result.infotexts.extend(sub.infotexts)
-                result.seeds.extend(sub.seeds)
-                result.subseeds.extend(sub.subseeds)
-                result.prompts.extend(sub.prompts)
-                result.negative_prompts.extend(sub.negative_prompts)
-                result.paths.extend(sub.paths)
+                result.extend(cell.result)
         if len(result.paths) != len(result.images):
             result.paths = []  # the gallery shows saved files only when every image has one
         for cell in done:
