@@ -9,11 +9,11 @@ reported in the result's warnings.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
+from pipelines.named_registry import NamedRegistry
 from pipelines.prompt_parser import ExtraNetworkTag
 
 log = logging.getLogger(__name__)
@@ -37,27 +37,18 @@ class ExtraNetworkRegistry:
     """Names to handlers. Built-in names cannot be replaced by a plug-in."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, ExtraNetworkHandler] = {}
-        self._builtin: set[str] = set()
-        self._lock = threading.Lock()
+        self._handlers: NamedRegistry[ExtraNetworkHandler] = NamedRegistry("extra network")
 
     def register(self, name: str, handler: ExtraNetworkHandler, *, builtin: bool = False) -> None:
         """Make ``handler`` handle ``<name:...>`` tags; ValueError if a built-in already has that name."""
-        with self._lock:
-            if name in self._builtin:
-                raise ValueError(f"extra network {name!r} is built in and cannot be replaced")
-            self._handlers[name] = handler
-            if builtin:
-                self._builtin.add(name)
+        self._handlers.register(name, handler, builtin=builtin)
 
     def is_builtin(self, name: str) -> bool:
         """Whether ``name`` belongs to a built-in (and so cannot be registered by a plug-in)."""
-        with self._lock:
-            return name in self._builtin
+        return self._handlers.is_builtin(name)
 
     def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._handlers)
+        return list(self._handlers.snapshot())
 
     @contextmanager
     def activated(self, model: object, tags: Sequence[ExtraNetworkTag]) -> Iterator[tuple[dict, list[str]]]:
@@ -66,8 +57,7 @@ class ExtraNetworkRegistry:
         Handlers are deactivated in reverse order on the way out, whether the job finished, failed or was
         interrupted.
         """
-        with self._lock:
-            handlers = dict(self._handlers)
+        handlers = self._handlers.snapshot()
         by_name: dict[str, list[ExtraNetworkTag]] = {}
         for tag in tags:
             by_name.setdefault(tag.name, []).append(tag)

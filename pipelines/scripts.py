@@ -18,7 +18,6 @@ A script never rebinds our functions or a library's; it changes the UNet's input
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 from PIL import Image
+
+from pipelines.named_registry import NamedRegistry
 
 
 @dataclass(frozen=True)
@@ -147,40 +148,24 @@ class ScriptRegistry:
     """Names to always-on scripts. Built-in names cannot be replaced by a plug-in."""
 
     def __init__(self) -> None:
-        self._scripts: dict[str, AlwaysOnScript] = {}
-        self._builtin: set[str] = set()
-        self._lock = threading.Lock()
+        self._scripts: NamedRegistry[AlwaysOnScript] = NamedRegistry("always-on script")
 
     def register(self, script: AlwaysOnScript, *, builtin: bool = False) -> None:
         """Add ``script`` under ``script.name``; ValueError if that name is taken by a built-in or is empty."""
         name = script.name.lower()
         if not name:
             raise ValueError(f"{type(script).__name__}: an always-on script needs a name")
-        with self._lock:
-            if name in self._builtin:
-                raise ValueError(f"always-on script {name!r} is built in and cannot be replaced")
-            self._scripts[name] = script
-            if builtin:
-                self._builtin.add(name)
-
-    def unregister(self, name: str) -> None:
-        """Remove a plug-in script (used when an extension fails half-way through its setup)."""
-        with self._lock:
-            if name.lower() not in self._builtin:
-                self._scripts.pop(name.lower(), None)
+        self._scripts.register(name, script, builtin=builtin)
 
     def is_builtin(self, name: str) -> bool:
         """Whether ``name`` belongs to a built-in (and so cannot be registered by a plug-in)."""
-        with self._lock:
-            return name.lower() in self._builtin
+        return self._scripts.is_builtin(name.lower())
 
     def get(self, name: str) -> AlwaysOnScript | None:
-        with self._lock:
-            return self._scripts.get(name.lower())
+        return self._scripts.get(name.lower())
 
     def all(self) -> list[AlwaysOnScript]:
-        with self._lock:
-            return [self._scripts[name] for name in sorted(self._scripts)]
+        return list(self._scripts.snapshot().values())
 
     def parse(self, requested: Mapping[str, Sequence[Any]]) -> list[tuple[AlwaysOnScript, Any]]:
         """Resolve and parse the request's ``alwayson_scripts``; scripts whose args turn them off are dropped.
@@ -285,34 +270,25 @@ class SelectableScriptRegistry:
     """Titles to selectable scripts; built-in titles cannot be replaced by a plug-in."""
 
     def __init__(self) -> None:
-        self._scripts: dict[str, SelectableScript] = {}
-        self._builtin: set[str] = set()
-        self._lock = threading.Lock()
+        self._scripts: NamedRegistry[SelectableScript] = NamedRegistry("script")
 
     def register(self, script: SelectableScript, *, builtin: bool = False) -> None:
         """Add ``script`` under its title; ValueError if a built-in has that title or it has none."""
         key = script.title.lower()
         if not key:
             raise ValueError(f"{type(script).__name__}: a selectable script needs a title")
-        with self._lock:
-            if key in self._builtin:
-                raise ValueError(f"script {script.title!r} is built in and cannot be replaced")
-            self._scripts[key] = script
-            if builtin:
-                self._builtin.add(key)
+        self._scripts.register(key, script, builtin=builtin, label=script.title)
 
     def is_builtin(self, title: str) -> bool:
-        with self._lock:
-            return title.lower() in self._builtin
+        """Whether ``title`` belongs to a built-in (and so cannot be registered by a plug-in)."""
+        return self._scripts.is_builtin(title.lower())
 
     def all(self) -> list[SelectableScript]:
-        with self._lock:
-            return [self._scripts[key] for key in sorted(self._scripts)]
+        return list(self._scripts.snapshot().values())
 
     def parse(self, title: str, args: Sequence[Any]) -> tuple[SelectableScript, Any]:
         """The script called ``title`` and its parsed args; ScriptError for an unknown title or bad args."""
-        with self._lock:
-            script = self._scripts.get(title.lower())
+        script = self._scripts.get(title.lower())
         if script is None:
             known = ", ".join(s.title for s in self.all()) or "none are installed"
             raise ScriptError(f"script_name: no script called {title!r}; available: {known}")
