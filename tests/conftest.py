@@ -43,7 +43,24 @@ def engine(engine_factory):
     return engine_factory(checkpoint_cache=5)
 
 
-# --- browser tests: each UI test module defines its own ``ui_server`` fixture ----------------------
+# --- browser tests -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ui_server(tiny_models, tmp_path_factory):
+    """The UI on the tiny models with its own data dir (one per test module; a module may override it).
+
+    Small, fast defaults come through ui-config.json, the way a user keeps their own defaults.
+    """
+    import json
+
+    from tests.ui_helpers import FAST_DEFAULTS, start_ui_server
+
+    data = tmp_path_factory.mktemp("ui-data")
+    (data / "ui-config.json").write_text(json.dumps(FAST_DEFAULTS))
+    running = start_ui_server(tiny_models, data)
+    yield running
+    running.server.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,9 @@ from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.request import GenerationRequest
-from tests.ui_helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_server
+from tests.ui_helpers import fill_number, screenshot, start_ui_server
 
 TINY = "tiny-sd15.safetensors"
-
-
-@pytest.fixture(scope="module")
-def ui_server(tiny_models, tmp_path_factory):
-    """The UI on the tiny models with its own data dir (one per test module)."""
-    data = tmp_path_factory.mktemp("ui-data")
-    # Small, fast defaults through ui-config.json, the way a user keeps their own defaults.
-    (data / "ui-config.json").write_text(json.dumps(FAST_DEFAULTS))
-    running = start_ui_server(tiny_models, data)
-    yield running
-    running.server.close()
 
 
 def choose_checkpoint(page, name: str) -> None:

@@ -6,29 +6,17 @@ Without Chromium the test skips; `apt-get install -y chromium` enables it. Scree
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipelines.images import read_infotext
 from pipelines.infotext import parse_infotext
-from tests.ui_helpers import FAST_DEFAULTS, screenshot, start_ui_server
+from tests.ui_helpers import screenshot
 
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"]
-
-
-@pytest.fixture(scope="module")
-def ui_server(tiny_models, tmp_path_factory):
-    """The UI on the tiny models with its own data dir, fast defaults from ui-config.json."""
-    data = tmp_path_factory.mktemp("ui-scripts-data")
-    (data / "ui-config.json").write_text(json.dumps(FAST_DEFAULTS))
-    running = start_ui_server(tiny_models, data)
-    yield running
-    running.server.close()
 
 
 def choose(page, elem_id: str, option: str | re.Pattern) -> None:
