@@ -245,7 +245,10 @@ def test_api_txt2img_with_webuiapi_units_returns_the_detected_map(server):
     client.set_options({"sd_model_checkpoint": SD15})
     units = [webuiapi.ControlNetUnit(image=square(), module="canny", model=SINGLE, threshold_a=100,
                                      threshold_b=200, processor_res=64, resize_mode="Just Resize")]
-    result = client.txt2img(prompt="a cat", seed=5, width=64, height=64, controlnet_units=units)
+    # An explicit dict: webuiapi writes the units into its txt2img's shared default ``alwayson_scripts={}``,
+    # which would then send a ControlNet entry with every later webuiapi call in this process.
+    result = client.txt2img(prompt="a cat", seed=5, width=64, height=64, controlnet_units=units,
+                            alwayson_scripts={})
     assert len(result.images) == 2
     edges = np.asarray(result.images[1])[:, :, 0]
     expected = np.asarray(square())[:, :, 0]
