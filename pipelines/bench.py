@@ -10,8 +10,9 @@ engine like a user's models. Each txt2img case runs the same request through the
 diffusers pipeline built on the very same components (same scheduler, steps, size, dtype, generators),
 alternating; ``time_ratio_vs_diffusers_*`` is ours divided by theirs (lower is better). It also reports
 peak GPU and CPU memory, cold load and RAM-cache switch times, VAE decode time, hires fix, --medvram and
---lowvram, opt-in accelerations, where the step loop waits for the GPU, and the fraction of the device's
-measured matrix-product rate that sampling reaches (FLOPs per step counted by torch's FLOP counter).
+--lowvram, opt-in accelerations (step caching on the CPU too), where the step loop waits for the GPU, and the
+fraction of the device's measured matrix-product rate that sampling reaches (FLOPs per step counted by torch's
+FLOP counter).
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def run(quick: bool, model: Path | None, runs: int, steps: int | None, families:
                                         max(steps // 2, 2)))
         for decode_size in dict.fromkeys((size, hires_to)):
             results.append(cases.vae_decode_case(engine, path.name, decode_size, runs))
+        cache_case = cases.step_cache_case(engine, path.name, size, steps, runs)
+        results.append(cache_case)
+        for key in [k for k in cache_case if k.startswith("time_ratio_")]:
+            figures[f"{key}_{tag}"] = cache_case[key]
+        print(_case_line(cache_case), flush=True)
         if gpu:
             unet = loaded.unet
             variants = {"channels_last": (lambda u=unet: u.to(memory_format=torch.channels_last),

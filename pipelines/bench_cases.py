@@ -238,3 +238,24 @@ def sync_report(engine, model_name: str, size: int, steps: int) -> dict:
             warnings.showwarning = saved
     return {"case": f"host syncs, {steps} steps", "syncs_total": sum(places.values()),
             "syncs_by_place": dict(places.most_common(12))}
+
+
+def step_cache_case(engine, model_name: str, size: int, steps: int, runs: int, intervals=(2, 3)) -> dict:
+    """The opt-in step cache at each of ``intervals`` against it off: s/image, time ratio, image change."""
+    device = engine.models.device.device
+    request = request_for(model_name, size, steps)
+    engine.generate(request_for(model_name, size, 2))  # warm-up: one-off allocations
+    figures: dict = {"case": f"step cache: {size}x{size} batch 1, {steps} steps"}
+    images, seconds = {}, {}
+    for interval in (0, *intervals):
+        options = engine.options.with_overrides({"step_cache_interval": interval})
+
+        def generate(options=options, interval=interval) -> None:
+            images[interval] = engine.generate(request, options=options).images
+
+        seconds[interval] = statistics.median(timed(generate, device) for _ in range(runs))
+        figures[f"step_cache_{interval}_seconds_per_image"] = round(seconds[interval], 3)
+    for interval in intervals:
+        figures[f"time_ratio_step_cache_{interval}_vs_default"] = round(seconds[interval] / seconds[0], 4)
+        figures[f"image_diff_step_cache_{interval}_vs_default"] = image_diff(images[interval], images[0])
+    return figures

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from pipelines.scripts import UnetCall, UnetPatch, combined_residuals
+from pipelines.step_cache import unet_runner
 
 
 class StepConditioningLike(Protocol):
@@ -60,6 +61,8 @@ class DenoiseInputs:
     #: Size in pixels of the image being made, and which pass this is (0 first, 1 hires): for the patches.
     size: tuple[int, int] = (0, 0)
     pass_index: int = 0
+    #: Opt-in step caching (:mod:`pipelines.step_cache`): the whole UNet runs every this many calls; 0 = always.
+    step_cache_interval: int = 0
 
 
 StepHook = Callable[[int, torch.Tensor], None]
@@ -91,6 +94,7 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     step_kwargs = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
     current = None
     embeds = cond_kwargs = None
+    call_unet = unet_runner(unet, inputs.step_cache_interval, len(inputs.timesteps))
     for i, t in enumerate(inputs.timesteps):
         step = min(i // order, inputs.steps - 1)
         on_step(step, latents)
@@ -109,7 +113,7 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
         if inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
             model_input = torch.cat([model_input, torch.cat([extra] * 2) if use_cfg else extra], dim=1)
-        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False, **unet_kwargs)[0]
+        noise_pred = call_unet(i, model_input, t, embeds, unet_kwargs)
         if use_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + inputs.cfg_scale * (text - uncond)

@@ -71,10 +71,11 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Te
                conditioning, generators: list[torch.Generator],
                make_noise: Callable[[tuple[int, int, int]], torch.Tensor],
                on_step: Callable[[int, torch.Tensor], None], device,
-               patches: Sequence[UnetPatch] = ()) -> torch.Tensor:
+               patches: Sequence[UnetPatch] = (), step_cache_interval: int = 0) -> torch.Tensor:
     """Upscale the first pass's latents and redraw them; returns the latents at the hires size.
 
     ``patches`` are the always-on scripts' UNet patches; they see ``pass_index=1`` and the hires size.
+    ``step_cache_interval`` is the step-caching option (:mod:`pipelines.step_cache`); this pass starts its own cache.
     """
     width, height = request.hires_size
     factor = model.vae_scale_factor
@@ -106,4 +107,5 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Te
     return denoise(model.unet, DenoiseInputs(
         latents=start, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
         cfg_scale=request.cfg_scale, generators=generators, steps=real, add_time_ids=add_time_ids,
-        inpaint=inpaint, patches=patches, size=(width, height), pass_index=1), on_step)
+        inpaint=inpaint, patches=patches, size=(width, height), pass_index=1,
+        step_cache_interval=step_cache_interval), on_step)

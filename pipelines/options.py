@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Options(BaseModel):
@@ -40,8 +40,23 @@ class Options(BaseModel):
         description="Compile the UNet with torch.compile (NVIDIA GPU): faster sampling, same image within "
         "fp16 noise, but the first image at each new size and batch waits about a minute while it compiles.",
     )
+    step_cache_interval: int = Field(
+        0, ge=0, le=5,
+        description="Step caching (DeepCache-style): 0 = off. 2-5: run the whole UNet only every N steps and "
+        "reuse its deep features in between (first and last step always full). Sampling gets faster (measured "
+        "on SD 1.5 at 20 steps: 1.5x at 2, 1.8x at 3), but the image changes: the composition stays, fine "
+        "detail and texture may differ, more so at larger N. Compare with it off. Written to the infotext as "
+        "\"Step cache: N\" (not restored by pasting). Not applied to a torch.compile'd UNet.",
+    )
     sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
     default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
+
+    @field_validator("step_cache_interval")
+    @classmethod
+    def _step_cache_interval(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 would run the whole UNet at every step anyway: use 0 for off, or 2 to 5")
+        return value
 
     def with_overrides(self, overrides: dict) -> Options:
         """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them."""

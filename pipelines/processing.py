@@ -218,6 +218,8 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else hires_params(request)
         extra.update(network_params)
         extra.update(scripts.infotext)
+        if ctx.options.step_cache_interval:
+            extra["Step cache"] = ctx.options.step_cache_interval  # it changes the image: say so
         if conditioning.ti_hashes:
             extra["TI hashes"] = conditioning.ti_hashes
         _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result, scripts)
@@ -329,7 +331,8 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
         latents = denoise(model.unet, DenoiseInputs(
             latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
             cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
-            inpaint=inpaint, patches=scripts.patches, size=(request.width, request.height)), on_step)
+            inpaint=inpaint, patches=scripts.patches, size=(request.width, request.height),
+            step_cache_interval=ctx.options.step_cache_interval), on_step)
     if hr_conditioning is not None and upscale_only(request):
         # Hires with an image upscaler and no redraw: the upscaler's pixels are the result, with no
         # VAE round trip (the one-click "generate, then upscale to an exact size" path).
@@ -346,7 +349,8 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
                                                               subseed_strength=request.subseed_strength)
                                                   for g, sub in zip(generators, subseeds)]),
-            on_step=on_step, device=device, patches=scripts.patches)
+            on_step=on_step, device=device, patches=scripts.patches,
+            step_cache_interval=ctx.options.step_cache_interval)
     control.check()
 
     # stage 5: decode
