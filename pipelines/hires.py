@@ -93,7 +93,7 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Te
     schedule, _ = hires_steps(request)
     scheduler = build_scheduler(request.hr_sampler_name or request.sampler_name,
                                 request.hr_scheduler or request.scheduler, model.scheduler_config,
-                                seed=int(generators[0].initial_seed()))
+                                seeds=[g.initial_seed() for g in generators])
     timesteps, real = img2img_timesteps(scheduler, schedule, request.denoising_strength, device)
     if not len(timesteps):
         return init

@@ -36,7 +36,7 @@ from pipelines.previews import preview_maker
 from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from pipelines.samplers import build_scheduler
+from pipelines.samplers import build_scheduler, fitting_schedule
 from pipelines.scripts import AlwaysOnScript, ScriptRun, running_scripts
 from pipelines.seeds import SeedPlan, generators_for, image_noise
 from pipelines.upscaling import Upscalers
@@ -187,11 +187,28 @@ class JobContext:
     scripts: list[tuple[AlwaysOnScript, object]] = field(default_factory=list)
 
 
+def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
+    """``request`` with each schedule type its sampler cannot run replaced by the one it runs (so the infotext
+    records what was used), and the warnings saying so."""
+    update, warnings = {}, []
+    scheduler, warning = fitting_schedule(request.sampler_name, request.scheduler)
+    if warning:
+        update["scheduler"], warnings = scheduler, [warning]
+    if request.enable_hr and (request.hr_sampler_name or request.hr_scheduler):
+        hr_scheduler, warning = fitting_schedule(request.hr_sampler_name or request.sampler_name,
+                                                 request.hr_scheduler or request.scheduler)
+        if warning:
+            update["hr_scheduler"] = hr_scheduler
+            warnings.append(f"Hires pass: {warning}")
+    return (request.model_copy(update=update) if update else request), warnings
+
+
 def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     """Run every batch of ``request``; returns what finished (all of it unless interrupted)."""
     started = time.perf_counter()
     model = ctx.model
-    result = GenerationResult(request=request, model_title=model.file.title)
+    request, schedule_warnings = _runnable_schedules(request)
+    result = GenerationResult(request=request, model_title=model.file.title, warnings=schedule_warnings)
     plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
     # Extra networks change the model (text encoder included) for this job only, so they go first; both they
@@ -286,7 +303,7 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
     model, control, device = ctx.model, ctx.control, ctx.device
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
-    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seed=seeds[0])
+    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
     dtype = model.unet.dtype
     factor = model.vae_scale_factor
     h, w = latent_size(request.width, request.height, factor)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, resolve_schedule
+from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, fitting_schedule
 
 MAX_SEED = 4294967294
 MIN_SIZE, MAX_SIZE = 64, 4096
@@ -105,11 +105,12 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _schedule_fits_sampler(self) -> GenerationRequest:
-        resolve_schedule(find_sampler(self.sampler_name), self.scheduler)
+        # A schedule the sampler's diffusers class cannot run is not an error: the job runs the sampler's
+        # default and says so (see samplers.fitting_schedule); an unknown schedule name is.
+        fitting_schedule(self.sampler_name, self.scheduler)
         if self.hr_sampler_name is not None or self.hr_scheduler is not None:
-            hr_sampler = find_sampler(self.hr_sampler_name or self.sampler_name)
             try:
-                resolve_schedule(hr_sampler, self.hr_scheduler or self.scheduler)
+                fitting_schedule(self.hr_sampler_name or self.sampler_name, self.hr_scheduler or self.scheduler)
             except ValueError as error:
                 raise ValueError(f"hr_{error}") from None
         if self.enable_hr:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,13 +98,32 @@ def resolve_schedule(sampler: Sampler, schedule: str) -> str:
     return schedule
 
 
-def build_scheduler(sampler_name: str, schedule: str, model_config: Mapping[str, Any], *, seed: int | None = None):
+def fitting_schedule(sampler_name: str, schedule: str) -> tuple[str, str | None]:
+    """The schedule type ``sampler_name`` runs with when ``schedule`` is asked for, and a warning if it differs.
+
+    A1111's samplers take every schedule type; some diffusers classes cannot (Euler a has no Karras sigmas).
+    Such a request, e.g. from a pasted A1111 infotext or an old script, runs with the sampler's own default
+    schedule rather than failing; the caller reports the warning and records the schedule actually used.
+    """
+    sampler = find_sampler(sampler_name)
+    if schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"scheduler: unknown schedule type {schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if schedule in sampler.schedule_types:
+        return schedule, None
+    used = resolve_schedule(sampler, "Automatic")
+    return "Automatic", (f"{sampler.name} cannot use the {schedule} schedule; it ran with {used} "
+                         f"(its schedules: {', '.join(sampler.schedule_types)})")
+
+
+def build_scheduler(sampler_name: str, schedule: str, model_config: Mapping[str, Any], *,
+                    seeds: Sequence[int] | None = None):
     """A fresh diffusers scheduler for this sampler and schedule, from the model's own scheduler config.
 
     The model config keeps ``prediction_type`` (v-prediction for SD 2.x 768 models), beta schedule and
     timestep spacing; only the sampler's and schedule's keys are overridden. Keys the class does not accept
-    are dropped by diffusers' ``from_config``. ``seed`` seeds samplers with their own noise source
-    (DPM++ SDE's Brownian tree) so that a seed fixes the image.
+    are dropped by diffusers' ``from_config``. ``seeds`` (one per image of the batch) seed samplers that have
+    their own noise source (DPM++ SDE's Brownian tree, one tree per image), so that a seed fixes the image and
+    image k of a batch equals a single run with its seed.
     """
     sampler = find_sampler(sampler_name)
     schedule = resolve_schedule(sampler, schedule)
@@ -113,6 +132,6 @@ def build_scheduler(sampler_name: str, schedule: str, model_config: Mapping[str,
     config.update(sampler.kwargs)
     config.update(SCHEDULE_TYPES[schedule])
     accepted = inspect.signature(sampler.cls.__init__).parameters
-    if "noise_sampler_seed" in accepted and seed is not None:
-        config["noise_sampler_seed"] = seed
+    if "noise_sampler_seed" in accepted and seeds is not None:
+        config["noise_sampler_seed"] = [int(s) for s in seeds]
     return sampler.cls.from_config(config)

@@ -95,12 +95,21 @@ def test_schedule_types_set_the_timesteps(engine, monkeypatch, schedule):
         assert scheduled != automatic
 
 
-def test_schedule_a_sampler_cannot_run_is_refused():
-    with pytest.raises(ValueError, match="Euler a cannot use the Karras schedule"):
-        txt2img(sampler_name="Euler a", scheduler="Karras")
+def test_schedule_a_sampler_cannot_run_falls_back_with_a_warning(engine):
+    # A pasted A1111 infotext may pair Euler a with Karras; diffusers' Euler a has no Karras sigmas.
+    result = engine.generate(txt2img(sampler_name="Euler a", scheduler="Karras", seed=5))
+    plain = engine.generate(txt2img(sampler_name="Euler a", seed=5))
+    assert any("Euler a cannot use the Karras schedule" in w for w in result.warnings)
+    assert parse_infotext(result.infotexts[0])["Schedule type"] == "Automatic"
+    assert np.array_equal(pixels(result.images[0]), pixels(plain.images[0]))
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM"])
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown schedule type 'Karas'"):
+        txt2img(sampler_name="Euler", scheduler="Karas")
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
 def test_batch_image_k_equals_single_run_with_seed_plus_k(engine, sampler):
     batch = engine.generate(txt2img(sampler_name=sampler, batch_size=3, seed=77))
     assert batch.seeds == [77, 78, 79]
