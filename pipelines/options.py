@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Options(BaseModel):
@@ -26,6 +26,23 @@ class Options(BaseModel):
     grid_format: Literal["png", "jpg", "webp"] = Field("png", description="File format of saved grids.")
     outdir_txt2img_samples: str = Field("", description="Folder for txt2img images (empty: outputs/txt2img-images).")
     outdir_img2img_samples: str = Field("", description="Folder for img2img images (empty: outputs/img2img-images).")
+    outdir_txt2img_grids: str = Field("", description="Folder for txt2img grids (empty: outputs/txt2img-grids).")
+    outdir_img2img_grids: str = Field("", description="Folder for img2img grids (empty: outputs/img2img-grids).")
+    outdir_extras_samples: str = Field("", description="Folder for Extras images (empty: outputs/extras-images).")
+    upscaler_tile: int = Field(
+        192, ge=0, le=2048,
+        description="Tile size in pixels for image upscalers (ESRGAN, Real-ESRGAN...): smaller tiles use less "
+        "memory, larger ones are a little faster. 0 = the whole image at once (needs the most memory).",
+    )
+    upscaler_tile_overlap: int = Field(
+        32, ge=0, le=256, description="Overlap of upscaler tiles in pixels, blended so no seams show.",
+    )
+    default_model_url: str = Field(
+        "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+        "v1-5-pruned-emaonly.safetensors",
+        description="Checkpoint the Download button fetches when models/Stable-diffusion is empty (SD 1.5, "
+        "as A1111 offers).",
+    )
     show_progress_every_n_steps: int = Field(
         5, ge=0, le=100, description="Live preview every N sampling steps (0: no preview)."
     )
@@ -50,6 +67,15 @@ class Options(BaseModel):
     )
     sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
     default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
+
+    @model_validator(mode="after")
+    def _overlap_fits_tile(self) -> Options:
+        if self.upscaler_tile and self.upscaler_tile_overlap * 2 > self.upscaler_tile:
+            raise ValueError(f"upscaler_tile_overlap: at most half the tile size ({self.upscaler_tile // 2}), "
+                             f"got {self.upscaler_tile_overlap}")
+        if self.upscaler_tile and self.upscaler_tile < 16:
+            raise ValueError(f"upscaler_tile: 0 (whole image) or at least 16, got {self.upscaler_tile}")
+        return self
 
     @field_validator("step_cache_interval")
     @classmethod
