@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 from webui.flags import Flags, parse_flags  # noqa: E402  (standard library only)
 
 REQUIREMENTS = ROOT / "requirements.txt"
+#: Set for the copy of launch.py that runs inside the venv: its start time, so "ready in" counts the install.
+RELAUNCHED = "SD_WEBUI_LAUNCH_STARTED"
 
 
 def venv_dir() -> Path:
@@ -69,14 +71,16 @@ def main(argv: list[str]) -> int:
     folder = venv_dir()
     if not flags.skip_install and not in_venv(folder):
         python = ensure_venv(folder)
-        env = dict(os.environ, SD_WEBUI_LAUNCH_STARTED=str(started))
+        env = dict(os.environ, **{RELAUNCHED: str(started)})
         # Run again inside the venv, with the same arguments.
         return subprocess.call([str(python), str(Path(__file__).resolve()), *argv], env=env)
+    if not flags.skip_install and RELAUNCHED not in os.environ:
+        ensure_venv(folder)  # started with the venv's own python: still install what requirements.txt added
     if flags.test:
         return run_tests(flags)
     from webui.app import serve  # imported here: it needs the installed requirements
 
-    return serve(flags, started=float(os.environ.get("SD_WEBUI_LAUNCH_STARTED", started)))
+    return serve(flags, started=float(os.environ.get(RELAUNCHED, started)))
 
 
 if __name__ == "__main__":
