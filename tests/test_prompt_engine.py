@@ -56,11 +56,19 @@ def test_emphasis_changes_the_image(engine):
     assert _same(plain, engine.generate(txt2img(prompt="a (cat:1.0), red sky")))
 
 
-def test_long_prompts_are_not_truncated(engine):
-    words = ", ".join(f"word{i}" for i in range(100))  # about 200 tokens
-    a = engine.generate(txt2img(prompt=words + ", a red balloon"))
-    b = engine.generate(txt2img(prompt=words + ", a blue house"))
-    assert not _same(a, b), "the words after token 150 must reach the model"
+def test_long_prompts_are_not_truncated(engine, monkeypatch):
+    words = ", ".join(f"word{i}" for i in range(50))  # about 200 tokens: three chunks
+    a = _embeddings_per_step(engine, monkeypatch, txt2img(prompt=words + ", a red balloon", steps=1))[0]
+    b = _embeddings_per_step(engine, monkeypatch, txt2img(prompt=words + ", a blue house", steps=1))[0]
+    chunks = a.shape[0] // 77  # 75 tokens + BOS/EOS each
+    assert a.shape == b.shape and chunks * 77 == a.shape[0] and chunks >= 3
+    # Only the last chunk holds the last words: the chunks before it are equal, the last is not.
+    last = (chunks - 1) * 77
+    assert torch.equal(a[:last], b[:last])
+    assert (a[last:] - b[last:]).abs().max() > 1e-3, "the words after the first chunks must reach the model"
+    red = engine.generate(txt2img(prompt=words + ", a red balloon"))
+    blue = engine.generate(txt2img(prompt=words + ", a blue house"))
+    assert not _same(red, blue)
 
 
 def test_textual_inversion_from_the_embeddings_folder(engine_factory):
