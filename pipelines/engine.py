@@ -28,7 +28,7 @@ from pipelines.jobs import JobControl
 from pipelines.manager import ModelManager
 from pipelines.options import Options
 from pipelines.processing import GenerationResult, JobContext, run_job
-from pipelines.registry import ModelRegistry
+from pipelines.registry import ModelFile, ModelRegistry
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.scripts import ScriptRegistry, SelectableScriptRegistry
 from pipelines.settings import EngineSettings
@@ -84,6 +84,7 @@ class Engine:
             self.registry.find_vae(request.vae)
         if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
             self.upscalers.find(request.hr_upscaler)
+        hires_checkpoint = self._hires_checkpoint(request)
         scripts = self.scripts.parse(request.alwayson_scripts)
         unknown = [name for name in request.styles if self.styles.get(name) is None]
         if unknown:
@@ -98,7 +99,9 @@ class Engine:
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
-                                 upscalers=self.upscalers, scripts=scripts, notice=notice or "")
+                                 upscalers=self.upscalers, scripts=scripts, notice=notice or "",
+                                 hires_checkpoint=hires_checkpoint,
+                                 load_model=lambda title: self.models.get(title, request.vae))
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):
@@ -108,3 +111,12 @@ class Engine:
                     f"Out of memory at {request.width}x{request.height}, batch size {request.batch_size}: "
                     "try a smaller size or batch, or start with --medvram / --lowvram."
                 ) from error
+
+    def _hires_checkpoint(self, request: GenerationRequest) -> ModelFile | None:
+        """The hires pass's own checkpoint, if the request names one; LookupError naming hr_checkpoint_name."""
+        if not (request.enable_hr and request.hr_checkpoint_name):
+            return None
+        try:
+            return self.models.resolve(request.hr_checkpoint_name)
+        except LookupError as error:
+            raise LookupError(str(error).replace("checkpoint:", "hr_checkpoint_name:", 1)) from None

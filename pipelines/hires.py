@@ -3,6 +3,11 @@
 Latent modes resize the latents directly; image upscalers (Lanczos, Nearest, ESRGAN family) work on the
 decoded image, which is then encoded again. The second pass runs ``hr_second_pass_steps`` real denoising
 steps (0: as many as the first pass) at ``denoising_strength``.
+
+With a hires checkpoint (``hr_checkpoint_name``) the second pass runs on that model: the first model's VAE
+decodes, the hires model's VAE encodes, and the hires prompts are encoded by the hires model's text
+encoders. Latent modes pass latents over unchanged only between models that share a latent space (SD 1.x
+and 2.x); between SDXL and SD 1.x/2.x they resize the decoded pixels instead (see :func:`upscale_first_pass`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pipelines.manager import LoadedModel
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.samplers import build_scheduler
 from pipelines.scripts import UnetPatch
+from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE
 
 
 def hires_steps(request: GenerationRequest) -> tuple[int, int]:
@@ -40,18 +46,6 @@ def upscale_only(request: GenerationRequest) -> bool:
     return request.enable_hr and request.denoising_strength == 0 and request.hr_upscaler not in LATENT_UPSCALE_MODES
 
 
-def hires_params(request: GenerationRequest) -> dict[str, object]:
-    """Infotext keys of the optional hires settings (the main ones come from the infotext table)."""
-    if not request.enable_hr:
-        return {}
-    return {
-        "Hires sampler": request.hr_sampler_name,
-        "Hires schedule type": request.hr_scheduler,
-        "Hires prompt": request.hr_prompt or None,
-        "Hires negative prompt": request.hr_negative_prompt or None,
-    }
-
-
 def _cover(width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
     """The smallest (w, h) with the source's aspect ratio that covers ``target``."""
     scale = max(target[0] / width, target[1] / height)
@@ -67,12 +61,60 @@ def upscale_latents(latents: torch.Tensor, mode: str, size: tuple[int, int], cov
     return resized[:, :, top : top + size[0], left : left + size[1]]
 
 
-def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Tensor, *, upscalers,
+def _latent_space(model: LoadedModel) -> tuple[object, ...]:
+    """What latents of ``model`` mean: SD 1.x and 2.x share one latent space, SDXL has its own."""
+    config = model.vae.config
+    return model.is_sdxl, config.latent_channels, config.scaling_factor, getattr(config, "shift_factor", None)
+
+
+def upscale_first_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Tensor, *,
+                       generators: list[torch.Generator], upscalers,
+                       switch_model: Callable[[], LoadedModel] | None = None,
+                       should_stop: Callable[[], object] | None = None,
+                       on_progress: Callable[[int, int], None] | None = None,
+                       tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> tuple[LoadedModel, torch.Tensor]:
+    """The first pass's latents upscaled to the hires size; returns (hires model, its init latents).
+
+    ``switch_model`` loads the hires checkpoint when the request names one other than ``model``. It is
+    called once nothing more is needed of ``model`` (with a checkpoint cache of 1 it unloads it). Then:
+    an image upscaler works on pixels decoded by the first model's VAE and encoded by the hires model's;
+    a latent mode hands its latents over as they are when both models share a latent space (SD 1.x and
+    2.x do) and otherwise resizes the decoded pixels with the same interpolation before encoding them.
+    ``should_stop``/``on_progress``/``tile``/``overlap`` go to the image upscaler (interrupt between tiles;
+    the ``upscaler_tile`` options).
+    """
+    width, height = request.hires_size
+    cover = _cover(request.width, request.height, (width, height))
+    latent_mode = request.hr_upscaler in LATENT_UPSCALE_MODES
+    first_space = _latent_space(model)
+    pixels = None
+    if not latent_mode or switch_model is not None:
+        decoded, _ = latent_ops.decode(model.vae, latents, allow_upcast=not model.vae_upcast)
+        pixels = decoded.float().cpu()
+    if switch_model is not None:
+        latents = latents.cpu()
+        model = switch_model()
+    if latent_mode and _latent_space(model) == first_space:
+        factor = model.vae_scale_factor
+        return model, upscale_latents(latents, request.hr_upscaler, (height // factor, width // factor),
+                                      (cover[1] // factor, cover[0] // factor))
+    if latent_mode:
+        resized = upscale_latents(pixels, request.hr_upscaler, (height, width), (cover[1], cover[0])).clamp(-1, 1)
+    else:
+        images = [upscalers.upscale(image, request.hr_upscaler, size=(width, height), crop=True, tile=tile,
+                                    overlap=overlap, should_stop=should_stop, on_progress=on_progress)
+                  for image in latent_ops.tensor_to_pil(pixels)]
+        resized = latent_ops.pil_to_tensor(images)
+    return model, latent_ops.encode(model.vae, resized, generators)
+
+
+def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tensor, *,
                conditioning, generators: list[torch.Generator],
                make_noise: Callable[[tuple[int, int, int]], torch.Tensor],
                on_step: Callable[[int, torch.Tensor], None], device,
                patches: Sequence[UnetPatch] = (), step_cache_interval: int = 0) -> torch.Tensor:
-    """Upscale the first pass's latents and redraw them; returns the latents at the hires size.
+    """Redraw ``init`` (the upscaled first pass, see :func:`upscale_first_pass`) on ``model``, the hires
+    model; returns the latents at the hires size.
 
     ``patches`` are the always-on scripts' UNet patches; they see ``pass_index=1`` and the hires size.
     ``step_cache_interval`` is the step-caching option (:mod:`pipelines.step_cache`); this pass starts its own cache.
@@ -80,15 +122,7 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, latents: torch.Te
     width, height = request.hires_size
     factor = model.vae_scale_factor
     size = (height // factor, width // factor)
-    cover = _cover(request.width, request.height, (width, height))
     dtype = model.unet.dtype
-    if request.hr_upscaler in LATENT_UPSCALE_MODES:
-        init = upscale_latents(latents, request.hr_upscaler, size, (cover[1] // factor, cover[0] // factor))
-    else:
-        pixels, _ = latent_ops.decode(model.vae, latents, allow_upcast=not model.vae_upcast)
-        images = [upscalers.upscale(image, request.hr_upscaler, size=(width, height), crop=True)
-                  for image in latent_ops.tensor_to_pil(pixels)]
-        init = latent_ops.encode(model.vae, latent_ops.pil_to_tensor(images), generators)
     init = init.to(device=device, dtype=dtype)
     schedule, _ = hires_steps(request)
     scheduler = build_scheduler(request.hr_sampler_name or request.sampler_name,

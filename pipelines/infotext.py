@@ -245,11 +245,18 @@ _TABLE: tuple[_Entry, ...] = (
     _Entry("RNG", ("rng",), str, _when("rng", lambda v: v != "GPU"), absent="GPU"),
     _Entry("Tiling", ("tiling",), bool, _when("tiling", bool), absent=False),
     _Entry("Hires upscale", ("hr_scale",), float, _when("hr_scale", lambda v: True, _hires)),
+    # One side given (the other 0, kept to the aspect ratio) is written as A1111 does: "Hires resize: 96x0".
     _Entry("Hires resize", ("hr_resize_x", "hr_resize_y"), _SIZE,
-           lambda f: _hires(f) and (f.get("hr_resize_x") or 0) > 0 and (f.get("hr_resize_y") or 0) > 0),
+           lambda f: _hires(f) and ((f.get("hr_resize_x") or 0) > 0 or (f.get("hr_resize_y") or 0) > 0)),
     # A1111 leaves "Hires steps" out when it is 0 (= as many as the first pass).
     _Entry("Hires steps", ("hr_second_pass_steps",), int, _when("hr_second_pass_steps", bool, _hires)),
     _Entry("Hires upscaler", ("hr_upscaler",), str, _when("hr_upscaler", bool, _hires)),
+    # The optional hires settings: written only when they differ from "the same as the first pass".
+    _Entry("Hires checkpoint", ("hr_checkpoint_name",), str, _when("hr_checkpoint_name", bool, _hires)),
+    _Entry("Hires sampler", ("hr_sampler_name",), str, _when("hr_sampler_name", bool, _hires)),
+    _Entry("Hires schedule type", ("hr_scheduler",), str, _when("hr_scheduler", bool, _hires)),
+    _Entry("Hires prompt", ("hr_prompt",), str, _when("hr_prompt", bool, _hires)),
+    _Entry("Hires negative prompt", ("hr_negative_prompt",), str, _when("hr_negative_prompt", bool, _hires)),
 )
 
 _HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")

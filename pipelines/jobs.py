@@ -61,6 +61,8 @@ class JobControl:
     def __init__(self, on_progress: ProgressCallback | None = None, preview_every: int = 0):
         self._interrupted = threading.Event()
         self._skipped = threading.Event()
+        # The batch being sampled was dropped by Skip; reported until the next batch starts.
+        self._batch_skipped = False
         self._lock = threading.Lock()
         self._progress = Progress()
         # (batches before the current job, batches in all, text) while a script runs several jobs as one
@@ -83,6 +85,11 @@ class JobControl:
         return self._interrupted.is_set()
 
     @property
+    def skipped(self) -> bool:
+        """Skip was pressed: until the next batch starts (as A1111's ``state.skipped`` reads)."""
+        return self._skipped.is_set() or self._batch_skipped
+
+    @property
     def progress(self) -> Progress:
         """A copy of the latest progress snapshot."""
         with self._lock:
@@ -94,7 +101,9 @@ class JobControl:
         if self._interrupted.is_set():
             raise JobInterrupted()
         if self._skipped.is_set():
-            self._skipped.clear()
+            with self._lock:
+                self._batch_skipped = True
+                self._skipped.clear()
             raise BatchSkipped()
 
     def start(self, job_count: int, sampling_steps: int) -> None:
@@ -142,7 +151,10 @@ class JobControl:
         with self._lock:
             p = self._progress
             if job_no is not None:
-                p.job_no = job_no + (self._series[0] if self._series else 0)
+                job_no += self._series[0] if self._series else 0
+                if job_no != p.job_no:
+                    self._batch_skipped = False
+                p.job_no = job_no
             if step is not None:
                 p.sampling_step = step
             if steps is not None:

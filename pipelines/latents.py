@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -10,7 +12,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-#: Above this many pixels the VAE decodes in tiles so that 2048 px and larger images fit in memory.
+#: Above this many pixels the VAE encodes and decodes in tiles so that 2048 px and larger images fit in memory.
 VAE_TILING_PIXELS = 1536 * 1536
 
 # Linear maps from the 4 latent channels to RGB, fitted for each latent space; good enough for a
@@ -40,29 +42,41 @@ def _scale(vae) -> tuple[float, float]:
     return vae.config.scaling_factor, shift
 
 
+@contextmanager
+def _tiled_when_large(vae, pixels: int) -> Iterator[None]:
+    """VAE tiling for one call when the image has more than VAE_TILING_PIXELS pixels; switched off after."""
+    use_tiling = pixels > VAE_TILING_PIXELS
+    if use_tiling:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if use_tiling:
+            vae.disable_tiling()
+
+
 def encode(vae, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents, one sample of the VAE's distribution per image,
-    drawn from that image's generator (as diffusers' img2img does)."""
+    drawn from that image's generator (as diffusers' img2img does). Large images are encoded in tiles."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     scaling, shift = _scale(vae)
     latents = []
-    for i, gen in enumerate(generators):
-        dist = vae.encode(pixels[i : i + 1].to(device=device, dtype=dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=gen, dtype=dist.mean.dtype).to(device)
-        latents.append(dist.mean + dist.std * noise)
+    with _tiled_when_large(vae, pixels.shape[-2] * pixels.shape[-1]):
+        for i, gen in enumerate(generators):
+            dist = vae.encode(pixels[i : i + 1].to(device=device, dtype=dtype)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=gen, dtype=dist.mean.dtype).to(device)
+            latents.append(dist.mean + dist.std * noise)
     return (torch.cat(latents) - shift) * scaling
 
 
 def decode(vae, latents: torch.Tensor, *, allow_upcast: bool = True) -> tuple[torch.Tensor, bool]:
     """Scaled latents -> pixels in [-1, 1]. Returns (pixels, upcast) where ``upcast`` says the fp16 VAE
-    overflowed (NaN) and the VAE was moved to fp32 to decode again; the caller keeps it there."""
+    overflowed (NaN) and the VAE was moved to fp32 to decode again; the caller keeps it there.
+    Large images are decoded in tiles."""
     scaling, shift = _scale(vae)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    use_tiling = latents.shape[-2] * latents.shape[-1] * factor * factor > VAE_TILING_PIXELS
-    if use_tiling:
-        vae.enable_tiling()
-    try:
+    with _tiled_when_large(vae, latents.shape[-2] * latents.shape[-1] * factor * factor):
         dtype = next(vae.parameters()).dtype
         pixels = vae.decode((latents / scaling + shift).to(dtype), return_dict=False)[0]
         if allow_upcast and dtype != torch.float32 and not torch.isfinite(pixels).all():
@@ -71,9 +85,6 @@ def decode(vae, latents: torch.Tensor, *, allow_upcast: bool = True) -> tuple[to
             pixels = vae.decode((latents / scaling + shift).float(), return_dict=False)[0]
             return pixels, True
         return pixels, False
-    finally:
-        if use_tiling:
-            vae.disable_tiling()
 
 
 def approx_preview_pixels(latents: torch.Tensor, family: str) -> torch.Tensor:

@@ -8,6 +8,8 @@ error handling around it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +21,7 @@ import pipelines
 from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
 from pipelines.extra_networks import ExtraNetworkRegistry
-from pipelines.hires import hires_params, hires_pass, hires_steps, upscale_only
+from pipelines.hires import hires_pass, hires_steps, upscale_first_pass, upscale_only
 from pipelines.images import dated_output_dir, make_grid, save_image
 from pipelines.img2img import (
     blank_inpaint_conditioning,
@@ -35,6 +37,7 @@ from pipelines.options import Options
 from pipelines.previews import preview_maker
 from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
+from pipelines.registry import ModelFile
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.samplers import build_scheduler, fitting_schedule
 from pipelines.scripts import AlwaysOnScript, ScriptRun, running_scripts
@@ -155,6 +158,11 @@ def infotext_for(request: GenerationRequest, model: LoadedModel, prompt: str, ne
         "hr_resize_y": request.hr_resize_y,
         "hr_second_pass_steps": request.hr_second_pass_steps,
         "hr_upscaler": request.hr_upscaler,
+        "hr_checkpoint_name": request.hr_checkpoint_name,
+        "hr_sampler_name": request.hr_sampler_name,
+        "hr_scheduler": request.hr_scheduler,
+        "hr_prompt": request.hr_prompt,
+        "hr_negative_prompt": request.hr_negative_prompt,
         "clip_skip": request.clip_skip,
         "tiling": request.tiling,
         "rng": "CPU",
@@ -185,6 +193,43 @@ class JobContext:
     notice: str = ""
     #: The always-on scripts this job enables, with their parsed arguments.
     scripts: list[tuple[AlwaysOnScript, object]] = field(default_factory=list)
+    #: The hires pass's own checkpoint (``hr_checkpoint_name`` resolved); None: the hires pass runs on ``model``.
+    hires_checkpoint: ModelFile | None = None
+    #: Gets a checkpoint by title from the model manager, on the device; may unload others (cache size 1).
+    load_model: Callable[[str], LoadedModel] | None = None
+
+
+def _switches_model(request: GenerationRequest, ctx: JobContext) -> bool:
+    """Whether the hires pass redraws on another checkpoint than the first pass."""
+    hires = ctx.hires_checkpoint
+    return (request.enable_hr and hires is not None and hires.title != ctx.model.file.title
+            and not upscale_only(request))
+
+
+def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: list[ExtraNetworkTag],
+                held: ExitStack) -> LoadedModel:
+    """Checkpoint ``title`` for one pass. One that is not the job's own model (the hires checkpoint, or the
+    first one loaded again after a cache of 1 dropped it) gets the job's extra networks and tiling until
+    ``held`` closes. Loads and patches outside inference mode, so that no weight becomes an inference tensor."""
+    if ctx.load_model is None:
+        raise RuntimeError("this job context cannot load models (JobContext.load_model is not set)")
+    with torch.inference_mode(False):
+        model = ctx.load_model(title)
+        if model is not ctx.model:
+            held.enter_context(ctx.extra_networks.activated(model, tags))
+            held.enter_context(_Tiling(model, request.tiling))
+    return model
+
+
+def _encode_hires(request: GenerationRequest, model: LoadedModel, prompts: PreparedPrompts,
+                  embeddings: object | None) -> Conditioning:
+    """The hires pass's conditioning (hr_prompt / hr_negative_prompt, else the job's prompts) by ``model``."""
+    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
+    hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in prompts.encode_prompts]
+    hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n for n in prompts.encode_negative_prompts]
+    with torch.inference_mode():
+        return build_conditioning(encoder, hr_prompts[: request.batch_size], hr_negatives[: request.batch_size],
+                                  max(hires_steps(request)[1], 1), request.clip_skip)
 
 
 def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
@@ -208,6 +253,9 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     started = time.perf_counter()
     model = ctx.model
     request, schedule_warnings = _runnable_schedules(request)
+    if request.enable_hr:  # record the hires checkpoint by its name, as "Model" records the first one
+        hires = ctx.hires_checkpoint
+        request = request.model_copy(update={"hr_checkpoint_name": hires.model_name if hires else None})
     result = GenerationResult(request=request, model_title=model.file.title, warnings=schedule_warnings)
     plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
@@ -223,16 +271,11 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
             conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
                                               prompts.encode_negative_prompts[: request.batch_size],
                                               _real_steps(request), request.clip_skip)
+        # With a hires checkpoint, the hires prompts are encoded by its own text encoders, batch by batch.
         hr_conditioning = None
-        if request.enable_hr:
-            hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in prompts.encode_prompts]
-            hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n
-                            for n in prompts.encode_negative_prompts]
-            with torch.inference_mode():
-                hr_conditioning = build_conditioning(encoder, hr_prompts[: request.batch_size],
-                                                     hr_negatives[: request.batch_size],
-                                                     max(hires_steps(request)[1], 1), request.clip_skip)
-        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else hires_params(request)
+        if request.enable_hr and not _switches_model(request, ctx):
+            hr_conditioning = _encode_hires(request, model, prompts, ctx.embeddings)
+        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
         extra.update(network_params)
         extra.update(scripts.infotext)
         if ctx.options.step_cache_interval:
@@ -243,8 +286,8 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         result.extra_images.extend(scripts.extra_images)
     if request.save_images and ctx.options.grid_save and len(result.images) > 1:
         grid = make_grid(result.images)
-        folder = dated_output_dir(ctx.outputs_dir, request.mode, grids=True)
-        result.grid_path = save_image(grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
+        result.grid_path = save_image(grid, _output_dir(request, ctx, grids=True), seed=result.seeds[0],
+                                      infotext=result.infotexts[0],
                                       fmt=ctx.options.grid_format, suffix="-grid")
     result.seconds = time.perf_counter() - started
     return result
@@ -257,14 +300,14 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
     model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
     try:
-        with _Tiling(model, request.tiling), torch.inference_mode():
+        with _Tiling(model, request.tiling):
             for batch_no in range(request.n_iter):
                 first = batch_no * request.batch_size
                 span = slice(first, first + request.batch_size)
                 notice = f" - {ctx.notice}" if batch_no == 0 and ctx.notice else ""
                 control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}{notice}")
                 try:
-                    images = _run_batch(request, ctx, plan, span, conditioning, scripts)
+                    images = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts)
                 except BatchSkipped:
                     continue
                 for k, image in enumerate(images):
@@ -278,7 +321,7 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                     result.prompts.append(prompts.prompts[i])
                     result.negative_prompts.append(prompts.negative_prompts[i])
                     if request.save_images and ctx.options.samples_save:
-                        result.paths.append(save_image(image, _sample_dir(request, ctx), seed=plan.seeds[i],
+                        result.paths.append(save_image(image, _output_dir(request, ctx), seed=plan.seeds[i],
                                                        infotext=infotext, fmt=ctx.options.samples_format))
     except JobInterrupted:
         result.interrupted = True
@@ -292,15 +335,29 @@ def _real_steps(request: GenerationRequest) -> int:
     return request.steps
 
 
-def _sample_dir(request: GenerationRequest, ctx: JobContext) -> Path:
-    custom = ctx.options.outdir_img2img_samples if request.mode == "img2img" else ctx.options.outdir_txt2img_samples
-    return Path(custom) if custom else dated_output_dir(ctx.outputs_dir, request.mode)
+def _output_dir(request: GenerationRequest, ctx: JobContext, *, grids: bool = False) -> Path:
+    """Where images (or grids) of ``request`` are saved: the outdir_* option, else outputs/<mode>-images/<date>."""
+    kind = "grids" if grids else "samples"
+    custom = getattr(ctx.options, f"outdir_{'img2img' if request.mode == 'img2img' else 'txt2img'}_{kind}")
+    return Path(custom) if custom else dated_output_dir(ctx.outputs_dir, request.mode, grids=grids)
 
 
-def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice,
+def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice, prompts: PreparedPrompts,
                conditionings: tuple[Conditioning, Conditioning | None], scripts: ScriptRun) -> list[Image.Image]:
+    """One batch: first pass, hires fix, decode. Models other than the job's own are released afterwards."""
+    with ExitStack() as held:
+        model = ctx.model
+        if _switches_model(request, ctx):  # the hires pass of the previous batch may have unloaded it
+            model = _pass_model(ctx, ctx.model.file.title, request, prompts.tags, held)
+        with torch.inference_mode():
+            return _sample_batch(request, ctx, model, plan, span, prompts, conditionings, scripts, held)
+
+
+def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, span: slice,
+                  prompts: PreparedPrompts, conditionings: tuple[Conditioning, Conditioning | None],
+                  scripts: ScriptRun, held: ExitStack) -> list[Image.Image]:
     conditioning, hr_conditioning = conditionings
-    model, control, device = ctx.model, ctx.control, ctx.device
+    control, device = ctx.control, ctx.device
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
     scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
@@ -350,19 +407,33 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
             inpaint=inpaint, patches=scripts.patches, size=(request.width, request.height),
             step_cache_interval=ctx.options.step_cache_interval), on_step)
-    if hr_conditioning is not None and upscale_only(request):
+    tiles = {"tile": ctx.options.upscaler_tile, "overlap": ctx.options.upscaler_tile_overlap,
+             "should_stop": control.check, "on_progress": lambda done, total: control.update(step=done, steps=total)}
+    if request.enable_hr and upscale_only(request):
         # Hires with an image upscaler and no redraw: the upscaler's pixels are the result, with no
         # VAE round trip (the one-click "generate, then upscale to an exact size" path).
         control.check()
-        images = [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True,
-                                        should_stop=control.check)
+        control.update(step=0, textinfo="Hires. fix: upscaling")
+        images = [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True, **tiles)
                   for image in decode_images(model, latents)]
         scripts.after_batch(images)
         return images
-    if hr_conditioning is not None:
-        control.update(step=0, steps=max(hires_steps(request)[1], 1), textinfo="Hires. fix")
+    if request.enable_hr:
+        control.update(step=0, textinfo="Hires. fix")
+        switch = None
+        if _switches_model(request, ctx):
+            def switch() -> LoadedModel:
+                return _pass_model(ctx, ctx.hires_checkpoint.title, request, prompts.tags, held)
+        # From here on only the hires model is used: with a checkpoint cache of 1 the first one is gone.
+        model, init = upscale_first_pass(request, model, latents, generators=generators, upscalers=ctx.upscalers,
+                                         switch_model=switch, **tiles)
+        if hr_conditioning is None:
+            hr_conditioning = _encode_hires(request, model, prompts, ctx.embeddings)
+            previews = preview_maker(model, ctx.options.show_progress_type)
+        control.check()
+        control.update(step=0, steps=max(hires_steps(request)[1], 1))
         latents = hires_pass(
-            request, model, latents, upscalers=ctx.upscalers, conditioning=hr_conditioning, generators=generators,
+            request, model, init, conditioning=hr_conditioning, generators=generators,
             make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
                                                               subseed_strength=request.subseed_strength)
                                                   for g, sub in zip(generators, subseeds)]),

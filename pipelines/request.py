@@ -29,6 +29,10 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 
+#: The hires checkpoint, sampler and schedule type that mean "as in the first pass" (A1111's UI choices).
+SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER = "Use same checkpoint", "Use same sampler", "Use same scheduler"
+SAME_AS_FIRST_PASS = ("", SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER)
+
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3: "Just resize (latent upscale)"}
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
@@ -70,6 +74,8 @@ class GenerationRequest(BaseModel):
     hr_second_pass_steps: int = Field(0, ge=0, le=150, description="Hires. fix steps; 0: as many as the first pass.")
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE, description="Hires. fix: resize width to this instead (0: off).")
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE, description="Hires. fix: resize height to this instead (0: off).")
+    hr_checkpoint_name: str | None = Field(
+        None, description="Hires. fix checkpoint (title, file name, name or hash); None: the first pass's.")
     hr_sampler_name: str | None = Field(None, description="Hires. fix sampler; None: the same as the first pass.")
     hr_scheduler: str | None = Field(None, description="Hires. fix schedule type; None: the same as the first pass.")
     hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Hires. fix prompt; empty: the same prompt.")
@@ -96,6 +102,14 @@ class GenerationRequest(BaseModel):
     def _finite(cls, value: float, info) -> float:
         if not math.isfinite(value):
             raise ValueError(f"{info.field_name} must be a finite number")
+        return value
+
+    @field_validator("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", mode="before")
+    @classmethod
+    def _same_as_first_pass(cls, value: Any) -> Any:
+        # The UI's and A1111's "Use same ..." choices and an empty value all mean the first pass's setting.
+        if value is None or (isinstance(value, str) and value.strip() in SAME_AS_FIRST_PASS):
+            return None
         return value
 
     @field_validator("sampler_name")

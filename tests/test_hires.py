@@ -7,7 +7,7 @@ import pytest
 from pipelines.hires import hires_steps
 from pipelines.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
-from tests.test_engine import txt2img
+from tests.test_engine import SD15, txt2img
 
 
 def _unet_calls(engine, monkeypatch, request) -> tuple[list[tuple[int, int]], object]:
@@ -82,11 +82,139 @@ def test_hires_prompt_and_sampler_are_recorded(engine):
 
 def test_infotext_round_trip_restores_hires(engine):
     request = txt2img(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic)", hr_second_pass_steps=2,
-                      denoising_strength=0.55, steps=2)
+                      denoising_strength=0.55, steps=2, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras",
+                      hr_prompt="a sharp, detailed cat: close-up", hr_negative_prompt="soft\nblurry")
     result = engine.generate(request)
     fields = request_fields_from_infotext(parse_infotext(result.infotexts[0]))
-    for name in ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"):
+    for name in ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength",
+                 "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
         assert fields[name] == getattr(request, name), name
+    assert "extra" not in fields or not any(key.startswith("Hires") for key in fields["extra"]), fields["extra"]
+
+
+def test_one_side_resize_round_trips_to_the_same_size(engine):
+    result = engine.generate(txt2img(enable_hr=True, width=64, height=64, hr_resize_x=96, hr_resize_y=0, steps=2))
+    assert result.images[0].size == (96, 96)
+    parsed = parse_infotext(result.infotexts[0])
+    assert parsed["Hires resize"] == "96x0" and "Hires upscale" not in parsed
+    pasted = _pasted(result.infotexts[0])
+    assert (pasted.hr_resize_x, pasted.hr_resize_y) == (96, 0) and pasted.hires_size == (96, 96)
+
+
+# --- hires checkpoint ------------------------------------------------------------------------------
+
+
+def _pasted(infotext: str, **update) -> GenerationRequest:
+    """The request that pasting ``infotext`` gives (the request's own fields of it)."""
+    fields = request_fields_from_infotext(parse_infotext(infotext))
+    known = {name: value for name, value in fields.items() if name in GenerationRequest.model_fields}
+    return GenerationRequest(**{**known, **update})
+
+
+def _spy_unets(engine, monkeypatch, titles: dict[str, str]) -> dict[str, list[tuple[int, int]]]:
+    """Record the latent (h, w) of every UNet call of each model in ``titles`` (label -> checkpoint)."""
+    calls: dict[str, list[tuple[int, int]]] = {}
+    for label, checkpoint in titles.items():
+        unet = engine.models.get(checkpoint).unet
+        calls[label] = []
+
+        def spy(sample, *args, _original=unet.forward, _calls=calls[label], **kwargs):
+            _calls.append(tuple(sample.shape[-2:]))
+            return _original(sample, *args, **kwargs)
+
+        monkeypatch.setattr(unet, "forward", spy)
+    return calls
+
+
+def test_hires_checkpoint_runs_the_second_pass(engine, monkeypatch):
+    # tiny-sd15-diffusers holds the very weights of tiny-sd15: handing the latents over must change nothing.
+    calls = _spy_unets(engine, monkeypatch, {"first": SD15, "hires": "tiny-sd15-diffusers"})
+    request = txt2img(enable_hr=True, steps=3, hr_second_pass_steps=2, hr_scale=1.5, hr_upscaler="Latent")
+    switched = engine.generate(request.model_copy(update={"hr_checkpoint_name": "tiny-sd15-diffusers"}))
+    assert calls == {"first": [(8, 8)] * 3, "hires": [(12, 12)] * 2}
+    plain = engine.generate(request)
+    assert switched.images[0].tobytes() == plain.images[0].tobytes()
+    assert parse_infotext(switched.infotexts[0])["Hires checkpoint"] == "tiny-sd15-diffusers"
+    assert parse_infotext(switched.infotexts[0])["Model"] == "tiny-sd15"
+    assert "Hires checkpoint" not in parse_infotext(plain.infotexts[0])
+
+
+@pytest.mark.parametrize("upscaler", ["Latent (bicubic)", "Lanczos"])
+def test_another_hires_checkpoint_changes_the_pixels_and_round_trips(engine, upscaler):
+    request = txt2img(enable_hr=True, steps=2, hr_upscaler=upscaler, hr_second_pass_steps=2)
+    plain = engine.generate(request)
+    switched = engine.generate(request.model_copy(update={"hr_checkpoint_name": "tiny-sd21-v.safetensors"}))
+    assert switched.images[0].size == plain.images[0].size == (128, 128)
+    assert switched.images[0].tobytes() != plain.images[0].tobytes()
+    pasted = _pasted(switched.infotexts[0], checkpoint=SD15, save_images=False)
+    assert pasted.hr_checkpoint_name == "tiny-sd21-v"
+    again = engine.generate(pasted)
+    assert again.images[0].tobytes() == switched.images[0].tobytes()
+
+
+def test_sdxl_hires_checkpoint_goes_through_pixels(engine, monkeypatch):
+    calls = _spy_unets(engine, monkeypatch, {"hires": "tiny-sdxl.safetensors"})
+    result = engine.generate(txt2img(enable_hr=True, steps=2, hr_second_pass_steps=2, hr_upscaler="Latent",
+                                     hr_checkpoint_name="tiny-sdxl.safetensors"))
+    assert calls["hires"] == [(16, 16)] * 2 and result.images[0].size == (128, 128)
+
+
+def test_hires_checkpoint_with_a_cache_of_one_never_touches_the_unloaded_model(engine_factory, engine, monkeypatch):
+    small = engine_factory(checkpoint_cache=1)
+    first = small.models.get(SD15)
+    events: list[str] = []
+    for name, module, method in (("unet", first.unet, "forward"), ("vae", first.vae, "decode"),
+                                 ("vae", first.vae, "encode"), ("text encoder", first.pipe.text_encoder, "forward")):
+        def spy(*args, _original=getattr(module, method), _name=name, **kwargs):
+            events.append(f"first {_name}")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, method, spy)
+    get = small.models.get
+
+    def logged_get(title, *args, **kwargs):
+        events.append(f"load {title}")
+        return get(title, *args, **kwargs)
+
+    monkeypatch.setattr(small.models, "get", logged_get)
+    request = txt2img(enable_hr=True, steps=2, hr_second_pass_steps=2, n_iter=2, hr_upscaler="Lanczos",
+                      hr_checkpoint_name="tiny-sd21-v.safetensors")
+    result = small.generate(request)
+    switch = next(i for i, event in enumerate(events) if event.startswith("load tiny-sd21-v"))
+    assert {"first unet", "first vae", "first text encoder"} <= set(events[:switch])
+    assert not [event for event in events[switch:] if event.startswith("first")], events
+    assert any(event.startswith(f"load {SD15}") for event in events[switch:]), "batch 2 loads the first model again"
+    assert small.models.current.file.name == "tiny-sd21-v.safetensors"
+    expected = engine.generate(request)
+    assert [im.tobytes() for im in result.images] == [im.tobytes() for im in expected.images]
+
+
+def test_unknown_hires_checkpoint_fails_before_loading(engine_factory):
+    engine = engine_factory()
+    with pytest.raises(LookupError, match="hr_checkpoint_name: no model matches 'nope'; available: .*tiny-sd15"):
+        engine.generate(txt2img(enable_hr=True, hr_checkpoint_name="nope"))
+    assert engine.models.current is None
+    assert GenerationRequest(hr_checkpoint_name="Use same checkpoint", hr_sampler_name="Use same sampler",
+                             hr_scheduler="Use same scheduler").hr_checkpoint_name is None
+
+
+def test_interrupt_stops_the_hires_upscaler_between_tiles(engine):
+    from pipelines.jobs import JobControl
+
+    seen: list[tuple[int, int]] = []
+
+    def watch(progress):
+        if progress.textinfo.startswith("Hires. fix") and progress.sampling_step:
+            seen.append((progress.sampling_step, progress.sampling_steps))
+            control.interrupt()  # after the first tile
+
+    control = JobControl(on_progress=watch)
+    options = engine.options.with_overrides({"upscaler_tile": 16, "upscaler_tile_overlap": 4})
+    result = engine.generate(txt2img(enable_hr=True, hr_upscaler="tiny-esrgan-4x", steps=3), control=control,
+                             options=options)
+    assert result.interrupted and not result.images
+    # Tile 1 of many, then nothing until the job's closing report (step 3 = the first pass's steps).
+    assert [step for step, _ in seen] == [1, 3] and seen[0][1] > 4, seen
 
 
 def test_plain_txt2img_records_no_denoising(engine):

@@ -261,6 +261,24 @@ def test_params_from_fields_hires_and_rng():
     assert params == {"Steps": 20, "RNG": "CPU", "Hires upscale": 1.5, "Hires upscaler": "R-ESRGAN 4x+"}
 
 
+def test_optional_hires_keys_and_one_side_resize_map_both_ways():
+    fields = {"steps": 20, "enable_hr": True, "hr_resize_x": 96, "hr_resize_y": 0, "hr_upscaler": "Latent",
+              "hr_checkpoint_name": "other", "hr_sampler_name": "Euler a", "hr_scheduler": "Karras",
+              "hr_prompt": "sharp, 4k", "hr_negative_prompt": "", "width": 64, "height": 64}
+    params = infotext_params_from_fields(fields)
+    assert params["Hires resize"] == "96x0" and "Hires negative prompt" not in params
+    assert list(params)[-5:] == ["Hires upscaler", "Hires checkpoint", "Hires sampler", "Hires schedule type",
+                                 "Hires prompt"]
+    text = build_infotext("p", "", params)
+    assert 'Hires checkpoint: other, Hires sampler: Euler a, Hires schedule type: Karras, Hires prompt: "sharp, 4k"' \
+        in text
+    back = request_fields_from_infotext(parse_infotext(text))
+    assert "extra" not in back
+    for name in ("hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt"):
+        assert back[name] == fields[name], name
+    assert not any(key.startswith("Hires") for key in infotext_params_from_fields({**fields, "enable_hr": False}))
+
+
 def test_fields_from_infotext_types_extra_and_hires():
     parsed = parse_infotext(
         "p\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 9, Size: 640x384, Model: 1234, "

@@ -76,9 +76,6 @@ def split_sampler(name: str, scheduler: str) -> tuple[str, str]:
 
 def _refuse_unavailable(body: BaseModel) -> None:
     """Features A1111 has and we do not yet are refused, not silently dropped."""
-    if getattr(body, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
-        raise ApiError(("hr_checkpoint_name",), "hr_checkpoint_name: a separate hires checkpoint is not available "
-                                                "in this version; leave it empty")
     if body.restore_faces:
         raise ApiError(("restore_faces",), "restore_faces: no face restoration model is available")
     if body.refiner_checkpoint not in (None, "", "None"):
@@ -137,7 +134,7 @@ def check_option_changes(current: Options, changes: dict[str, Any], loc: tuple[s
     try:
         return current.with_overrides(changes)
     except KeyError as error:
-        known = ", ".join([*REQUEST_OPTIONS, *Options.model_fields])
+        known = ", ".join(dict.fromkeys([*REQUEST_OPTIONS, *Options.model_fields]))
         raise ApiError(loc, f"{error.args[0]}; known options: {known}") from None
     except ValidationError as error:
         raise ApiError.from_errors(validation_errors(error.errors(include_url=False), Options,
@@ -243,6 +240,12 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
             engine.upscalers.find(request.hr_upscaler)
         except LookupError as error:
             raise ApiError(("hr_upscaler",), str(error)) from None
+    if request.enable_hr and request.hr_checkpoint_name:
+        try:
+            request.hr_checkpoint_name = engine.registry.find_checkpoint(request.hr_checkpoint_name).title
+        except LookupError as error:
+            message = str(error).replace("checkpoint:", "hr_checkpoint_name:", 1)
+            raise ApiError(("hr_checkpoint_name",), message) from None
 
     parameters = body.model_dump()
     parameters.update(sampler_name=request.sampler_name, scheduler=request.scheduler)

@@ -14,6 +14,7 @@ import gradio as gr
 
 from pipelines.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.registry import ModelFile
+from pipelines.request import SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER
 from pipelines.samplers import find_sampler
 from webui.context import AppContext
 from webui.ui.controls import GenerationControls, schedule_choices
@@ -97,6 +98,31 @@ def find_model(ctx: AppContext, fields: dict[str, Any]) -> tuple[ModelFile | Non
     return None, None
 
 
+def _hires_choices(ctx: AppContext, fields: dict[str, Any]) -> None:
+    """The hires dropdowns' values for a pasted hires infotext: a missing key means "Use same ...", the
+    checkpoint is shown by its title, and one that is not here (or an unknown sampler) is warned about."""
+    name = fields.get("hr_checkpoint_name")
+    if name:
+        try:
+            fields["hr_checkpoint_name"] = ctx.engine.registry.find_checkpoint(str(name)).title
+        except LookupError:
+            gr.Warning(f"The hires pass used checkpoint {name}, which is not in your models folder; "
+                       f"'{SAME_CHECKPOINT}' is set instead.")
+            fields["hr_checkpoint_name"] = None
+    sampler = fields.get("hr_sampler_name")
+    if sampler:
+        try:
+            fields["hr_sampler_name"] = find_sampler(str(sampler)).name
+        except ValueError:
+            gr.Warning(f"Unknown hires sampler {sampler!r}; '{SAME_SAMPLER}' is set instead.")
+            fields["hr_sampler_name"] = None
+    same = {"hr_checkpoint_name": SAME_CHECKPOINT, "hr_sampler_name": SAME_SAMPLER, "hr_scheduler": SAME_SCHEDULER,
+            "hr_prompt": "", "hr_negative_prompt": ""}
+    for key, value in same.items():
+        if not fields.get(key):
+            fields[key] = value
+
+
 def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.components.Component, Any]:
     """Updates for every control the infotext names; warns (in the browser) about what cannot be used."""
     if not (text or "").strip():
@@ -114,6 +140,8 @@ def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.co
         except ValueError:
             gr.Warning(f"Unknown sampler {sampler!r}; the sampling method was left as it was.")
             fields.pop("sampler_name")
+    if fields.get("enable_hr"):
+        _hires_choices(ctx, fields)
     for name, value in fields.items():
         component = target.fields.get(name)
         if component is None:

@@ -7,7 +7,14 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
+from pipelines.request import (
+    LATENT_UPSCALE_MODES,
+    SAME_CHECKPOINT,
+    SAME_SAMPLER,
+    SAME_SCHEDULER,
+    GenerationRequest,
+)
+from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES
 from webui.context import AppContext
 from webui.extension_api import TabUi
 from webui.ui import fields as f
@@ -55,6 +62,20 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
                                           elem_id="txt2img_hr_resize_x")
             reg["hr_resize_y"] = f.slider(model, "hr_resize_y", "Resize height to", step=8,
                                           maximum=SLIDER_MAX_SIZE * 2, elem_id="txt2img_hr_resize_y")
+        with gr.Row():
+            checkpoints = [SAME_CHECKPOINT, *(m.title for m in ctx.engine.registry.checkpoints)]
+            reg["hr_checkpoint_name"] = gr.Dropdown(checkpoints, value=SAME_CHECKPOINT, label="Hires checkpoint",
+                                                    info=f.description(model, "hr_checkpoint_name"),
+                                                    elem_id="txt2img_hr_checkpoint")
+            reg["hr_sampler_name"] = gr.Dropdown([SAME_SAMPLER, *SAMPLERS], value=SAME_SAMPLER,
+                                                 label="Hires sampling method", elem_id="txt2img_hr_sampler")
+            reg["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULER, *SCHEDULE_NAMES], value=SAME_SCHEDULER,
+                                              label="Hires schedule type", elem_id="txt2img_hr_scheduler")
+        reg["hr_prompt"] = gr.Textbox("", label="Hires prompt", lines=2, placeholder="Empty: the same prompt",
+                                      elem_id="txt2img_hr_prompt")
+        reg["hr_negative_prompt"] = gr.Textbox("", label="Hires negative prompt", lines=2,
+                                               placeholder="Empty: the same negative prompt",
+                                               elem_id="txt2img_hr_negative_prompt")
         preset = gr.Button(f"Then upscale to {FINAL_SIZE}x{FINAL_SIZE} (no redraw)", size="sm",
                            elem_id="txt2img_hr_final_preset")
         gr.Markdown("Sets Hires. fix to run an image upscaler to an exact final size at denoising 0: the "
