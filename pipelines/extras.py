@@ -2,22 +2,24 @@
 
 Each output keeps the infotext of its source image, with A1111's postprocessing keys added
 (``Postprocess upscale by``/``to``, ``Postprocess upscaler``, ``Postprocess upscaler 2``), so pasting
-it still gives the generation parameters.
+it still gives the generation parameters. Image upscalers run with the ``upscaler_tile`` and
+``upscaler_tile_overlap`` options; results go to ``outdir_extras_samples`` (default
+``outputs/extras-images/<date>/``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipelines.images import dated_output_dir, read_infotext, save_image
 from pipelines.infotext import parse_infotext
 from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
 from pipelines.options import Options
-from pipelines.upscaling import Upscalers
+from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE, Upscalers
 
 
 @dataclass(frozen=True)
@@ -91,46 +93,74 @@ def extras_infotext(source: str | None, params: dict[str, object]) -> str:
 
 
 def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettings,
-                control: JobControl | None = None) -> Image.Image:
-    """``image`` upscaled with upscaler 1, blended with upscaler 2's result at its visibility."""
+                control: JobControl | None = None, *, tile: int = DEFAULT_TILE,
+                overlap: int = DEFAULT_OVERLAP) -> Image.Image:
+    """``image`` upscaled with upscaler 1, blended with upscaler 2's result at its visibility.
+
+    ``tile``/``overlap`` are the model upscalers' tiling (the ``upscaler_tile`` options).
+    """
     if settings.resize_mode == 0:
         target: dict = {"scale": settings.scale}
     else:
         target = {"size": (settings.width, settings.height), "crop": settings.crop}
     stop = control.check if control is not None else None
-    first = upscalers.upscale(image, settings.upscaler_1, should_stop=stop, **target)
+    tiling = {"tile": tile, "overlap": overlap, "should_stop": stop}
+    first = upscalers.upscale(image, settings.upscaler_1, **tiling, **target)
     if not settings.uses_second:
         return first
-    second = upscalers.upscale(image, settings.upscaler_2, should_stop=stop, **target)
+    second = upscalers.upscale(image, settings.upscaler_2, **tiling, **target)
     if second.mode != first.mode:
         second = second.convert(first.mode)
     return Image.blend(first, second, settings.upscaler_2_visibility)
 
 
-def run_extras(upscalers: Upscalers, images: Sequence[Image.Image], settings: ExtrasSettings, options: Options,
-               outputs_dir: Path, control: JobControl | None = None, *, save: bool | None = None
-               ) -> list[ExtrasResult]:
-    """Process every image in turn; saved to ``outputs/extras-images/<date>/`` when ``save`` (default:
-    the ``samples_save`` option) is true, in the ``samples_format`` format.
+def open_image(path: str | Path) -> Image.Image:
+    """The image in ``path``, fully read (its infotext kept) and the file closed; ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
 
+
+def extras_output_dir(options: Options, outputs_dir: Path) -> Path:
+    """Where Extras results are saved: the ``outdir_extras_samples`` option, else ``outputs/extras-images/<date>/``."""
+    custom = options.outdir_extras_samples.strip()
+    return Path(custom).expanduser() if custom else dated_output_dir(outputs_dir, "extras")
+
+
+def run_extras(upscalers: Upscalers, images: Iterable[Image.Image | str | Path], settings: ExtrasSettings,
+               options: Options, outputs_dir: Path, control: JobControl | None = None, *,
+               save: bool | None = None) -> list[ExtrasResult]:
+    """Process every image in turn, with the ``upscaler_tile``/``upscaler_tile_overlap`` options; saved
+    (see :func:`extras_output_dir`) when ``save`` (default: the ``samples_save`` option) is true, in the
+    ``samples_format`` format.
+
+    ``images`` may hold file paths: each is opened only when its turn comes and let go after it is
+    saved, so a large folder is never all in memory (an unreadable one raises ValueError naming it).
     Interrupt (or skip) stops the job; the images finished by then are returned.
     """
     save = options.samples_save if save is None else save
     params = settings.params()
     results = []
-    for image in images:
+    for item in images:
+        if control is not None and control.interrupted:
+            break
+        image = item if isinstance(item, Image.Image) else open_image(item)
         infotext = extras_infotext(read_infotext(image), params)
         try:
             if control is not None:
                 control.check()
-            result = upscale_one(upscalers, image, settings, control)
+            result = upscale_one(upscalers, image, settings, control, tile=options.upscaler_tile,
+                                 overlap=options.upscaler_tile_overlap)
         except (JobInterrupted, BatchSkipped):
             break
         path = None
         if save:
-            directory = dated_output_dir(outputs_dir, "extras")
             seed = parse_infotext(infotext).get("Seed", 0)
-            path = save_image(result, directory, seed=seed if isinstance(seed, int) else 0, infotext=infotext,
+            path = save_image(result, extras_output_dir(options, outputs_dir),
+                              seed=seed if isinstance(seed, int) else 0, infotext=infotext,
                               fmt=options.samples_format)
         results.append(ExtrasResult(result, infotext, path))
     return results

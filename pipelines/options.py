@@ -67,6 +67,15 @@ class Options(BaseModel):
     )
     sd_checkpoint_cache: int = Field(1, ge=1, le=10, description="How many checkpoints to keep loaded.")
     default_sampler: str = Field("DPM++ 2M", description="Sampling method selected when the UI opens.")
+    # The top bar's choices, kept here (A1111's keys) so that they survive a restart. A job never reads
+    # them: the UI and the API copy them into each request's checkpoint, vae and clip_skip fields.
+    sd_model_checkpoint: str = Field(
+        "", description="Checkpoint loaded at start (title); empty: --ckpt, else the first one found."
+    )
+    sd_vae: str = Field("Automatic", description="SD VAE used by jobs that name none (Automatic: the model's own).")
+    CLIP_stop_at_last_layers: int = Field(
+        1, ge=1, le=12, description="Clip skip used by jobs that name none."
+    )
 
     @model_validator(mode="after")
     def _overlap_fits_tile(self) -> Options:

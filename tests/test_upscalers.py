@@ -96,8 +96,7 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     upscalers = Upscalers(Paths.under(tmp_path), device="cpu")
     with pytest.raises(UnsafeCheckpointError, match="os.system|posix.system"):
         upscalers.upscale(Image.new("RGB", (8, 8)), "evil", scale=2)
-    with pytest.raises(UnsafeCheckpointError):
-        upscalers.scale("evil")
+    assert upscalers.scale("evil") is None  # listed without a scale, never loaded
     assert not marker.exists()
 
 
@@ -150,6 +149,38 @@ def test_official_realesrgan_files_get_a1111_names(tmp_path):
     assert upscalers.scale("R-ESRGAN 2x+") == 2
 
 
+def test_unreadable_files_get_no_scale_and_a_log_line(tmp_path, caplog):
+    # What users drop into models/ESRGAN by mistake: a truncated download, a pickle that wants code,
+    # weights of an architecture spandrel does not know, and an ESRGAN with a missing layer.
+    models = tmp_path / "models" / "ESRGAN"
+    write_tiny_esrgan(models / "good4x.pth", scale=4)
+    models.joinpath("junk.pth").write_bytes(b"this is not a model")
+    torch.save({"params_ema": tiny_esrgan_state_dict(4), "hook": _ShellCommand("true")}, models / "unsafe.pth")
+    torch.save({"encoder.weight": torch.zeros(4, 4)}, models / "unknown.pth")
+    broken = tiny_esrgan_state_dict(2)
+    del broken["model.0.bias"]
+    torch.save(broken, models / "broken.pth")
+    upscalers = Upscalers(Paths.under(tmp_path), device="cpu")
+    bad = ("broken", "junk", "unknown", "unsafe")
+    with caplog.at_level("WARNING", logger="pipelines.upscaling.library"):
+        scales = {name: upscalers.scale(name) for name in upscalers.names}
+    assert scales == {"None": None, "Lanczos": None, "Nearest": None, "broken": None, "good4x": 4, "junk": None,
+                      "unknown": None, "unsafe": None}
+    for name in bad:
+        lines = [record.getMessage() for record in caplog.records if f"{name}.pth" in record.getMessage()]
+        assert len(lines) == 1, (name, caplog.text)
+    assert "refusing to load" in caplog.text and "not an upscaler architecture" in caplog.text
+    assert "Missing key" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.upscaling.library"):
+        assert [upscalers.scale(name) for name in bad] == [None] * 4
+    assert not caplog.records  # logged once per file version, not at every listing
+    out = upscalers.upscale(Image.new("RGB", (8, 6), (90, 120, 150)), "good4x", scale=4)
+    assert out.size == (32, 24)
+    with pytest.raises(ValueError, match="junk.pth"):
+        upscalers.upscale(Image.new("RGB", (8, 6)), "junk", scale=2)
+
+
 def test_errors_name_the_field(upscalers):
     image = Image.new("RGB", (8, 8))
     with pytest.raises(LookupError, match=r"'4x-UltraSharp'.*None, Lanczos, Nearest, tiny4x"):
@@ -198,6 +229,30 @@ def test_no_seams_on_a_flat_image(upscalers):
 
     assert steps(32, 16) == 0
     assert steps(32, 0) > 8
+
+
+def _count_model_calls(upscalers: Upscalers, name: str) -> list[tuple[int, int]]:
+    """The (height, width) of every tile the loaded model of ``name`` is called on from now on."""
+    calls: list[tuple[int, int]] = []
+    module = upscalers.load(name).model
+    module.register_forward_hook(lambda _module, args, _out: calls.append(tuple(args[0].shape[-2:])))
+    return calls
+
+
+def test_tiling_defaults_and_the_calls_own_tiling(data_dir):
+    upscalers = Upscalers(Paths.under(data_dir), device="cpu")
+    calls = _count_model_calls(upscalers, "tiny4x")
+    image = Image.fromarray((np.random.default_rng(5).random((40, 48, 3)) * 255).astype(np.uint8))
+    default = upscalers.upscale(image, "tiny4x", scale=4)
+    assert calls == [(40, 48)]  # the default 192 px tile holds the whole image
+    calls.clear()
+    tiled = upscalers.upscale(image, "tiny4x", scale=4, tile=24, overlap=8)
+    assert len(calls) == count_tiles(48, 40, 24, 8) == 6 and set(calls) == {(24, 24)}
+    assert np.abs(np.asarray(tiled, dtype=int) - np.asarray(default, dtype=int)).max() <= 2
+    with pytest.raises(ValueError, match="overlap: "):
+        upscalers.upscale(image, "tiny4x", scale=4, tile=32, overlap=20)
+    with pytest.raises(ValueError, match="tile: "):
+        upscalers.upscale(image, "tiny4x", scale=4, tile=8, overlap=0)
 
 
 def test_progress_counts_every_tile_of_every_pass(upscalers):
@@ -285,3 +340,20 @@ def test_target_size_and_tensor_round_trip():
     pixels = pil_to_tensor(image)
     assert pixels.shape == (1, 3, 5, 7) and pixels.dtype == torch.float32
     assert np.array_equal(np.asarray(tensor_to_pil(pixels)), np.asarray(image))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_tab_shows_the_upscaler_options_in_their_sections():
+    from pipelines.options import Options
+    from webui.ui.settings import TOP_BAR_OPTIONS, option_control, option_sections
+
+    sections = dict(option_sections())
+    assert sections["Upscaling"] == ["upscaler_tile", "upscaler_tile_overlap"]
+    assert "outdir_extras_samples" in sections["Saving images"]
+    shown = [name for names in sections.values() for name in names]
+    assert sorted(shown) == sorted(set(Options.model_fields) - TOP_BAR_OPTIONS)  # each option once
+    tile = option_control("upscaler_tile", 192)
+    assert (tile.minimum, tile.maximum, tile.value) == (0, 2048, 192)
+    assert option_control("outdir_extras_samples", "").elem_id == "setting_outdir_extras_samples"

@@ -12,6 +12,7 @@ rounded down to a multiple of 8: ``scale`` 3.5 on 100 x 60 gives exactly 350 x 2
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -34,6 +35,9 @@ BUILTIN_UPSCALERS: dict[str, Image.Resampling | None] = {
     "Nearest": Image.Resampling.NEAREST,
 }
 MODEL_KINDS = ("esrgan", "realesrgan")
+#: Tiling when a call gives none (the defaults of the upscaler_tile / upscaler_tile_overlap options).
+DEFAULT_TILE = 192
+DEFAULT_OVERLAP = 32
 #: The names A1111 lists the official Real-ESRGAN releases under (and writes into ``Hires upscaler``),
 #: used for those files in ``models/RealESRGAN/`` so pasted infotexts find them.
 REALESRGAN_NAMES = {
@@ -46,6 +50,8 @@ REALESRGAN_NAMES = {
 }
 #: Called with (tiles done, tiles in total) after every model call of one :meth:`Upscalers.upscale`.
 TileProgress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ class Upscalers:
         self.device = pick_device(device) if isinstance(device, str) else device
         self.half = half
         self._lock = threading.Lock()
-        self._scales: dict[tuple[str, int, int], int] = {}
+        # None marks a file that could not be read, so a listing logs it once per file version.
+        self._scales: dict[tuple[str, int, int], int | None] = {}
         self._loaded: tuple[tuple[str, int, int], spandrel.ImageModelDescriptor] | None = None
         self._upscalers: list[UpscalerInfo] = []
         self.refresh()
@@ -142,17 +149,31 @@ class Upscalers:
         raise LookupError(f"upscaler: no upscaler named {name!r}; available: {', '.join(self.names)}")
 
     def scale(self, name: str) -> int | None:
-        """The native scale of a model upscaler, read from its weights (once per file version); None for built-ins."""
+        """The native scale of a model upscaler, read from its weights (once per file version).
+
+        None for the built-ins, and for a file that cannot be used (unreadable, refused as unsafe, an
+        architecture spandrel does not know, a face restorer): that is logged once with the file and
+        the reason, so one bad file never breaks a listing of the good ones.
+        """
         info = self.find(name)
         if info.path is None:
             return None
-        key = _file_key(info.path)
+        try:
+            key = _file_key(info.path)
+        except OSError as error:  # removed since the last refresh
+            log.warning("upscaler %s: cannot read %s: %s", info.name, info.path, error)
+            return None
         with self._lock:
             if key in self._scales:
                 return self._scales[key]
             if self._loaded is not None and self._loaded[0] == key:
                 return self._loaded[1].scale
-        scale = load_upscaler_model(info.path).scale
+        scale: int | None
+        try:
+            scale = load_upscaler_model(info.path).scale
+        except (ValueError, OSError) as error:
+            log.warning("upscaler %s: cannot use %s: %s", info.name, info.path, error)
+            scale = None
         with self._lock:
             self._scales[key] = scale
         return scale
@@ -190,8 +211,8 @@ class Upscalers:
         scale: float | None = None,
         size: tuple[int, int] | None = None,
         crop: bool = False,
-        tile: int = 192,
-        overlap: int = 32,
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
         on_progress: TileProgress | None = None,
         should_stop: StopCheck | None = None,
     ) -> Image.Image:
@@ -199,9 +220,10 @@ class Upscalers:
 
         With ``size`` and ``crop`` the image is scaled to cover the size and centre-cropped to it;
         without ``crop`` it is stretched. ``tile``/``overlap`` (input pixels; tile 0 = whole image)
-        control tiled inference. ``on_progress(done, total)`` counts model calls over all passes;
-        ``should_stop()`` is asked before each: truthy raises ``JobInterrupted`` (``JobControl.check``
-        may be passed as is). Transparency is kept, resized with Lanczos.
+        control tiled inference (jobs pass the upscaler_tile options).
+        ``on_progress(done, total)`` counts model calls over all passes; ``should_stop()`` is asked
+        before each: truthy raises ``JobInterrupted`` (``JobControl.check`` may be passed as is).
+        Transparency is kept, resized with Lanczos.
         """
         target = target_size(image.size, scale=scale, size=size)
         check_tiling(tile, overlap)

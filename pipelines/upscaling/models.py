@@ -42,15 +42,23 @@ def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_upscaler_model(path: Path) -> spandrel.ImageModelDescriptor:
-    """Load an upscaler file on the CPU in float32, in eval mode; ValueError if spandrel does not know it
-    or it is not a 3-channel image-to-image model."""
+    """Load an upscaler file on the CPU in float32, in eval mode; ValueError if spandrel does not know it,
+    cannot build it from these weights, or it is not a 3-channel image-to-image upscaler (a face restorer
+    such as GFPGAN, an inpainting model)."""
     state = read_upscaler_state_dict(path)
     try:
         model = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError as error:
         raise ValueError(f"{path}: not an upscaler architecture spandrel knows ({error})") from error
+    except (KeyError, RuntimeError, TypeError, AssertionError) as error:
+        # Weights that match an architecture's key pattern but not its shapes or hyperparameters make
+        # spandrel fail while building the module; to the user it is one more unusable file.
+        raise ValueError(f"{path}: spandrel could not build the model ({type(error).__name__}: {error})") from error
     if not isinstance(model, spandrel.ImageModelDescriptor):
         raise ValueError(f"{path}: a {model.architecture.name} model needs a mask; it is not an upscaler")  # noqa: TRY004
+    if model.purpose == "FaceSR":
+        # Face restorers expect one aligned face at a fixed size; they do not upscale whole images.
+        raise ValueError(f"{path}: {model.architecture.name} is a face restoration model, not an upscaler")
     if model.input_channels != 3 or model.output_channels != 3:
         raise ValueError(
             f"{path}: a {model.architecture.name} model with {model.input_channels} input and "

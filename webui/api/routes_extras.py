@@ -1,8 +1,9 @@
 """The Extras routes: extra-single-image and extra-batch-images (REFERENCE §8).
 
 Jobs go through the shared queue like generation jobs. The answers are PNGs that keep the source
-image's infotext with the postprocessing keys added; they are saved to ``outputs/extras-images/``
-when the ``samples_save`` option is on.
+image's infotext with the postprocessing keys added; they are saved to ``outputs/extras-images/`` (or
+the ``outdir_extras_samples`` option) when the ``samples_save`` option is on. Model upscalers run with
+the ``upscaler_tile``/``upscaler_tile_overlap`` options.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def _decode(data: str, loc: tuple) -> Image.Image:
 
 def _run(ctx: AppContext, images: list[Image.Image], settings: ExtrasSettings) -> list[ExtrasResult]:
     description = f"extras: {len(images)} image(s) with {settings.upscaler_1}"
+    options = ctx.options  # the options when the request came, as for generation jobs
     return ctx.queue.run(
-        lambda control: run_extras(ctx.upscalers, images, settings, ctx.options, ctx.engine.paths.outputs_dir,
+        lambda control: run_extras(ctx.upscalers, images, settings, options, ctx.engine.paths.outputs_dir,
                                    control),
         source="api", description=description)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
 
 from pipelines.extras import ExtrasResult, ExtrasSettings, run_extras
 from pipelines.images import embed_infotext
@@ -26,12 +25,6 @@ class ExtrasTab:
     image: gr.Image
     gallery: gr.Gallery
     info: gr.HTML
-
-
-def _open(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
 
 
 def _folder_images(folder: str) -> list[Path]:
@@ -118,19 +111,17 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
             paths = _folder_images(directory)
         if not paths:
             raise gr.Error("No images to process.")
-        try:
-            images = [_open(path) for path in paths]
-        except (OSError, UnidentifiedImageError) as error:
-            raise gr.Error(f"Cannot read an image: {error}") from None
         settings = ExtrasSettings(resize_mode=resize, scale=by, width=int(w or 0), height=int(h or 0), crop=fit,
                                   upscaler_1=first or "None", upscaler_2=second or "None",
                                   upscaler_2_visibility=weight)
         try:
             settings.check(ctx.upscalers)
+            # Paths, not images: run_extras opens each file in turn, so a large folder is never all in memory.
+            options = ctx.options
             results = ctx.queue.run(
-                lambda control: run_extras(ctx.upscalers, images, settings, ctx.options,
-                                           ctx.engine.paths.outputs_dir, control),
-                source="ui", description=f"extras: {len(images)} image(s) with {settings.upscaler_1}")
+                lambda control: run_extras(ctx.upscalers, paths, settings, options, ctx.engine.paths.outputs_dir,
+                                           control),
+                source="ui", description=f"extras: {len(paths)} image(s) with {settings.upscaler_1}")
         except (ValueError, LookupError, JobCancelled) as error:
             raise gr.Error(str(error)) from None
         text = infotext_html(results[0].infotext) if results else ""

@@ -16,6 +16,36 @@ from webui.ui.ui_config import UiDefaults
 
 #: Options whose choices come from elsewhere than their type.
 _CHOICES = {"default_sampler": lambda: list(SAMPLERS)}
+#: Options the top bar shows and saves (checkpoint, VAE, clip skip): a second control here would repeat
+#: the top bar's elem_id and could disagree with it.
+TOP_BAR_OPTIONS = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"})
+#: Headings of the tab and the options under each (a name ending in "*" is a prefix). An option
+#: no section names is shown under "Other", so a new option is never left out of the tab.
+SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Saving images", ("samples_save", "samples_format", "grid_save", "grid_format", "outdir_*")),
+    ("Upscaling", ("upscaler_*",)),
+    ("Live previews", ("show_progress_*",)),
+    ("Models and speed", ("sd_checkpoint_cache", "unet_compile", "step_cache_interval", "default_model_url")),
+    ("User interface", ("default_sampler",)),
+)
+
+
+def option_sections() -> list[tuple[str, list[str]]]:
+    """Every option but the top bar's under its heading, in :data:`SECTIONS` order then declaration
+    order; "Other" last."""
+    names = [name for name in Options.model_fields if name not in TOP_BAR_OPTIONS]
+    taken: set[str] = set()
+    sections = []
+    for title, patterns in SECTIONS:
+        chosen = [name for name in names if name not in taken and any(
+            name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern for pattern in patterns)]
+        taken.update(chosen)
+        if chosen:
+            sections.append((title, chosen))
+    rest = [name for name in names if name not in taken]
+    if rest:
+        sections.append(("Other", rest))
+    return sections
 
 
 def option_control(name: str, value: object) -> gr.components.Component:
@@ -40,13 +70,19 @@ def option_control(name: str, value: object) -> gr.components.Component:
 def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
     """One control per option, an Apply button, and a button that saves the current UI values as defaults."""
     current = ctx.options
-    names = list(Options.model_fields)
+    sections = option_sections()
+    names = [name for _, section in sections for name in section]
     with gr.Row():
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         save_defaults = gr.Button("Save current UI values as defaults", elem_id="ui_defaults_submit")
     result = gr.HTML("", elem_id="settings_result")
+    controls = []
     with gr.Column(elem_id="settings"):
-        controls = [option_control(name, getattr(current, name)) for name in names]
+        for title, section in sections:
+            slug = title.lower().replace(" ", "_")
+            with gr.Group(elem_id=f"settings_section_{slug}"):
+                gr.Markdown(f"### {title}")
+                controls += [option_control(name, getattr(current, name)) for name in section]
 
     def apply_settings(*values: object) -> str:
         old = ctx.options
