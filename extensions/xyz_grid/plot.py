@@ -167,6 +167,15 @@ def _fixed_seeds(request: Any, keep_random: bool) -> dict[str, int]:
     return fixed
 
 
+def _short(error: ValueError) -> str:
+    """A request validation error as "field: message" lines, without pydantic's headers and links."""
+    details = getattr(error, "errors", None)
+    if not callable(details):
+        return str(error)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in details())
+
+
 def plan_cells(request: Any, args: PlotArgs, current_checkpoint: str | None) -> Plan:
     """Every cell's request, built (and so validated) before any generation: a bad combination, like a
     schedule a sampler cannot run, fails here naming the cell."""
@@ -195,7 +204,7 @@ def plan_cells(request: Any, args: PlotArgs, current_checkpoint: str | None) -> 
                     sub = type(request).model_validate(fields)
                 except ValueError as error:
                     where = ", ".join(a.type.caption(v) for a, v in ((x, vx), (y, vy), (z, vz)) if a.type.caption(v))
-                    raise ValueError(f"the cell {where}: {error}") from None
+                    raise ValueError(f"the cell {where}: {_short(error)}") from None
                 plan.cells.append(Cell(ix, iy, iz, sub))
     return plan
 
