@@ -203,7 +203,6 @@ def test_options_round_trip_and_persist(client, server):
 
 
 @pytest.mark.parametrize("changes, field", [
-    ({"no_such_option": 1}, "no_such_option"),
     ({"sd_model_checkpoint": "missing-model"}, "sd_model_checkpoint"),
     ({"show_progress_every_n_steps": 1000}, "show_progress_every_n_steps"),
     ({"CLIP_stop_at_last_layers": 40}, "CLIP_stop_at_last_layers"),
@@ -368,13 +367,13 @@ def test_hires_fix_through_the_api(client):
     ("txt2img", {"steps": 0}, "steps", "between 1 and 150"),
     ("txt2img", {"prompt": "x" * 1_000_000}, "prompt", "at most 20000"),
     ("txt2img", {"sampler_name": "Euler z"}, "sampler_name", "Euler a"),
-    ("txt2img", {"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler", "Uniform"),
+    ("txt2img", {"sampler_name": "DDIM", "scheduler": "Karas"}, "scheduler", "Karras"),
     ("txt2img", {"styles": ["no-such-style"]}, "styles", "no-such-style"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "nope"}}, "sd_model_checkpoint", "tiny-sd15"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 99}}, "CLIP_stop_at_last_layers", "1 and 12"),
     ("txt2img", {"override_settings": {"samples_format": "bmp"}}, "samples_format", "png"),
     ("txt2img", {"enable_hr": True, "hr_upscaler": "Magic"}, "hr_upscaler", "no upscaler named 'Magic'"),
-    ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "x"}, "hr_checkpoint_name", "not available"),
+    ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "x"}, "hr_checkpoint_name", "no model matches 'x'"),
     ("txt2img", {"enable_hr": True, "hr_scale": 100}, "hr_scale", "8"),
     ("txt2img", {"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts", "controlnet"),
     ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, "init_images", "not an image"),
@@ -428,7 +427,9 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_works(url, api_engi
 def test_api_auth_guards_every_route(api_engine, tmp_path):
     server = ApiServer(api_engine, tmp_path, api_auth="alice:s3cret,bob:pa:ss").start()
     try:
-        schema = requests.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json()
+        for path in ("/openapi.json", "/docs"):  # the schema and the docs are guarded too
+            assert requests.get(server.url + path, timeout=TIMEOUT).status_code == 401, path
+        schema = requests.get(f"{server.url}/openapi.json", auth=("alice", "s3cret"), timeout=TIMEOUT).json()
         routes = [(method, path) for path, item in schema["paths"].items() for method in item]
         assert len(routes) >= 30
         for method, path in routes:
@@ -536,3 +537,216 @@ def test_extras_refuses_unknown_upscalers_and_bad_images(url):
     bad = post(url, "extra-single-image", {"image": "bm90IGFuIGltYWdl", "upscaler_1": "Lanczos"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "image"]
     assert extras(url, upscaling_resize=0).status_code == 422
+
+
+# --- upscaler tiling, extras output folder, unreadable upscaler files -----------------------------
+
+
+def test_extras_use_the_tiling_and_output_folder_options(url, server, tmp_path):
+    calls: list[tuple[int, int]] = []
+    hook = server.ctx.upscalers.load(ESRGAN).model.register_forward_hook(
+        lambda _module, args, _out: calls.append(tuple(args[0].shape[-2:])))
+    folder = tmp_path / "my-extras"
+    try:
+        whole = extras(url, upscaler_1=ESRGAN, upscaling_resize=2)
+        assert whole.status_code == 200, whole.text
+        assert calls == [(24, 32)]  # the default 192 px tile holds the 32x24 source
+        calls.clear()
+        server.ctx.update_options({"upscaler_tile": 16, "upscaler_tile_overlap": 4, "samples_save": True,
+                                   "outdir_extras_samples": str(folder)})
+        tiled = extras(url, upscaler_1=ESRGAN, upscaling_resize=2)
+    finally:
+        hook.remove()
+        server.ctx.update_options({"upscaler_tile": 192, "upscaler_tile_overlap": 32, "samples_save": False,
+                                   "outdir_extras_samples": ""})
+    assert tiled.status_code == 200, tiled.text
+    assert len(calls) == 6 and set(calls) == {(16, 16)}  # 3 x 2 tiles of 16 px overlapping by at least 4
+    image = decode_png(tiled.json()["image"])
+    assert image.size == (64, 48)
+    saved = sorted(folder.glob("*.png"))
+    assert len(saved) == 1
+    with Image.open(saved[0]) as on_disk:
+        assert np.array_equal(np.asarray(on_disk), np.asarray(image))
+        assert "Postprocess upscaler: tiny-esrgan-4x" in on_disk.info["parameters"]
+
+
+def test_upscaler_lists_survive_unreadable_model_files(url, tiny_models):
+    junk = [tiny_models / "ESRGAN" / "junk.pth", tiny_models / "RealESRGAN" / "RealESRGAN_x4plus.pth"]
+    made = not junk[1].parent.exists()
+    for path in junk:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"a truncated download")
+    try:
+        upscalers = requests.get(f"{url}/upscalers", timeout=TIMEOUT)
+        realesrgan = requests.get(f"{url}/realesrgan-models", timeout=TIMEOUT)
+    finally:
+        for path in junk:
+            path.unlink()
+        if made:
+            junk[1].parent.rmdir()
+    assert upscalers.status_code == 200, upscalers.text
+    scales = {item["name"]: item["scale"] for item in upscalers.json()}
+    assert scales[ESRGAN] == 4 and scales["junk"] is None and scales["R-ESRGAN 4x+"] is None
+    assert realesrgan.status_code == 200, realesrgan.text
+    assert realesrgan.json() == [{"name": "R-ESRGAN 4x+", "path": str(junk[1]), "scale": None}]
+    assert "junk" not in [item["name"] for item in requests.get(f"{url}/upscalers", timeout=TIMEOUT).json()]
+
+
+# --- options kept across restarts, skip, CORS, warnings ---------------------------------------------
+
+
+def test_unknown_options_are_ignored_with_a_warning(url, caplog):
+    response = post(url, "options", {"samples_format": "jpg", "no_such_option": 1, "eta_noise_seed_delta": 31337})
+    try:
+        assert response.status_code == 200, response.text
+        options = requests.get(f"{url}/options", timeout=TIMEOUT).json()
+        assert options["samples_format"] == "jpg" and "no_such_option" not in options
+        assert any("eta_noise_seed_delta, no_such_option" in record.getMessage() and record.levelname == "WARNING"
+                   for record in caplog.records)
+    finally:
+        post(url, "options", {"samples_format": "png"})
+
+
+def test_selection_survives_a_restart_and_a_missing_one_falls_back(engine_factory, tiny_models, tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from webui.app import create_api_app
+    from webui.context import AppContext
+    from webui.flags import parse_flags
+
+    first = ApiServer(engine_factory(), tmp_path).start()
+    try:
+        response = post(first.url + "/sdapi/v1", "options",
+                        {"sd_model_checkpoint": SD21, "sd_vae": "tiny-vae", "CLIP_stop_at_last_layers": 3})
+        assert response.status_code == 200, response.text
+    finally:
+        first.stop()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["sd_model_checkpoint"].startswith(SD21 + " [") and saved["sd_vae"] == "tiny-vae.safetensors"
+
+    def restart() -> AppContext:
+        flags = parse_flags(["--data-dir", str(tmp_path), "--models-dir", str(tiny_models), "--use-cpu", "all",
+                             "--nowebui", "--disable-all-extensions"], environ={})
+        return AppContext.create(flags)
+
+    ctx = restart()
+    assert ctx.engine.models.current is None  # nothing loaded yet; the saved one is what loads first
+    assert ctx.engine.models.resolve(None).name == SD21
+    with TestClient(create_api_app(ctx)) as client:
+        options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == saved["sd_model_checkpoint"]
+    assert options["sd_vae"] == "tiny-vae.safetensors" and options["CLIP_stop_at_last_layers"] == 3
+
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "sd_model_checkpoint": "gone.safetensors [0123abcd]",
+                                                      "sd_vae": "gone-vae.safetensors"}))
+    ctx = restart()
+    assert "gone.safetensors" in caplog.text and "gone-vae.safetensors" in caplog.text
+    assert ctx.engine.models.resolve(None).title == ctx.engine.registry.checkpoints[0].title
+    assert ctx.options.sd_vae == "Automatic" and ctx.options.CLIP_stop_at_last_layers == 3
+
+
+def test_progress_reports_skipped_until_the_next_batch(url, server):
+    from pipelines.jobs import BatchSkipped
+
+    release, seen = threading.Event(), {}
+
+    def job(control) -> None:
+        control.start(2, 10)
+        release.wait(30)
+        try:
+            control.check()
+        except BatchSkipped:
+            seen["raised"] = True
+        seen["after_check"] = control.skipped
+        control.update(job_no=1, step=0)
+        seen["next_batch"] = control.skipped
+
+    holder = threading.Thread(target=server.ctx.queue.run, args=(job,), kwargs={"source": "api"})
+    holder.start()
+    try:
+        while server.ctx.queue.running is None:
+            time.sleep(0.01)
+        assert requests.get(f"{url}/progress", timeout=TIMEOUT).json()["state"]["skipped"] is False
+        assert post(url, "skip", {}).json() == {}
+        assert requests.get(f"{url}/progress", timeout=TIMEOUT).json()["state"]["skipped"] is True
+    finally:
+        release.set()
+        holder.join()
+    assert seen == {"raised": True, "after_check": True, "next_batch": False}
+
+
+def test_skip_drops_the_running_batch_and_the_job_goes_on(url, client):
+    answers: list[requests.Response] = []
+    body = {"prompt": "a cat", "steps": 100, "width": 64, "height": 64, "n_iter": 2, "seed": 50}
+    worker = threading.Thread(target=lambda: answers.append(post(url, "txt2img", body)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = client.get_progress()["state"]
+        if state["job_no"] == 0 and state["sampling_step"] >= 2:
+            break
+        time.sleep(0.01)
+    assert post(url, "skip", {}).json() == {}
+    worker.join(timeout=120)
+    assert answers and answers[0].status_code == 200, answers
+    info = json.loads(answers[0].json()["info"])
+    # The first batch (seed 50) was dropped mid-way; the second one ran to the end.
+    assert info["all_seeds"] == [51] and not info["interrupted"] and len(answers[0].json()["images"]) == 1
+
+
+def test_cfg_nan_as_text_names_the_range_not_a_length(url):
+    response = post(url, "txt2img", {**SMALL, "cfg_scale": "NaN"})
+    assert response.status_code == 422
+    message = response.json()["detail"][0]["msg"]
+    assert message == "cfg_scale must be a finite number between 1.0 and 30.0, got 'NaN'", message
+
+
+def test_cors_allows_only_the_listed_origins(api_engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from webui.app import create_api_app
+    from webui.context import AppContext
+    from webui.flags import Flags
+
+    def app(**flags):
+        return create_api_app(AppContext(Flags(nowebui=True, **flags), api_engine, tmp_path / "config.json"))
+
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with TestClient(app(cors_allow_origins="https://allowed.example, https://other.example",
+                        cors_allow_origins_regex=r"https://.*\.trusted\.example")) as client:
+        for origin, allowed in (("https://allowed.example", True), ("https://other.example", True),
+                                ("https://ui.trusted.example", True), ("https://evil.example", False)):
+            answer = client.options("/sdapi/v1/txt2img", headers={"Origin": origin, **preflight})
+            assert (answer.headers.get("access-control-allow-origin") == origin) is allowed, (origin, answer.headers)
+        simple = client.get("/sdapi/v1/samplers", headers={"Origin": "https://allowed.example"})
+        assert simple.headers["access-control-allow-origin"] == "https://allowed.example"
+    with TestClient(app()) as client:  # without the flag no other site is allowed
+        answer = client.options("/sdapi/v1/txt2img", headers={"Origin": "https://allowed.example", **preflight})
+        assert "access-control-allow-origin" not in answer.headers
+
+
+@pytest.mark.parametrize("flags, api_warning", [
+    ({"share": True, "api": True}, True),
+    ({"listen": True, "nowebui": True}, True),
+    ({"share": True, "api": True, "api_auth": "a:b", "gradio_auth": "a:b"}, False),
+])
+def test_exposure_warnings_for_listen_and_share(caplog, flags, api_warning):
+    from webui.app import _warn_about_exposure
+    from webui.flags import Flags
+
+    with caplog.at_level("WARNING", logger="webui"):
+        _warn_about_exposure(Flags(**flags))
+    assert ("the API is open to the network" in caplog.text) is api_warning
+    assert ("has NO LOGIN" in caplog.text) is not bool(flags.get("gradio_auth"))
+
+
+def test_hires_checkpoint_over_the_api(url):
+    body = {**SMALL, "steps": 2, "enable_hr": True, "hr_second_pass_steps": 2, "hr_checkpoint_name": SD21,
+            "hr_sampler_name": "Euler a", "hr_prompt": "a sharp cat"}
+    response = post(url, "txt2img", body)
+    assert response.status_code == 200, response.text
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Hires checkpoint: tiny-sd21-v" in infotext and "Hires sampler: Euler a" in infotext
+    assert decode_png(response.json()["images"][0]).size == (128, 128)
+    same = post(url, "txt2img", {**body, "hr_checkpoint_name": "Use same checkpoint"})
+    assert same.status_code == 200 and "Hires checkpoint" not in json.loads(same.json()["info"])["infotexts"][0]

@@ -61,13 +61,31 @@ def number_value(page, elem_id: str) -> float:
     return float(page.locator(f"#{elem_id} input[type=number]").first.input_value())
 
 
-def test_txt2img_img2img_and_png_info_round_trip(page, ui_server):
+@pytest.fixture
+def clip_skip_restored(ui_server):
+    """Clip skip is kept server-wide (as A1111's quicksettings): back to 1 for the next tests."""
+    yield
+    ui_server.ctx.update_options({"CLIP_stop_at_last_layers": 1})
+
+
+def test_txt2img_img2img_and_png_info_round_trip(page, ui_server, clip_skip_restored):
     screenshot(page, "01-start")
     assert page.locator("#no_model_notice").is_hidden()
     choose_checkpoint(page, TINY)
     page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
     page.locator("#txt2img_neg_prompt textarea").fill("blurry")
     page.locator("#txt2img_seed input").fill("1234")
+    # Values other than the page's defaults, so that pasting them back later shows something.
+    page.locator("#txt2img_sampling input").click()
+    page.get_by_role("option", name="DDIM", exact=True).click()
+    fill_number(page, "txt2img_steps", 4)
+    fill_number(page, "txt2img_width", 96)
+    fill_number(page, "txt2img_cfg_scale", 5)
+    fill_number(page, "setting_CLIP_stop_at_last_layers", 2)
+    deadline = time.monotonic() + 30
+    while ui_server.ctx.options.CLIP_stop_at_last_layers != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ui_server.ctx.options.CLIP_stop_at_last_layers == 2  # kept server-wide, as A1111's quicksettings
     # "a photo of a cat" is 5 tokens of 75.
     page.wait_for_function("() => document.querySelector('#txt2img_token_counter').innerText.includes('5/75')")
 
@@ -75,7 +93,8 @@ def test_txt2img_img2img_and_png_info_round_trip(page, ui_server):
     screenshot(page, "02-txt2img-result")
     assert info.startswith("a photo of a cat")
     assert "Negative prompt: blurry" in info
-    for part in ("Steps: 3", "Sampler: Euler", "Seed: 1234", "Size: 64x64", "Model: tiny-sd15"):
+    for part in ("Steps: 4", "Sampler: DDIM", "CFG scale: 5", "Seed: 1234", "Size: 96x64", "Model: tiny-sd15",
+                 "Clip skip: 2"):
         assert part in info
     saved = newest_output(ui_server.data_dir, "txt2img")
     assert read_infotext(saved).replace("\n", " ") == info.replace("\n", " ")
@@ -112,24 +131,35 @@ def test_txt2img_img2img_and_png_info_round_trip(page, ui_server):
     screenshot(page, "03b-inpaint-drawn")
     assert "Mask blur: 4" in info3, info3
 
+    # A fresh page with another checkpoint and clip skip: every value must come back from the image.
+    page.reload()
+    page.locator("#txt2img_generate").wait_for()
+    choose_checkpoint(page, "tiny-sd21-v.safetensors")
+    fill_number(page, "setting_CLIP_stop_at_last_layers", 1)
+    # The top bar's choices are kept (config.json) for the next start, as A1111's quicksettings are.
+    def kept() -> bool:
+        saved = json.loads(ui_server.ctx.options_path.read_text())
+        return saved["sd_model_checkpoint"].startswith("tiny-sd21-v.safetensors [") \
+            and saved["CLIP_stop_at_last_layers"] == 1
+
+    deadline = time.monotonic() + 30
+    while not kept() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kept()
+    assert number_value(page, "txt2img_steps") == 3 and page.locator("#txt2img_sampling input").input_value() == "Euler"
     page.locator("#tab_pnginfo-button, button[role=tab]:has-text('PNG Info')").first.click()
     page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
     page.locator("#pnginfo_parameters").wait_for()
     screenshot(page, "04-png-info")
-    # Change the txt2img controls, so that the values coming back are the image's, not leftovers.
-    page.locator("button[role=tab]:has-text('txt2img')").first.click()
-    page.locator("#txt2img_prompt textarea").fill("something else")
-    page.locator("#txt2img_steps input[type=number]").fill("9")
-    page.locator("#txt2img_seed input").fill("-1")
-    page.locator("button[role=tab]:has-text('PNG Info')").first.click()
     page.locator("#pnginfo_send_to_txt2img").click()
     page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value === 'a photo of a cat'")
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == "blurry"
-    assert number_value(page, "txt2img_steps") == 3
+    assert number_value(page, "txt2img_steps") == 4
     assert number_value(page, "txt2img_seed") == 1234
-    assert number_value(page, "txt2img_width") == 64 and number_value(page, "txt2img_height") == 64
-    assert number_value(page, "txt2img_cfg_scale") == 7
-    assert page.locator("#txt2img_sampling input").input_value() == "Euler"
+    assert number_value(page, "txt2img_width") == 96 and number_value(page, "txt2img_height") == 64
+    assert number_value(page, "txt2img_cfg_scale") == 5
+    assert number_value(page, "setting_CLIP_stop_at_last_layers") == 2
+    assert page.locator("#txt2img_sampling input").input_value() == "DDIM"
     assert page.locator("#txt2img_scheduler input").input_value() == "Automatic"
     assert TINY in page.locator("#setting_sd_model_checkpoint input").input_value()
     screenshot(page, "05-sent-to-txt2img")
@@ -171,6 +201,8 @@ def test_interrupt_a_long_job(page, ui_server):
     page.wait_for_function("() => /Step \\d+\\/150/.test(document.querySelector('#txt2img_progress').innerText)")
     assert page.locator("#txt2img_skip").is_visible()
     screenshot(page, "07-running")
+    page.wait_for_timeout(1500)  # a tick or two of the status timer: this user's own job is not "another job"
+    assert page.locator("#queue_status").inner_text().strip() == ""
     started = time.monotonic()
     page.locator("#txt2img_interrupt").click()
     page.locator("#txt2img_generate").wait_for(state="visible", timeout=30_000)
@@ -216,20 +248,31 @@ def test_queued_job_shows_its_position_and_can_be_cancelled(ui_server):
 
 
 def test_app_without_models_says_where_to_put_one(tmp_path, monkeypatch):
+    from pipelines.options import Options
     from webui.ui.download import network_problem
 
     models = tmp_path / "models"
-    running = start_ui_server(models, tmp_path / "data", "--api")
+    running = start_ui_server(models, tmp_path / "data", "--api", "--cors-allow-origins", "https://allowed.example")
     try:
         config = httpx.get(running.url + "config", timeout=10).text
         assert "No checkpoint found" in config
         assert str(models / "Stable-diffusion") in config
-        # --api mounts the A1111 API on the same server.
+        # --api mounts the A1111 API on the same server, with its docs and a schema of the API routes only.
         assert httpx.get(running.url + "sdapi/v1/sd-models", timeout=10).json() == []
+        docs = httpx.get(running.url + "docs", timeout=10)
+        assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
+        paths = httpx.get(running.url + "openapi.json", timeout=10).json()["paths"]
+        assert "/sdapi/v1/txt2img" in paths and not any(path.startswith(("/login", "/config", "/gradio_api"))
+                                                        for path in paths)
+        # --cors-allow-origins: a page of the allowed site may call the server; another site may not.
+        preflight = {"Access-Control-Request-Method": "POST"}
+        for origin, allowed in (("https://allowed.example", True), ("https://evil.example", False)):
+            answer = httpx.options(running.url + "sdapi/v1/txt2img", headers={"Origin": origin, **preflight})
+            assert (answer.headers.get("access-control-allow-origin") == origin) is allowed, answer.headers
     finally:
         running.server.close()
     # Offline, the download button explains itself instead of trying (tests never download).
-    assert "HF_HUB_OFFLINE" in network_problem()
+    assert "HF_HUB_OFFLINE" in network_problem(Options().default_model_url)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     problem = network_problem("https://127.0.0.1:9/model.safetensors", timeout=1)
     assert problem and "127.0.0.1:9 cannot be reached" in problem
@@ -309,9 +352,14 @@ def test_hires_fix_from_the_txt2img_tab(page, ui_server):
     page.locator("#txt2img_enable_hr input[type=checkbox]").check()
     page.locator("#txt2img_hires_steps input[type=number]").fill("2")
     page.locator("#txt2img_hires_steps input[type=number]").press("Tab")
+    page.locator("#txt2img_hr_sampler input").click()
+    page.get_by_role("option", name="Euler a", exact=True).click()
+    page.locator("#txt2img_hr_prompt textarea").fill("a tall tower, sharp")
     info = generate_and_wait(page, "txt2img")
     screenshot(page, "11-hires")
     assert "Size: 64x64" in info and "Hires upscale: 2" in info and "Hires upscaler: Latent" in info
+    assert "Hires sampler: Euler a" in info and 'Hires prompt: "a tall tower, sharp"' in info
+    assert "Hires checkpoint" not in info  # "Use same checkpoint" is the default
     saved = newest_output(ui_server.data_dir, "txt2img")
     assert Image.open(saved).size == (128, 128)
 
@@ -325,3 +373,103 @@ def test_one_click_final_size_preset(page, ui_server):
     assert number_value(page, "txt2img_denoising_strength") == 0
     assert number_value(page, "txt2img_hr_resize_y") == 2048
     assert "tiny-esrgan-4x" in page.locator("#txt2img_hr_upscaler input").input_value()
+
+
+def test_paste_keeps_the_checkpoint_when_the_image_names_an_unknown_one(ui_server):
+    import gradio as gr
+
+    from webui.ui.paste import PasteTarget, find_model, paste_updates
+
+    ctx = ui_server.ctx
+    model, warning = find_model(ctx, {"sd_model_hash": "deadbeef00", "sd_model_name": "nowhere"})
+    assert model is None and "nowhere [deadbeef00]" in warning and "not in your models folder" in warning
+    known = ctx.engine.registry.find_checkpoint(TINY)
+    assert find_model(ctx, {"sd_model_hash": known.short_hash, "sd_model_name": "renamed"}) == (known, None)
+
+    prompt, checkpoint = gr.Textbox(), gr.Dropdown()
+    target = PasteTarget({"prompt": prompt}, checkpoint)
+    with pytest.warns(UserWarning, match="not in your models folder"):
+        updates = paste_updates(ctx, "a cat\nSteps: 3, Model hash: deadbeef00, Model: nowhere", target)
+    assert updates[prompt]["value"] == "a cat" and checkpoint not in updates  # no switch
+
+
+def test_queue_status_shows_an_api_job_while_it_runs(page, ui_server):
+    release = threading.Event()
+
+    def job(control) -> None:
+        control.start(1, 20)
+        control.update(step=3)
+        release.wait(30)
+
+    holder = threading.Thread(target=ui_server.ctx.queue.run, args=(job,),
+                              kwargs={"source": "api", "description": "an API job"})
+    holder.start()
+    try:
+        page.wait_for_function(
+            "() => document.querySelector('#queue_status').innerText.includes('API job running: step 3/20')",
+            timeout=15_000)
+        screenshot(page, "12-api-job-running")
+    finally:
+        release.set()
+        holder.join()
+    page.wait_for_function("() => document.querySelector('#queue_status').innerText.trim() === ''", timeout=15_000)
+
+
+def test_swap_reuse_seed_styles_and_zip(page, ui_server):
+    import csv
+    import io
+    import zipfile
+
+    choose_checkpoint(page, TINY)
+    fill_number(page, "txt2img_width", 96)
+    page.locator("#txt2img_res_switch_btn").click()
+    page.wait_for_function("""() => {
+        const value = id => document.querySelector(`#${id} input[type=number]`).value;
+        return value('txt2img_width') === '64' && value('txt2img_height') === '96';
+    }""")
+
+    # Save the prompts as a style: styles.csv gets the row, the Styles list offers it.
+    page.locator("#txt2img_prompt textarea").fill("a lighthouse")
+    page.locator("#txt2img_neg_prompt textarea").fill("fog")
+    page.get_by_text("Save prompts as a style").click()
+    page.locator("#txt2img_style_name textarea, #txt2img_style_name input").first.fill("coastal")
+    page.locator("#txt2img_style_save").click()
+    styles_file = ui_server.data_dir / "styles.csv"
+    deadline = time.monotonic() + 30
+    while not (styles_file.is_file() and "coastal" in styles_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(styles_file.read_text()))}
+    assert rows["coastal"]["prompt"] == "a lighthouse" and rows["coastal"]["negative_prompt"] == "fog"
+    # Apply it to other prompts: they become what the engine's style rules make of them, the selection clears.
+    page.locator("#txt2img_prompt textarea").fill("at night")
+    page.locator("#txt2img_neg_prompt textarea").fill("")
+    page.locator("#txt2img_styles input").click()
+    page.get_by_role("option", name="coastal").click()
+    page.locator("#txt2img_style_apply").click()
+    expected = ui_server.ctx.engine.styles.apply("at night", "", ["coastal"])
+    page.wait_for_function("text => document.querySelector('#txt2img_prompt textarea').value === text",
+                           arg=expected[0])
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == expected[1] == "fog"
+
+    # A random seed, then reuse it: the seed box gets the seed of the image shown.
+    fill_number(page, "txt2img_batch_size", 2)
+    page.locator("#txt2img_seed input").fill("-1")
+    info = generate_and_wait(page, "txt2img")
+    seed = int(re.search(r"Seed: (\d+)", info).group(1))
+    assert "Size: 64x96" in info
+    page.locator("#txt2img_reuse_seed").click()
+    page.wait_for_function("seed => document.querySelector('#txt2img_seed input').value === String(seed)", arg=seed)
+
+    # Zip: a download with both images of the batch, each with its infotext.
+    page.locator("#txt2img_save_zip").click()
+    link = page.locator("#txt2img_download_files a[href]").first
+    link.wait_for()
+    href = link.get_attribute("href")
+    data = httpx.get(href if href.startswith("http") else ui_server.url.rstrip("/") + href, timeout=30).content
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+        assert len(names) == 2 and all(name.endswith(".png") for name in names)
+        seeds = sorted(int(re.search(r"Seed: (\d+)", read_infotext(archive.read(name))).group(1))
+                       for name in names)
+    assert seeds == [seed, seed + 1]
+    screenshot(page, "13-styles-seed-zip")

@@ -19,18 +19,22 @@ def _warn_about_exposure(flags: Flags) -> None:
             "Anyone who can reach it can generate images, read your prompts and outputs, and use your GPU.\n"
             "Set --gradio-auth user:password (and --api-auth for the API).\n" + "!" * 78
         )
-    if (flags.api or flags.nowebui) and flags.listen and not flags.api_auth:
-        log.warning("WARNING: the API is open to the network without --api-auth: anyone can use it.")
+    if (flags.api or flags.nowebui) and (flags.listen or flags.share) and not flags.api_auth:
+        log.warning("WARNING: the API is open to the network (--listen/--share) without --api-auth: anyone "
+                    "who can reach it can use it.")
 
 
 def create_api_app(ctx: AppContext):
-    """A FastAPI app with only the A1111 API (--nowebui)."""
+    """A FastAPI app with only the A1111 API (--nowebui), its docs at /docs."""
     from fastapi import FastAPI
 
     from webui.api import mount_api
+    from webui.cors import add_cors
 
-    app = FastAPI(title="SD web UI API", docs_url="/docs", openapi_url="/openapi.json")
+    # mount_api serves the schema and the docs, behind --api-auth like every route.
+    app = FastAPI(title="SD web UI API", docs_url=None, redoc_url=None, openapi_url=None)
     mount_api(app, ctx)
+    add_cors(app, ctx.flags)
     return app
 
 

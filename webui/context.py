@@ -7,7 +7,10 @@ and stop the job that is running, whoever sent it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
+import re
 import threading
 import time
 from collections import deque
@@ -19,11 +22,36 @@ from typing import TypeVar
 from pipelines.engine import Engine
 from pipelines.jobs import JobControl, Progress
 from pipelines.options import Options
+from pipelines.settings import Paths
 from pipelines.upscaling import Upscalers
 from webui.extensions import LoadedExtensions, load_extensions
 from webui.flags import Flags
 
 T = TypeVar("T")
+log = logging.getLogger("webui")
+_TITLE_HASH = re.compile(r" \[[0-9a-f]{8,64}\]$")
+
+
+def _file_name(title: str) -> str:
+    """``"sub/model.safetensors [abcd1234]"`` -> ``"sub/model.safetensors"``: the file may have changed since."""
+    return _TITLE_HASH.sub("", title.strip())
+
+
+def saved_selection_or_fallback(options: Options, paths: Paths) -> Options:
+    """``options`` with a saved checkpoint or VAE that is no longer on disk replaced by the default, logged.
+
+    Only file names are checked, so that starting does not wait for hashing every checkpoint.
+    """
+    changes: dict[str, str] = {}
+    for key, kind, fallback in (("sd_model_checkpoint", "checkpoint", ""), ("sd_vae", "vae", "Automatic")):
+        saved = getattr(options, key)
+        if saved in ("", "Automatic", "None"):
+            continue
+        if not any((folder / _file_name(saved)).exists() for folder in paths.model_dirs(kind)):
+            log.warning("the saved %s %r (config.json) is no longer in %s; using %s instead", key, saved,
+                        ", ".join(map(str, paths.model_dirs(kind))), fallback or "the first checkpoint found")
+            changes[key] = fallback
+    return options.model_copy(update=changes) if changes else options
 
 
 class JobCancelled(Exception):
@@ -142,11 +170,16 @@ class AppContext:
 
     @classmethod
     def create(cls, flags: Flags) -> AppContext:
-        """Engine and options from the flags; options persist in ``config.json`` in the data dir."""
+        """Engine and options from the flags; options persist in ``config.json`` in the data dir.
+
+        The checkpoint saved there (the last one chosen) loads first unless ``--ckpt`` names one.
+        """
         settings = flags.engine_settings()
         options_path = settings.paths.data_dir / "config.json"
-        options = Options.load(options_path)
+        options = saved_selection_or_fallback(Options.load(options_path), settings.paths)
         settings = flags.engine_settings(checkpoint_cache=options.sd_checkpoint_cache)
+        if not flags.ckpt and options.sd_model_checkpoint:
+            settings = dataclasses.replace(settings, default_checkpoint=_file_name(options.sd_model_checkpoint))
         engine = Engine(settings, options)
         extensions = load_extensions(engine, Path(flags.extensions_dir) if flags.extensions_dir else None,
                                      disable_all=flags.disable_all_extensions,

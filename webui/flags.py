@@ -51,6 +51,7 @@ class Flags:
     disable_all_extensions: bool = False
     disable_extra_extensions: bool = False
     cors_allow_origins: str | None = None
+    cors_allow_origins_regex: str | None = None
     tls_keyfile: str | None = None
     tls_certfile: str | None = None
     skip_install: bool = False
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--disable-all-extensions", action="store_true", help="Load no extension, built-ins included.")
     add("--disable-extra-extensions", action="store_true", help="Load only the built-in extensions.")
     add("--cors-allow-origins", help="Comma-separated origins allowed by CORS.")
+    add("--cors-allow-origins-regex", help="Regular expression of origins allowed by CORS.")
     add("--tls-keyfile", help="TLS key file for HTTPS.")
     add("--tls-certfile", help="TLS certificate file for HTTPS.")
     add("--skip-install", action="store_true", help="Do not create or update the virtual environment.")

@@ -10,8 +10,12 @@ from __future__ import annotations
 import logging
 
 from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
+import pipelines
 from webui.api import routes_extras, routes_generation, routes_info, routes_models
 from webui.api.auth import basic_auth_dependency
 from webui.api.errors import ApiRoute
@@ -20,11 +24,16 @@ from webui.context import AppContext
 
 log = logging.getLogger(__name__)
 
+DOCS_URL = "/docs"
+OPENAPI_URL = "/openapi.json"
+
 
 def mount_api(app: FastAPI, ctx: AppContext) -> None:
-    """Add every API route to ``app``; with ``--api-auth`` each one needs HTTP Basic credentials."""
-    selection = ApiSelection()
+    """Add every API route to ``app``, with its OpenAPI schema and Swagger UI; with ``--api-auth`` each one,
+    the schema and the docs included, needs HTTP Basic credentials."""
+    selection = ApiSelection(ctx)
     dependencies = [Depends(basic_auth_dependency(ctx.flags.api_auth))] if ctx.flags.api_auth else []
+    before = set(map(id, app.routes))
     for router in (
         routes_generation.router(ctx, selection, ApiRoute),
         routes_models.router(ctx, selection, ApiRoute),
@@ -33,6 +42,32 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
     ):
         app.include_router(router, dependencies=dependencies)
     _mount_extension_routes(app, ctx, dependencies)
+    ours = [route for route in app.routes if id(route) not in before]
+    _mount_docs(app, ours, dependencies)
+
+
+def _mount_docs(app: FastAPI, routes: list, dependencies: list) -> None:
+    """``/openapi.json`` describing the API routes only (on Gradio's app, not Gradio's own), and Swagger UI at
+    ``/docs`` unless the app already serves a page there."""
+    if app.openapi_url == OPENAPI_URL:
+        # Gradio's app serves FastAPI's own schema of every route it has, Gradio's included, unguarded.
+        app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != OPENAPI_URL]
+    taken = {getattr(route, "path", None) for route in app.routes}
+    schema: dict = {}
+
+    def openapi() -> JSONResponse:
+        if not schema:  # built at the first request: extension routes are all mounted by then
+            schema.update(get_openapi(title="Stable Diffusion web UI API", version=pipelines.__version__,
+                                      description="A1111-compatible API (/sdapi/v1)", routes=routes))
+        return JSONResponse(schema)
+
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title="Stable Diffusion web UI API - docs")
+
+    if OPENAPI_URL not in taken:
+        app.add_api_route(OPENAPI_URL, openapi, methods=["GET"], include_in_schema=False, dependencies=dependencies)
+    if DOCS_URL not in taken:
+        app.add_api_route(DOCS_URL, docs, methods=["GET"], include_in_schema=False, dependencies=dependencies)
 
 
 def _mount_extension_routes(app: FastAPI, ctx: AppContext, dependencies: list) -> None:

@@ -28,6 +28,7 @@ Loc = tuple[str | int, ...]
 _MAX_INPUT_ECHO = 80
 _BOUND_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number",
                  "string_too_long", "string_too_short", "too_long", "too_short"}
+_LENGTH_ERRORS = {"string_too_long", "string_too_short"}
 
 
 class ApiError(Exception):
@@ -90,12 +91,15 @@ def _explain(error: dict[str, Any], model: type[BaseModel] | None, prefix: Loc) 
     if not name and model is not None and named in model.model_fields:
         # A check across fields (model validator) names its field at the start of the message.
         name, loc = named, (*loc, named)
-    value = error.get("input")
-    bounds = _bounds(model, name) if error.get("type") in _BOUND_ERRORS else {}
+    value, kind = error.get("input"), error.get("type")
+    bounds = _bounds(model, name) if kind in _BOUND_ERRORS else {}
     allowed = range_text(bounds, "characters" if isinstance(value, str) else "items")
     if allowed:
-        finite = " a finite number" if isinstance(value, float) and not math.isfinite(value) else ""
-        shown = f"{len(value)} characters" if isinstance(value, str) else _echo(value)
+        # "NaN" may come as a string that parsed as a number: it is still not finite.
+        not_finite = kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value))
+        finite = " a finite number" if not_finite else ""
+        # Only a length error is about the text's length; a 1 MB prompt is never echoed back.
+        shown = f"{len(value)} characters" if kind in _LENGTH_ERRORS and isinstance(value, str) else _echo(value)
         msg = f"{name} must be{finite} {allowed}, got {shown}"
     elif name and not msg.startswith(name):
         msg = f"{name}: {msg}"

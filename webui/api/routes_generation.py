@@ -70,7 +70,8 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
         if not skip_current_image and p.preview is not None:
             preview = encode_base64_png(p.preview, "")
         state = ProgressState(
-            interrupted=ticket.control.interrupted, stopping_generation=ticket.control.interrupted,
+            skipped=ticket.control.skipped, interrupted=ticket.control.interrupted,
+            stopping_generation=ticket.control.interrupted,
             job=ticket.description, job_count=p.job_count, job_timestamp=job_timestamp(ticket.started_at),
             job_no=p.job_no, sampling_step=p.sampling_step, sampling_steps=p.sampling_steps,
         )

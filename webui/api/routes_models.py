@@ -5,6 +5,7 @@ Loading and unloading go through the shared job queue, so they never happen unde
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,13 +13,21 @@ from fastapi import APIRouter, Body
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.options import Options
 from pipelines.request import GenerationRequest
 from webui.api.errors import ApiError, validation_errors
 from webui.api.models import SDModelItem, SDVaeItem
 from webui.api.state import ApiSelection
-from webui.api.translate import READ_ONLY_OPTIONS, check_option_changes, resolve_checkpoint, resolve_vae
+from webui.api.translate import (
+    READ_ONLY_OPTIONS,
+    REQUEST_OPTIONS,
+    check_option_changes,
+    resolve_checkpoint,
+    resolve_vae,
+)
 from webui.context import AppContext
 
+log = logging.getLogger("webui.api")
 _CLIP_SKIP = TypeAdapter(Annotated[int, GenerationRequest.model_fields["clip_skip"]])
 # What loading a broken or unreadable checkpoint raises; reported as a clear 500, not a traceback.
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
@@ -54,9 +63,18 @@ def _check_clip_skip(value: Any) -> int:
 
 
 def set_options(ctx: AppContext, selection: ApiSelection, changes: dict[str, Any]) -> None:
-    """Check every change first, then apply: switch the model, store the defaults, persist the options."""
+    """Check every change first, then apply: switch the model, store the defaults, persist the options.
+
+    As in A1111, keys that are not options here are ignored (with a warning in the log): clients post
+    back the whole dict GET options gave them, including keys of A1111 settings we do not have.
+    """
     engine = ctx.engine
-    changes = {key: value for key, value in changes.items() if key not in READ_ONLY_OPTIONS}
+    unknown = sorted(key for key in changes if key not in READ_ONLY_OPTIONS and key not in REQUEST_OPTIONS
+                     and key not in Options.model_fields)
+    if unknown:
+        log.warning("POST /sdapi/v1/options: %s not supported here; ignored", ", ".join(unknown))
+    changes = {key: value for key, value in changes.items()
+               if key not in READ_ONLY_OPTIONS and key not in unknown}
     title = vae = clip_skip = None
     if "sd_model_checkpoint" in changes:
         title = resolve_checkpoint(engine, changes.pop("sd_model_checkpoint"), ("sd_model_checkpoint",))
@@ -74,13 +92,7 @@ def set_options(ctx: AppContext, selection: ApiSelection, changes: dict[str, Any
                 raise EngineError(f"could not load {title}: {error}") from error
 
         ctx.queue.run(load, source="api", description=f"load {title}")
-        selection.select(title)
-    if vae is not None:
-        selection.vae = vae
-    if clip_skip is not None:
-        selection.clip_skip = clip_skip
-    if changes:
-        ctx.update_options(changes)
+    selection.select(title, vae, clip_skip, changes)
 
 
 def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRouter:

@@ -1,29 +1,39 @@
-"""What POST /sdapi/v1/options sets besides the engine's :class:`~pipelines.options.Options`.
+"""What POST /sdapi/v1/options sets besides the Settings tab's options: checkpoint, VAE and clip skip.
 
 A1111 exposes the selected checkpoint, VAE and clip skip as options. Here the checkpoint is the model
-manager's active one, and the VAE and clip skip are the API's defaults for requests that do not
-override them. A request's ``override_settings`` are fields of that request only; this object records
-just enough to keep an override from becoming the next request's model.
+manager's active one, and the VAE and clip skip are the defaults for requests that do not override
+them; all three are kept in the options (``config.json``), shared with the UI's top bar, so that they
+survive a restart. A request's ``override_settings`` are fields of that request only; this object
+records just enough to keep an override from becoming the next request's model.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from pipelines.manager import ModelManager
+from webui.context import AppContext
 
 
 class ApiSelection:
     """The checkpoint, VAE and clip skip a request without overrides runs with."""
 
-    def __init__(self, vae: str = "Automatic", clip_skip: int = 1):
+    def __init__(self, ctx: AppContext):
+        self._ctx = ctx
         self._lock = threading.Lock()
-        self.vae = vae
-        self.clip_skip = clip_skip
         self._selected: str | None = None
         # The title an override request loaded; while it is still the active model, requests without an
         # override go back to ``_selected`` instead of staying on it.
         self._override_title: str | None = None
+
+    @property
+    def vae(self) -> str:
+        return self._ctx.options.sd_vae
+
+    @property
+    def clip_skip(self) -> int:
+        return self._ctx.options.CLIP_stop_at_last_layers
 
     def checkpoint(self, models: ModelManager) -> str | None:
         """The checkpoint title a request without an override uses (None: there is no checkpoint at all).
@@ -56,10 +66,20 @@ class ApiSelection:
             if title != self._selected:
                 self._override_title = title
 
-    def select(self, title: str) -> None:
-        """POST options chose ``title``."""
-        with self._lock:
-            self._selected, self._override_title = title, None
+    def select(self, title: str | None = None, vae: str | None = None, clip_skip: int | None = None,
+               other_options: dict[str, Any] | None = None) -> None:
+        """POST options chose these (None: unchanged); saved with ``other_options`` in one write."""
+        changes = dict(other_options or {})
+        if title is not None:
+            with self._lock:
+                self._selected, self._override_title = title, None
+            changes["sd_model_checkpoint"] = title
+        if vae is not None:
+            changes["sd_vae"] = vae
+        if clip_skip is not None:
+            changes["CLIP_stop_at_last_layers"] = clip_skip
+        if changes:
+            self._ctx.update_options(changes)
 
 
 def _engine_default(models: ModelManager) -> str | None:

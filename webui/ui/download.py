@@ -1,5 +1,7 @@
 """Download of a default checkpoint for a fresh install, into ``models/Stable-diffusion/``.
 
+The URL is the ``default_model_url`` option (SD 1.5 unless changed in Settings).
+
 Only ever started by the user's click; tests call :func:`network_problem` against an unreachable host.
 """
 
@@ -11,15 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-#: SD 1.5, as A1111 offers on a fresh install.
-DEFAULT_MODEL_URL = (
-    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
-    "v1-5-pruned-emaonly.safetensors"
-)
 CHUNK = 1 << 20
 
 
-def network_problem(url: str = DEFAULT_MODEL_URL, timeout: float = 3.0) -> str | None:
+def network_problem(url: str, timeout: float = 3.0) -> str | None:
     """Why ``url``'s host cannot be reached from here, or None when it can."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return "HF_HUB_OFFLINE=1 is set, so nothing is downloaded."

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -74,6 +74,24 @@ def progress_html(fraction: float, text: str) -> str:
     percent = max(0.0, min(fraction, 1.0)) * 100
     return (f'<div class="sdui-progress"><div class="sdui-progress-bar" style="width:{percent:.1f}%"></div>'
             f'<span class="sdui-progress-text">{html.escape(text)}</span></div>')
+
+
+def queue_status_html(ctx: AppContext, own: Iterable[Session]) -> str:
+    """The line above the tabs about the running job when it is not one of ``own`` (an API job, another
+    browser's job, with its step and how many wait); empty when nothing runs. Cheap enough for a timer."""
+    running = ctx.queue.running
+    if running is None or any(session.ticket is running for session in own):
+        return ""
+    progress = running.control.progress
+    text = "API job running" if running.source == "api" else "Another job running"
+    if progress.sampling_steps:
+        text += f": step {progress.sampling_step}/{progress.sampling_steps}"
+        if progress.job_count > 1:
+            text += f", batch {min(progress.job_no + 1, progress.job_count)}/{progress.job_count}"
+    waiting = ctx.queue.waiting
+    if waiting:
+        text += f" · {waiting} waiting"
+    return f"<div class='sdui-queue-status'>{html.escape(text)}</div>"
 
 
 def _describe(ctx: AppContext, ticket: Ticket | None) -> tuple[float, str, Image.Image | None]:

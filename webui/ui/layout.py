@@ -7,6 +7,7 @@ import gradio as gr
 from webui.context import AppContext
 from webui.ui.extras import build_extras
 from webui.ui.img2img import build_img2img
+from webui.ui.jobs import Session, queue_status_html
 from webui.ui.pnginfo import build_pnginfo
 from webui.ui.sendto import wire_send_buttons
 from webui.ui.settings import build_settings
@@ -21,7 +22,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
     defaults = UiDefaults(ctx.engine.paths.data_dir / "ui-config.json")
     counter = TokenCounter(ctx)
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as blocks:
-        topbar = build_topbar(ctx, defaults)
+        topbar = build_topbar(ctx)
         with gr.Tabs(elem_id="tabs") as main_tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 txt2img = build_txt2img(ctx, topbar, defaults, counter)
@@ -35,4 +36,17 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings(ctx, defaults)
         wire_send_buttons(ctx, main_tabs, txt2img, img2img, pnginfo, extras)
+        _wire_queue_status(ctx, topbar.queue_status, [txt2img.panel.session, img2img.panel.session])
     return blocks
+
+
+def _wire_queue_status(ctx: AppContext, status: gr.HTML, sessions: list[gr.State]) -> None:
+    """Refresh the line about other users' and API jobs every second; nothing is sent when it is unchanged."""
+    timer = gr.Timer(1.0)
+
+    def refresh(shown: str, *own: Session):
+        text = queue_status_html(ctx, own)
+        return gr.skip() if text == (shown or "") else text
+
+    timer.tick(refresh, inputs=[status, *sessions], outputs=[status], show_progress="hidden", queue=False,
+               api_visibility="private")

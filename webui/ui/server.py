@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from gradio.route_utils import CustomCORSMiddleware
 
 from webui.context import AppContext
+from webui.cors import add_cors
 from webui.flags import Flags
 from webui.ui.layout import build_ui
 
@@ -78,6 +80,8 @@ def start_server(ctx: AppContext, *, quiet: bool = False) -> RunningServer:
         from webui.api import mount_api  # written separately; imported only when the API is wanted
 
         mount_api(app, ctx)
+    # Gradio's own CORS layer lets only local pages call a local server; --cors-allow-origins replaces it.
+    add_cors(app, flags, replacing=(CustomCORSMiddleware,))
     return RunningServer(blocks, app, local_url, share_url)
 
 

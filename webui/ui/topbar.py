@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 import gradio as gr
 import httpx
@@ -11,9 +13,8 @@ import httpx
 from pipelines.request import GenerationRequest
 from webui.context import AppContext
 from webui.ui import fields as f
-from webui.ui.download import DEFAULT_MODEL_URL, download_model, network_problem
+from webui.ui.download import download_model, network_problem
 from webui.ui.jobs import progress_html
-from webui.ui.ui_config import UiDefaults
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TopBar:
     notice: gr.Markdown
     download: gr.Button
     download_status: gr.HTML
+    queue_status: gr.HTML
 
 
 def checkpoint_titles(ctx: AppContext) -> list[str]:
@@ -50,10 +52,19 @@ def no_model_notice(ctx: AppContext) -> str:
     folder = ctx.engine.registry.paths.model_dirs("checkpoint")[0]
     return (f"**No checkpoint found.** Put a Stable Diffusion checkpoint (a `.safetensors` or `.ckpt` file, or a "
             f"diffusers folder) into `{folder}` and press 🔄 next to the checkpoint list, "
-            "or download the default model (SD 1.5, about 4 GB).")
+            f"or download the default model (`{Path(urlparse(ctx.options.default_model_url).path).name}`; the "
+            "URL is a setting).")
 
 
-def build_topbar(ctx: AppContext, defaults: UiDefaults) -> TopBar:
+def initial_vae(ctx: AppContext) -> str:
+    """The VAE chosen last (kept in config.json), if it is still there."""
+    saved = ctx.options.sd_vae
+    return saved if saved in vae_choices(ctx) else "Automatic"
+
+
+def build_topbar(ctx: AppContext) -> TopBar:
+    """Checkpoint, SD VAE and Clip skip as chosen last (options in config.json), a line about other users' and
+    API jobs, and the no-model notice."""
     titles = checkpoint_titles(ctx)
     with gr.Row(elem_id="quicksettings"):
         # A callable value is evaluated at every page load, so a new tab shows the model loaded now.
@@ -61,18 +72,19 @@ def build_topbar(ctx: AppContext, defaults: UiDefaults) -> TopBar:
                                  elem_id="setting_sd_model_checkpoint", scale=4, min_width=300)
         refresh = gr.Button("🔄", elem_id="refresh_sd_model_checkpoint", size="sm", min_width=40, scale=0,
                             elem_classes="sdui-tool")
-        vae = gr.Dropdown(vae_choices(ctx), value="Automatic", label="SD VAE", elem_id="setting_sd_vae",
+        vae = gr.Dropdown(vae_choices(ctx), value=lambda: initial_vae(ctx), label="SD VAE", elem_id="setting_sd_vae",
                           scale=3, min_width=200, info=None)
-        clip_skip = defaults.register("Clip skip/value", f.slider(
-            GenerationRequest, "clip_skip", "Clip skip", value=defaults.value("Clip skip/value", None),
-            elem_id="setting_CLIP_stop_at_last_layers", scale=3, min_width=200))
+        clip_skip = f.slider(GenerationRequest, "clip_skip", "Clip skip",
+                             value=lambda: ctx.options.CLIP_stop_at_last_layers,
+                             elem_id="setting_CLIP_stop_at_last_layers", scale=3, min_width=200)
+    queue_status = gr.HTML("", elem_id="queue_status")
     with gr.Group(visible=not titles, elem_id="no_model_notice") as notice_box:
         notice = gr.Markdown(no_model_notice(ctx))
         with gr.Row():
             download = gr.Button("Download the default model", elem_id="download_default_model", size="sm",
                                  scale=0, min_width=240)
             download_status = gr.HTML("", elem_id="download_default_model_status")
-    bar = TopBar(checkpoint, refresh, vae, clip_skip, notice, download, download_status)
+    bar = TopBar(checkpoint, refresh, vae, clip_skip, notice, download, download_status, queue_status)
     _wire(ctx, bar, notice_box)
     return bar
 
@@ -97,20 +109,33 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
                           description=f"load {title}")
         except (LookupError, OSError, ValueError) as error:
             raise gr.Error(f"Could not load {title}: {error}") from error
+        ctx.update_options({"sd_model_checkpoint": title})
 
     bar.checkpoint.input(load, inputs=[bar.checkpoint, bar.vae], show_progress="minimal")
 
+    # Kept for the next start and for API requests that name none, as A1111's quicksettings are.
+    def keep_vae(vae: str | None) -> None:
+        ctx.update_options({"sd_vae": vae or "Automatic"})
+
+    def keep_clip_skip(value: float) -> None:
+        ctx.update_options({"CLIP_stop_at_last_layers": int(value)})
+
+    bar.vae.input(keep_vae, inputs=[bar.vae], show_progress="hidden", queue=False)
+    bar.clip_skip.input(keep_clip_skip, inputs=[bar.clip_skip], show_progress="hidden", trigger_mode="always_last",
+                        queue=False)
+
     def download(current: str | None):
-        problem = network_problem()
+        url = ctx.options.default_model_url
+        problem = network_problem(url)
         if problem:
             yield (f"<p class='sdui-error'>Cannot download the default model: {html.escape(problem)} Download "
-                   f"<code>{html.escape(DEFAULT_MODEL_URL)}</code> on a machine that is online and copy it into "
+                   f"<code>{html.escape(url)}</code> on a machine that is online and copy it into "
                    f"<code>{html.escape(str(ctx.engine.registry.paths.model_dirs('checkpoint')[0]))}</code>.</p>",
                    gr.update(), gr.update())
             return
         folder = ctx.engine.registry.paths.model_dirs("checkpoint")[0]
         try:
-            for fraction, text in download_model(DEFAULT_MODEL_URL, folder):
+            for fraction, text in download_model(url, folder):
                 yield progress_html(fraction, text), gr.update(), gr.update()
         except (OSError, httpx.HTTPError) as error:
             yield f"<p class='sdui-error'>Download failed: {html.escape(str(error))}</p>", gr.update(), gr.update()

@@ -1,12 +1,14 @@
 """Benchmark: what the HTTP API adds over calling the engine directly for the same job.
 
-    python -m webui.api.bench                 # 20 steps at 512x512 on the tiny SD 1.5 model, 5 rounds
-    python -m webui.api.bench --rounds 10 --out bench.json
+    python -m tests.api_bench                 # 20 steps at 512x512 on the tiny SD 1.5 model, 5 rounds
+    python -m tests.api_bench --rounds 10 --out bench.json
 
 It writes the tiny test models into a temporary folder, starts the real API server (uvicorn on a
 loopback port) on an engine built on them, and runs the same txt2img job alternately through
 ``engine.generate`` and through ``POST /sdapi/v1/txt2img`` (queueing, JSON, PNG encoding and base64
 included). ``time_ratio_vs_engine`` is the median API time over the median engine time (target < 1.05).
+
+It lives with the tests because it runs on the tiny test models and the tests' server helper.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import requests
 
 from pipelines.bench import write_figures
+from tests.api_helpers import ApiServer
+from tests.tiny_models import write_tiny_models
 
 MODEL = "tiny-sd15.safetensors"
 
@@ -36,8 +40,6 @@ def run(rounds: int, steps: int, size: int, device: str) -> dict[str, object]:
     from pipelines.engine import Engine
     from pipelines.request import GenerationRequest
     from pipelines.settings import EngineSettings, Paths
-    from tests.api_helpers import ApiServer
-    from tests.tiny_models import write_tiny_models
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -79,7 +81,7 @@ def run(rounds: int, steps: int, size: int, device: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the figures as JSON (and writes them with --out)."""
-    parser = argparse.ArgumentParser(prog="python -m webui.api.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.api_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="Timed runs of each path (median taken).")
     parser.add_argument("--steps", type=int, default=20, help="Sampling steps.")
     parser.add_argument("--size", type=int, default=512, help="Width and height in pixels.")
