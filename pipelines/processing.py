@@ -42,6 +42,7 @@ from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.samplers import build_scheduler, fitting_schedule
 from pipelines.scripts import AlwaysOnScript, ScriptRun, running_scripts
 from pipelines.seeds import SeedPlan, generators_for, image_noise
+from pipelines.step_cache import supports_step_cache
 from pipelines.upscaling import Upscalers
 
 
@@ -278,8 +279,11 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
         extra.update(network_params)
         extra.update(scripts.infotext)
-        if ctx.options.step_cache_interval:
+        if ctx.options.step_cache_interval and supports_step_cache(model.pipe.unet):
             extra["Step cache"] = ctx.options.step_cache_interval  # it changes the image: say so
+        elif ctx.options.step_cache_interval:
+            result.warnings.append("step caching is off for this model (a torch.compile'd UNet, or one not laid "
+                                   "out as SD 1.x / 2.x / SDXL): every step ran the whole UNet")
         if conditioning.ti_hashes:
             extra["TI hashes"] = conditioning.ti_hashes
         _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result, scripts)

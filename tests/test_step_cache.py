@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
+from pipelines import acceleration
 from pipelines.infotext import parse_infotext
 from pipelines.options import Options
 from pipelines.request import GenerationRequest
@@ -135,6 +136,21 @@ def test_interval_three_skips_the_deep_unet_and_stays_close(engine):
     diff = float(np.abs(pixels(cached) - exact).mean())
     assert 0 < diff < CLOSE
     assert parse_infotext(cached.infotexts[0])["Step cache"] == 3
+
+
+def test_a_compiled_unet_runs_whole_and_the_job_says_so(engine, monkeypatch):
+    unet = engine.models.get(SD15).unet
+    exact = pixels(engine.generate(txt2img()))
+    # What torch.compile sets, eager underneath (is_compiled() is True); the CPU would un-compile it before the job.
+    monkeypatch.setattr(acceleration, "prepare", lambda *args, **kwargs: None)
+    unet._compiled_call_impl = unet._call_impl
+    try:
+        calls, result = deep_calls(engine, txt2img(), 2)
+    finally:
+        unet._compiled_call_impl = None
+    assert calls == 8 and np.array_equal(pixels(result), exact)
+    assert "Step cache" not in parse_infotext(result.infotexts[0])  # the infotext tells what ran
+    assert any("step caching is off for this model" in w for w in result.warnings), result.warnings
 
 
 def test_sdxl_and_hires_restart_the_cache(engine):
