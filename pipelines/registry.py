@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,9 @@ class ModelRegistry:
         return found
 
 
+_SHORT_TITLE = re.compile(r"(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]")
+
+
 def _find(models: list[ModelFile], query: str, *, legacy: bool) -> ModelFile | None:
     query = query.strip()
     if not query:
@@ -153,4 +157,8 @@ def _find(models: list[ModelFile], query: str, *, legacy: bool) -> ModelFile | N
             for m in models:
                 if not m.is_folder and legacy_hash(m.path) == lowered:
                     return m
+    # A1111's short title, "name [hash]" (its "Hires checkpoint" infotext key): the hash decides, else the name.
+    titled = _SHORT_TITLE.fullmatch(query)
+    if titled:
+        return _find(models, titled["hash"], legacy=legacy) or _find(models, titled["name"], legacy=legacy)
     return None

@@ -33,6 +33,16 @@ def test_a_model_is_found_by_title_file_name_name_or_hash(engine, how):
     assert engine.registry.find_checkpoint(getattr(model, how)) == model
 
 
+def test_a1111_short_titles_are_found_by_hash_then_by_name(engine):
+    model = engine.registry.find_checkpoint("tiny-sd15.safetensors")
+    other = engine.registry.find_checkpoint("tiny-sdxl.safetensors")
+    assert engine.registry.find_checkpoint(f"tiny-sd15 [{model.short_hash}]") == model  # A1111's "Hires checkpoint"
+    assert engine.registry.find_checkpoint(f"renamed [{model.short_hash}]") == model  # the hash decides
+    assert engine.registry.find_checkpoint("tiny-sdxl [0123456789]") == other  # an unknown hash: by name
+    with pytest.raises(LookupError, match="no model matches 'missing \\[0123456789\\]'"):
+        engine.registry.find_checkpoint("missing [0123456789]")
+
+
 def test_hashes_are_cached(engine_factory, monkeypatch):
     engine = engine_factory()
     import pipelines.hashes as hashes
