@@ -473,3 +473,22 @@ def test_swap_reuse_seed_styles_and_zip(page, ui_server):
                        for name in names)
     assert seeds == [seed, seed + 1]
     screenshot(page, "13-styles-seed-zip")
+
+
+def test_refresh_lists_a_new_checkpoint_in_both_checkpoint_dropdowns(page, ui_server):
+    import shutil
+
+    folder = ui_server.ctx.engine.registry.paths.model_dirs("checkpoint")[0]
+    added = folder / "tiny-added-later.safetensors"
+    shutil.copyfile(folder / TINY, added)
+    try:
+        page.locator("#txt2img_hr").click()
+        page.locator("#refresh_sd_model_checkpoint").click()
+        for dropdown in ("#setting_sd_model_checkpoint", "#txt2img_hr_checkpoint"):
+            page.locator(f"{dropdown} input").click()
+            page.locator(dropdown).get_by_role("option", name=re.compile(r"tiny-added-later\.safetensors \[")) \
+                .wait_for(timeout=20_000)
+            page.locator(f"{dropdown} input").press("Escape")
+    finally:
+        added.unlink()
+        ui_server.ctx.engine.registry.refresh()

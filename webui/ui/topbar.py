@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,6 +27,9 @@ class TopBar:
     download: gr.Button
     download_status: gr.HTML
     queue_status: gr.HTML
+    #: Events after which the checkpoint list may have changed (Refresh, a finished download): other
+    #: checkpoint dropdowns chain their own refresh with ``.then``.
+    list_changed: list = field(default_factory=list)
 
 
 def checkpoint_titles(ctx: AppContext) -> list[str]:
@@ -97,8 +100,8 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
         return (gr.update(choices=titles, value=value), gr.update(choices=vae_choices(ctx)),
                 gr.update(visible=not titles))
 
-    bar.refresh.click(refresh, inputs=[bar.checkpoint], outputs=[bar.checkpoint, bar.vae, notice_box],
-                      show_progress="hidden")
+    bar.list_changed.append(bar.refresh.click(refresh, inputs=[bar.checkpoint],
+                                              outputs=[bar.checkpoint, bar.vae, notice_box], show_progress="hidden"))
 
     def load(title: str | None, vae: str) -> None:
         if not title:
@@ -143,4 +146,5 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
         checkpoint, _, notice = refresh(current)
         yield progress_html(1.0, "Done."), checkpoint, notice
 
-    bar.download.click(download, inputs=[bar.checkpoint], outputs=[bar.download_status, bar.checkpoint, notice_box])
+    bar.list_changed.append(bar.download.click(download, inputs=[bar.checkpoint],
+                                               outputs=[bar.download_status, bar.checkpoint, notice_box]))

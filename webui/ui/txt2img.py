@@ -42,7 +42,11 @@ class Txt2ImgTab:
 FINAL_SIZE = 2048
 
 
-def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
+def hires_checkpoints(ctx: AppContext) -> list[str]:
+    return [SAME_CHECKPOINT, *(m.title for m in ctx.engine.registry.checkpoints)]
+
+
+def build_hires_controls(ctx: AppContext, controls: GenerationControls, topbar: TopBar) -> None:
     """The Hires. fix accordion; its controls join the tab's request fields under their engine names."""
     model, reg = GenerationRequest, controls.fields
     upscalers = [*LATENT_UPSCALE_MODES, *ctx.engine.upscalers.names]
@@ -63,7 +67,7 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
             reg["hr_resize_y"] = f.slider(model, "hr_resize_y", "Resize height to", step=8,
                                           maximum=SLIDER_MAX_SIZE * 2, elem_id="txt2img_hr_resize_y")
         with gr.Row():
-            checkpoints = [SAME_CHECKPOINT, *(m.title for m in ctx.engine.registry.checkpoints)]
+            checkpoints = hires_checkpoints(ctx)
             reg["hr_checkpoint_name"] = gr.Dropdown(checkpoints, value=SAME_CHECKPOINT, label="Hires checkpoint",
                                                     info=f.description(model, "hr_checkpoint_name"),
                                                     elem_id="txt2img_hr_checkpoint")
@@ -90,6 +94,14 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls) -> None:
                  outputs=[reg["enable_hr"], reg["hr_upscaler"], reg["denoising_strength"], reg["hr_resize_x"],
                           reg["hr_resize_y"]], show_progress="hidden", queue=False)
 
+    def refresh_checkpoints(current: str | None):  # after the top bar's Refresh rescanned the folders
+        choices = hires_checkpoints(ctx)
+        return gr.update(choices=choices, value=current if current in choices else SAME_CHECKPOINT)
+
+    for event in topbar.list_changed:
+        event.then(refresh_checkpoints, inputs=[reg["hr_checkpoint_name"]], outputs=[reg["hr_checkpoint_name"]],
+                   show_progress="hidden", queue=False)
+
 
 def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Txt2ImgTab:
     """Prompts on top; sampling controls left, output right."""
@@ -99,7 +111,7 @@ def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, elem_id="txt2img_settings"):
             controls = build_sampling_controls(ctx, "txt2img", defaults)
-            build_hires_controls(ctx, controls)
+            build_hires_controls(ctx, controls, topbar)
             extensions = build_extension_controls(ctx, tab_ui)
         with gr.Column(scale=1, elem_id="txt2img_results"):
             panel = build_output_panel(ctx, "txt2img")
