@@ -224,9 +224,9 @@ class ExtrasBaseRequest(BaseModel):
     model_config = _CONFIG
     resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h.")
     show_extras_results: bool = Field(True, description="Return the images in the answer.")
-    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
-    codeformer_visibility: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
-    codeformer_weight: float = Field(0, ge=0, le=1, description="Accepted for compatibility (no face restorer).")
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Must be 0: no face restorer is available yet.")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="Must be 0: no face restorer is available yet.")
+    codeformer_weight: float = Field(0, ge=0, le=1, description="Accepted and unused (no face restorer).")
     upscaling_resize: float = Field(2, gt=0, le=8, description="Scale factor when resize_mode is 0.")
     upscaling_resize_w: int = Field(512, ge=1, le=8192, description="Target width when resize_mode is 1.")
     upscaling_resize_h: int = Field(512, ge=1, le=8192, description="Target height when resize_mode is 1.")

@@ -27,6 +27,9 @@ from webui.context import AppContext
 
 
 def _settings(ctx: AppContext, body: ExtrasBaseRequest) -> ExtrasSettings:
+    for field in ("gfpgan_visibility", "codeformer_visibility"):  # refused, not silently dropped
+        if getattr(body, field) > 0:
+            raise ApiError((field,), f"{field}: no face restoration model is available; send 0")
     settings = ExtrasSettings(
         resize_mode=body.resize_mode, scale=body.upscaling_resize, width=body.upscaling_resize_w,
         height=body.upscaling_resize_h, crop=body.upscaling_crop, upscaler_1=body.upscaler_1,
