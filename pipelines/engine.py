@@ -30,7 +30,7 @@ from pipelines.options import Options
 from pipelines.processing import GenerationResult, JobContext, run_job
 from pipelines.registry import ModelFile, ModelRegistry
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
-from pipelines.scripts import ScriptRegistry, SelectableScriptRegistry
+from pipelines.scripts import ScriptJobs, ScriptRegistry, SelectableScriptRegistry
 from pipelines.settings import EngineSettings
 from pipelines.styles import StyleDatabase
 from pipelines.upscaling import Upscalers
@@ -78,7 +78,8 @@ class Engine:
             # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.
             script, args = self.selectable_scripts.parse(request.script_name, request.script_args)
             plain = request.model_copy(update={"script_name": None, "script_args": []})
-            return script.run(plain, args, lambda sub: self.generate(sub, control=control, options=options), control)
+            jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options), options)
+            return script.run(plain, args, jobs, control)
         self.models.resolve(request.checkpoint)
         if request.vae not in ("Automatic", "None", ""):
             self.registry.find_vae(request.vae)

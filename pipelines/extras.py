@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.images import dated_output_dir, read_infotext, save_image
+from pipelines.images import read_infotext, save_image
 from pipelines.infotext import parse_infotext
 from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
 from pipelines.options import Options
@@ -124,17 +124,11 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {error}") from None
 
 
-def extras_output_dir(options: Options, outputs_dir: Path) -> Path:
-    """Where Extras results are saved: the ``outdir_extras_samples`` option, else ``outputs/extras-images/<date>/``."""
-    custom = options.outdir_extras_samples.strip()
-    return Path(custom).expanduser() if custom else dated_output_dir(outputs_dir, "extras")
-
-
 def run_extras(upscalers: Upscalers, images: Iterable[Image.Image | str | Path], settings: ExtrasSettings,
                options: Options, outputs_dir: Path, control: JobControl | None = None, *,
                save: bool | None = None) -> list[ExtrasResult]:
     """Process every image in turn, with the ``upscaler_tile``/``upscaler_tile_overlap`` options; saved
-    (see :func:`extras_output_dir`) when ``save`` (default: the ``samples_save`` option) is true, in the
+    (``Options.output_dir``) when ``save`` (default: the ``samples_save`` option) is true, in the
     ``samples_format`` format.
 
     ``images`` may hold file paths: each is opened only when its turn comes and let go after it is
@@ -159,7 +153,7 @@ def run_extras(upscalers: Upscalers, images: Iterable[Image.Image | str | Path],
         path = None
         if save:
             seed = parse_infotext(infotext).get("Seed", 0)
-            path = save_image(result, extras_output_dir(options, outputs_dir),
+            path = save_image(result, options.output_dir(outputs_dir, "extras"),
                               seed=seed if isinstance(seed, int) else 0, infotext=infotext,
                               fmt=options.samples_format)
         results.append(ExtrasResult(result, infotext, path))

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.images import dated_output_dir, save_image
 from pipelines.infotext import build_infotext
+from pipelines.options import Options
 
 #: Font sizes in pixels: headings start at a size that suits the cell (MIN_FONT to MAX_FONT) and shrink, down
 #: to FIT_FONT, until every word fits the cell's width; a word that still does not fit is broken.
@@ -223,8 +224,13 @@ def infotext_with_params(infotext: str, params: Mapping[str, object]) -> str:
 
 
 def save_grid(image: Image.Image, outputs_dir: Path, mode: str, *, seed: int, infotext: str,
-              fmt: str = "png") -> Path:
-    """Save a script's grid as ``outputs_dir/<mode>-grids/YYYY-MM-DD/NNNNN-<seed>-grid.<fmt>`` with its
-    infotext embedded (atomic, numbered like every saved image)."""
-    folder = dated_output_dir(outputs_dir, mode, grids=True)
-    return save_image(image, folder, seed=seed, infotext=infotext, fmt=fmt, suffix="-grid")
+              fmt: str | None = None, options: Options | None = None) -> Path:
+    """Save a script's grid as ``<folder>/NNNNN-<seed>-grid.<fmt>`` with its infotext embedded (atomic,
+    numbered like every saved image). With the job's ``options`` (``run_job.options``), the folder and format
+    are the ``outdir_<mode>_grids`` and ``grid_format`` options; else ``outputs_dir/<mode>-grids/YYYY-MM-DD``
+    and ``fmt`` (png)."""
+    if options is not None:
+        folder, fmt = options.output_dir(outputs_dir, mode, grids=True), fmt or options.grid_format
+    else:
+        folder = dated_output_dir(outputs_dir, mode, grids=True)
+    return save_image(image, folder, seed=seed, infotext=infotext, fmt=fmt or "png", suffix="-grid")

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.images import dated_output_dir
+
 
 class Options(BaseModel):
     """Options persisted in ``config.json`` in the data dir."""
@@ -92,6 +94,13 @@ class Options(BaseModel):
         if value == 1:
             raise ValueError("1 would run the whole UNet at every step anyway: use 0 for off, or 2 to 5")
         return value
+
+    def output_dir(self, outputs_dir: Path, mode: str, *, grids: bool = False) -> Path:
+        """Where images (or grids) of ``mode`` (txt2img, img2img, extras) are saved: the ``outdir_*`` option
+        when set, else ``outputs_dir/<mode>-images/YYYY-MM-DD`` (``<mode>-grids``); not created here."""
+        key = f"outdir_{mode}_{'grids' if grids else 'samples'}"
+        custom = str(getattr(self, key, "")).strip()
+        return Path(custom).expanduser() if custom else dated_output_dir(outputs_dir, mode, grids=grids)
 
     def with_overrides(self, overrides: dict) -> Options:
         """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them."""

@@ -22,7 +22,7 @@ from pipelines import latents as latent_ops
 from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
 from pipelines.extra_networks import ExtraNetworkRegistry
 from pipelines.hires import hires_pass, hires_steps, upscale_first_pass, upscale_only
-from pipelines.images import dated_output_dir, make_grid, save_image
+from pipelines.images import make_grid, save_image
 from pipelines.img2img import (
     blank_inpaint_conditioning,
     finish_inpaint,
@@ -290,7 +290,8 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         result.extra_images.extend(scripts.extra_images)
     if request.save_images and ctx.options.grid_save and len(result.images) > 1:
         grid = make_grid(result.images)
-        result.grid_path = save_image(grid, _output_dir(request, ctx, grids=True), seed=result.seeds[0],
+        folder = ctx.options.output_dir(ctx.outputs_dir, request.mode, grids=True)
+        result.grid_path = save_image(grid, folder, seed=result.seeds[0],
                                       infotext=result.infotexts[0],
                                       fmt=ctx.options.grid_format, suffix="-grid")
     result.seconds = time.perf_counter() - started
@@ -325,8 +326,9 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                     result.prompts.append(prompts.prompts[i])
                     result.negative_prompts.append(prompts.negative_prompts[i])
                     if request.save_images and ctx.options.samples_save:
-                        result.paths.append(save_image(image, _output_dir(request, ctx), seed=plan.seeds[i],
-                                                       infotext=infotext, fmt=ctx.options.samples_format))
+                        folder = ctx.options.output_dir(ctx.outputs_dir, request.mode)
+                        result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
+                                                       fmt=ctx.options.samples_format))
     except JobInterrupted:
         result.interrupted = True
     control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
@@ -337,13 +339,6 @@ def _real_steps(request: GenerationRequest) -> int:
     if isinstance(request, Img2ImgRequest):
         return max(min(int(request.steps * request.denoising_strength), request.steps), 1)
     return request.steps
-
-
-def _output_dir(request: GenerationRequest, ctx: JobContext, *, grids: bool = False) -> Path:
-    """Where images (or grids) of ``request`` are saved: the outdir_* option, else outputs/<mode>-images/<date>."""
-    kind = "grids" if grids else "samples"
-    custom = getattr(ctx.options, f"outdir_{'img2img' if request.mode == 'img2img' else 'txt2img'}_{kind}")
-    return Path(custom) if custom else dated_output_dir(ctx.outputs_dir, request.mode, grids=grids)
 
 
 def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice, prompts: PreparedPrompts,

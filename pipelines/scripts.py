@@ -241,10 +241,26 @@ def running_scripts(enabled: Sequence[tuple[AlwaysOnScript, Any]], request: Any,
 
 
 class JobRunner(Protocol):
-    """Runs one ordinary job for a selectable script, under the script's own progress and interrupt."""
+    """Runs one ordinary job for a selectable script, under the script's own progress and interrupt.
+
+    ``options`` are the job's Options: a script that saves a grid honours ``grid_save`` and passes them to
+    ``save_grid`` (folder and format)."""
+
+    options: Any
 
     def __call__(self, request: Any) -> Any:
         """Run ``request`` (a GenerationRequest with no script) and return its GenerationResult."""
+
+
+@dataclass(frozen=True)
+class ScriptJobs:
+    """The engine's :class:`JobRunner`: ``run`` runs one ordinary job with ``options``."""
+
+    run: Callable[[Any], Any]
+    options: Any
+
+    def __call__(self, request: Any) -> Any:
+        return self.run(request)
 
 
 class SelectableScript:

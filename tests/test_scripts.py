@@ -278,6 +278,24 @@ def test_prompt_matrix_options(scripts_engine):
 # --- prompts from file ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("script, args, prompt", [
+    ("X/Y/Z plot", plot_args(("Seed", "1, 2")), "a cat"),
+    ("Prompt matrix", [False, False, "positive", "comma", 0], "a cat|red"),
+])
+def test_script_grids_follow_the_grid_options(scripts_engine, tmp_path, script, args, prompt):
+    request = txt2img(prompt=prompt, save_images=True, script_name=script, script_args=args)
+    folder = tmp_path / "my-grids"
+    chosen = scripts_engine.options.with_overrides({"samples_save": False, "grid_format": "jpg",
+                                                   "outdir_txt2img_grids": str(folder)})
+    result = scripts_engine.generate(request, options=chosen)
+    saved = list(folder.iterdir())
+    assert [p.suffix for p in saved] == [".jpg"]  # the grid only: samples_save is off for the cells
+    assert parse_infotext(read_infotext(saved[0]))["Script"] == script
+    off = scripts_engine.generate(request, options=chosen.with_overrides({"grid_save": False}))
+    assert len(off.images) == len(result.images) and off.paths == []
+    assert list(folder.iterdir()) == saved  # nothing more was saved
+
+
 def test_prompts_from_file_with_per_line_options(scripts_engine):
     text = ('a photo of a cat\n\n--prompt "a photo of a dog" --negative_prompt "dark, grainy" --seed 5 --steps 3 '
             '--cfg_scale 6 --sampler_name "Euler a" --width 96 --height 64 --batch_size 2\n')

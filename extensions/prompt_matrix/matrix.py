@@ -121,7 +121,7 @@ class PromptMatrix(SelectableScript):
         finally:
             control.end_series()
         if any(cell is not None for cell in cells):
-            _add_grid(result, request, self.api, parts, cells, args)
+            _add_grid(result, request, self.api, parts, cells, args, run_job.options)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -133,7 +133,7 @@ def _extend(result: Any, done: Any) -> None:
 
 
 def _add_grid(result: Any, request: Any, api: ExtensionAPI, parts: list[str], cells: list[Any],
-              args: MatrixArgs) -> None:
+              args: MatrixArgs, options: Any) -> None:
     """The labelled grid goes first, as A1111 returns it: the first half of the parts across the top, the
     rest down the left, each heading naming every part, struck through where the cell leaves it out."""
     half = len(parts) // 2
@@ -145,8 +145,9 @@ def _add_grid(result: Any, request: Any, api: ExtensionAPI, parts: list[str], ce
     grid = annotated_grid(cells, 2 ** half, col_headings=col_headings, row_headings=row_headings,
                           margin=args.margin)
     infotext = infotext_with_params(result.infotexts[0], {"Script": TITLE})
-    if request.save_images:
-        path = save_grid(grid, api.outputs_dir, request.mode, seed=result.seeds[0], infotext=infotext)
+    if request.save_images and options.grid_save:
+        path = save_grid(grid, api.outputs_dir, request.mode, seed=result.seeds[0], infotext=infotext,
+                         options=options)
         result.paths.insert(0, path)
     result.images.insert(0, grid)
     result.infotexts.insert(0, infotext)

@@ -258,9 +258,10 @@ class XyzPlot(SelectableScript):
         finished = [c for c in plan.cells if c.result is not None and c.result.images]
         if finished:
             self.throughput.add(sum(c.result.seconds for c in finished), sum(len(c.result.images) for c in finished))
-        return self._assemble(request, args, plan, interrupted, time.perf_counter() - started)
+        return self._assemble(request, args, plan, interrupted, time.perf_counter() - started, run_job.options)
 
-    def _assemble(self, request: Any, args: PlotArgs, plan: Plan, interrupted: bool, seconds: float) -> Any:
+    def _assemble(self, request: Any, args: PlotArgs, plan: Plan, interrupted: bool, seconds: float,
+                  options: Any) -> Any:
         """The result: the grid (combined when there are several Z values), the sub-grids, then the cells."""
         x, y, z = args.axes
         done = [cell for cell in plan.cells if cell.result is not None and cell.result.images]
@@ -297,9 +298,9 @@ class XyzPlot(SelectableScript):
         else:
             shown.append((grids[0][1], grid_infotexts[0], grid_seeds[0]))
         for image, infotext, seed in shown:
-            if request.save_images:
+            if request.save_images and options.grid_save:
                 result.paths.append(save_grid(image, self.api.outputs_dir, request.mode, seed=seed,
-                                              infotext=infotext))
+                                              infotext=infotext, options=options))
             result.images.append(image)
             result.infotexts.append(infotext)
             result.seeds.append(seed)
