@@ -6,9 +6,11 @@ Clients: ``webuiapi`` from PyPI, as scripts use it, and plain ``requests`` for t
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,7 +460,18 @@ def test_openapi_docs_describe_fields_from_the_engine(server):
     steps = body["steps"]
     assert steps["default"] == 50 and steps["description"] == GenerationRequest.model_fields["steps"].description
     assert any(option.get("maximum") == 150 for option in steps.get("anyOf", [steps]))
-    assert requests.get(f"{server.url}/docs", timeout=TIMEOUT).status_code == 200
+    # Every route is filed under a heading in /docs.
+    untagged = [path for path, item in schema["paths"].items() for operation in item.values() if not operation["tags"]]
+    assert not untagged
+    docs = requests.get(f"{server.url}/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "cdn" not in docs.text  # works offline: Swagger UI is served from here
+    assets = re.findall(r'(?:src|href)="(/docs-assets/[^"]+)"', docs.text)
+    assert sorted(Path(a).suffix for a in assets) == [".css", ".js", ".png"]
+    for asset in assets:
+        answer = requests.get(server.url + asset, timeout=TIMEOUT)
+        assert answer.status_code == 200 and len(answer.content) > 500, asset
+    for outside in ("index.html", "..%2F__init__.py", "swagger-ui-bundle.js.map"):
+        assert requests.get(f"{server.url}/docs-assets/{outside}", timeout=TIMEOUT).status_code == 404, outside
 
 
 # --- extras --------------------------------------------------------------------------------------

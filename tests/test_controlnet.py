@@ -261,6 +261,9 @@ def test_api_txt2img_with_webuiapi_units_returns_the_detected_map(server):
 def test_api_controlnet_routes(server):
     url = f"http://127.0.0.1:{server}"
     assert requests.get(f"{url}/controlnet/version", timeout=30).json()["version"] >= 2
+    paths = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]  # /docs headings: the extensions' names
+    assert paths["/controlnet/detect"]["post"]["tags"] == ["ControlNet"]
+    assert paths["/sdapi/v1/loras"]["get"]["tags"] == ["LoRA"]
     models = requests.get(f"{url}/controlnet/model_list", timeout=30).json()["model_list"]
     assert any(title.startswith(SINGLE + " [") for title in models) and len(models) == 3
     modules = requests.get(f"{url}/controlnet/module_list", timeout=30).json()

@@ -393,6 +393,32 @@ def test_paste_keeps_the_checkpoint_when_the_image_names_an_unknown_one(ui_serve
     assert updates[prompt]["value"] == "a cat" and checkpoint not in updates  # no switch
 
 
+def test_api_docs_render_with_no_network(browser, tmp_path):
+    """/docs is Swagger UI served by the app itself: it renders every route with the internet cut off."""
+    running = start_ui_server(tmp_path / "models", tmp_path / "data", "--api")
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def local_only(route) -> None:
+        if route.request.url.startswith(running.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    try:
+        context.route("**/*", local_only)
+        tab = context.new_page()
+        tab.goto(running.url + "docs")
+        tab.locator(".opblock-summary-path", has_text="/sdapi/v1/txt2img").first.wait_for(timeout=30_000)
+        assert tab.locator(".opblock").count() > 20
+        screenshot(tab, "13-api-docs")
+        assert not outside, outside
+    finally:
+        context.close()
+        running.server.close()
+
+
 def test_queue_status_shows_an_api_job_while_it_runs(page, ui_server):
     release = threading.Event()
 

@@ -162,13 +162,14 @@ class ExtensionAPI:
         """The loaded checkpoint (``.unet``, ``.vae``, ``.family``, ``.is_sdxl``), or None."""
         return self._engine.models.current
 
-    def new_router(self) -> APIRouter:
-        """An APIRouter whose routes report bad input like ours do (422 naming the field)."""
+    def new_router(self, tag: str | None = None) -> APIRouter:
+        """An APIRouter whose routes report bad input like ours do (422 naming the field), listed in /docs
+        under ``tag`` (default: the extension's name)."""
         from fastapi import APIRouter
 
         from webui.api.errors import ApiRoute
 
-        return APIRouter(route_class=ApiRoute)
+        return APIRouter(route_class=ApiRoute, tags=[tag or self.name])
 
     # --- registration --------------------------------------------------------------------------
 

@@ -16,4 +16,4 @@ def setup(api: ExtensionAPI) -> None:
     library = ControlNetLibrary(folders=lambda: api.model_dirs("controlnet"), file_hash=api.file_hash,
                                 device=lambda: api.device, dtype=lambda: api.dtype)
     api.add_script(ControlNetScript(library), ui=build_ui(library))
-    api.add_api_routes(add_routes(api.new_router(), library))
+    api.add_api_routes(add_routes(api.new_router("ControlNet"), library))

@@ -21,7 +21,7 @@ def setup(api: ExtensionAPI) -> None:
     library = LoraLibrary(lambda: api.model_dirs("lora"), lambda path: api.file_hash(path, "addnet"))
     api.add_extra_network("lora", LoraNetwork(library))
     api.add_paste_hook(partial(resolve_by_hash, library))
-    api.add_api_routes(add_routes(api.new_router(), library))
+    api.add_api_routes(add_routes(api.new_router("LoRA"), library))
     # The browser imports gradio; only the UI builds it, so an API-only server never loads gradio for it.
     api.add_prompt_panel("Lora", partial(_build_panel, library))
 

@@ -18,12 +18,12 @@ def lora_item(file: LoraFile) -> dict[str, Any]:
 def add_routes(router: APIRouter, library: LoraLibrary) -> APIRouter:
     """Put the LoRA routes on ``router`` (one made by ``api.new_router()``)."""
 
-    @router.get("/sdapi/v1/loras", tags=["LoRA"])
+    @router.get("/sdapi/v1/loras")
     def list_loras() -> list[dict[str, Any]]:
         """Every LoRA in models/Lora and --lora-dir, as last scanned."""
         return [lora_item(file) for file in library.files()]
 
-    @router.post("/sdapi/v1/refresh-loras", tags=["LoRA"])
+    @router.post("/sdapi/v1/refresh-loras")
     def refresh_loras() -> None:
         """Scan the LoRA folders again."""
         library.refresh()

@@ -8,11 +8,13 @@ UI jobs never run at once.
 from __future__ import annotations
 
 import logging
+from importlib import resources
+from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 import pipelines
@@ -26,6 +28,12 @@ log = logging.getLogger(__name__)
 
 DOCS_URL = "/docs"
 OPENAPI_URL = "/openapi.json"
+DOCS_ASSETS_URL = "/docs-assets"
+#: The Swagger UI 5 files /docs needs, served from the fastapi-swagger package (no CDN), with their types.
+#: (Swagger UI 4 cannot read the OpenAPI 3.1 schema FastAPI writes.)
+DOCS_ASSETS_DIR = Path(str(resources.files("fastapi_swagger") / "resources"))
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "favicon-32x32.png": "image/png"}
 
 
 def mount_api(app: FastAPI, ctx: AppContext) -> None:
@@ -62,12 +70,24 @@ def _mount_docs(app: FastAPI, routes: list, dependencies: list) -> None:
         return JSONResponse(schema)
 
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title="Stable Diffusion web UI API - docs")
+        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title="Stable Diffusion web UI API - docs",
+                                   swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon-32x32.png")
+
+    def docs_asset(name: str) -> FileResponse:
+        """Swagger UI's files from the installed package, so /docs works with no network."""
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, f"no docs asset {name!r}")
+        return FileResponse(DOCS_ASSETS_DIR / name, media_type=DOCS_ASSETS[name],
+                            headers={"Cache-Control": "max-age=86400"})
 
     if OPENAPI_URL not in taken:
         app.add_api_route(OPENAPI_URL, openapi, methods=["GET"], include_in_schema=False, dependencies=dependencies)
     if DOCS_URL not in taken:
         app.add_api_route(DOCS_URL, docs, methods=["GET"], include_in_schema=False, dependencies=dependencies)
+        app.add_api_route(DOCS_ASSETS_URL + "/{name}", docs_asset, methods=["GET"], include_in_schema=False,
+                          dependencies=dependencies)
 
 
 def _mount_extension_routes(app: FastAPI, ctx: AppContext, dependencies: list) -> None:
