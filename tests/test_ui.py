@@ -501,20 +501,27 @@ def test_swap_reuse_seed_styles_and_zip(page, ui_server):
     screenshot(page, "13-styles-seed-zip")
 
 
-def test_refresh_lists_a_new_checkpoint_in_both_checkpoint_dropdowns(page, ui_server):
+def test_refresh_lists_new_checkpoints_and_upscalers_in_every_dropdown(page, ui_server):
     import shutil
+
+    from tests.tiny_upscalers import write_tiny_esrgan
 
     folder = ui_server.ctx.engine.registry.paths.model_dirs("checkpoint")[0]
     added = folder / "tiny-added-later.safetensors"
     shutil.copyfile(folder / TINY, added)
+    upscaler = write_tiny_esrgan(ui_server.ctx.engine.paths.model_dirs("esrgan")[0] / "added-later-2x.pth", 2)
+    checkpoint = r"tiny-added-later\.safetensors \["
+    new_options = {"#setting_sd_model_checkpoint": checkpoint, "#txt2img_hr_checkpoint": checkpoint,
+                   "#txt2img_hr_upscaler": "added-later-2x"}
     try:
         page.locator("#txt2img_hr").click()
         page.locator("#refresh_sd_model_checkpoint").click()
-        for dropdown in ("#setting_sd_model_checkpoint", "#txt2img_hr_checkpoint"):
+        for dropdown, option in new_options.items():
             page.locator(f"{dropdown} input").click()
-            page.locator(dropdown).get_by_role("option", name=re.compile(r"tiny-added-later\.safetensors \[")) \
-                .wait_for(timeout=20_000)
+            page.locator(dropdown).get_by_role("option", name=re.compile(option)).wait_for(timeout=20_000)
             page.locator(f"{dropdown} input").press("Escape")
     finally:
         added.unlink()
+        upscaler.unlink()
         ui_server.ctx.engine.registry.refresh()
+        ui_server.ctx.engine.upscalers.refresh()

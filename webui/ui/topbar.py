@@ -95,6 +95,7 @@ def build_topbar(ctx: AppContext) -> TopBar:
 def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
     def refresh(current: str | None):
         ctx.engine.registry.refresh()
+        ctx.engine.upscalers.refresh()  # for the Hires. fix upscaler list, refreshed after this
         titles = checkpoint_titles(ctx)
         value = current if current in titles else (titles[0] if titles else None)
         return (gr.update(choices=titles, value=value), gr.update(choices=vae_choices(ctx)),

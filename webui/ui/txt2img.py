@@ -94,13 +94,15 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls, topbar: 
                  outputs=[reg["enable_hr"], reg["hr_upscaler"], reg["denoising_strength"], reg["hr_resize_x"],
                           reg["hr_resize_y"]], show_progress="hidden", queue=False)
 
-    def refresh_checkpoints(current: str | None):  # after the top bar's Refresh rescanned the folders
-        choices = hires_checkpoints(ctx)
-        return gr.update(choices=choices, value=current if current in choices else SAME_CHECKPOINT)
+    def refresh_lists(checkpoint: str | None, upscaler: str | None):  # after the top bar rescanned the folders
+        checkpoints = hires_checkpoints(ctx)
+        upscalers = [*LATENT_UPSCALE_MODES, *ctx.engine.upscalers.names]
+        return (gr.update(choices=checkpoints, value=checkpoint if checkpoint in checkpoints else SAME_CHECKPOINT),
+                gr.update(choices=upscalers, value=upscaler if upscaler in upscalers else upscalers[0]))
 
     for event in topbar.list_changed:
-        event.then(refresh_checkpoints, inputs=[reg["hr_checkpoint_name"]], outputs=[reg["hr_checkpoint_name"]],
-                   show_progress="hidden", queue=False)
+        event.then(refresh_lists, inputs=[reg["hr_checkpoint_name"], reg["hr_upscaler"]],
+                   outputs=[reg["hr_checkpoint_name"], reg["hr_upscaler"]], show_progress="hidden", queue=False)
 
 
 def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter: TokenCounter) -> Txt2ImgTab:
