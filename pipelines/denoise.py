@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from pipelines.scripts import UnetCall, UnetPatch, combined_residuals
+from pipelines.seeds import step_noise
 from pipelines.step_cache import unet_runner
 
 
@@ -92,6 +93,7 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     order = getattr(scheduler, "order", 1)
     inpaint = inputs.inpaint
     step_kwargs = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
+    own_noise = _takes_step_noise(scheduler)
     current = None
     embeds = cond_kwargs = None
     call_unet = unet_runner(unet, inputs.step_cache_interval, len(inputs.timesteps))
@@ -117,6 +119,8 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
         if use_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + inputs.cfg_scale * (text - uncond)
+        if own_noise:
+            step_kwargs["variance_noise"] = step_noise(inputs.generators, tuple(noise_pred.shape), device)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
         if inpaint is not None and inpaint.masked_image_latents is None:
             # A plain UNet does not know the mask: keep the original, noised to the next timestep, outside it.
@@ -129,6 +133,14 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
 
 def _accepts_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def _takes_step_noise(scheduler) -> bool:
+    """Whether we hand the scheduler its per-step noise (the SDE DPM++ samplers take it as ``variance_noise``):
+    the same values it would draw from the generators, without its blocking CPU-to-GPU copy. The ancestral
+    samplers (Euler a, DPM2 a, LCM) take no such argument and still draw and copy it themselves."""
+    sde = getattr(scheduler.config, "algorithm_type", None) in ("sde-dpmsolver", "sde-dpmsolver++")
+    return sde and "variance_noise" in inspect.signature(scheduler.step).parameters
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float, device) -> tuple[torch.Tensor, int]:

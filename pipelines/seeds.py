@@ -53,6 +53,16 @@ def _randn(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn((1, *shape), generator=generator, dtype=torch.float32)[0]
 
 
+def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One sampler step's fresh noise for a batch of ``shape`` (B, C, h, w): drawn on the CPU, one image per
+    generator (the values diffusers would draw), and sent to ``device`` from pinned memory without waiting,
+    so the step loop does not stall the GPU the way a plain copy does."""
+    noise = torch.stack([_randn(generator, tuple(shape[1:])) for generator in generators])
+    if device.type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
+
+
 def image_noise(
     generator: torch.Generator,
     shape: tuple[int, int, int],

@@ -29,7 +29,8 @@ def _max_diff(ours, theirs) -> int:
     ("tiny-sd21-v.safetensors", StableDiffusionPipeline),
     ("tiny-sdxl.safetensors", StableDiffusionXLPipeline),
 ])
-@pytest.mark.parametrize("sampler, schedule", [("Euler a", "Automatic"), ("DPM++ 2M", "Karras")])
+@pytest.mark.parametrize("sampler, schedule", [("Euler a", "Automatic"), ("DPM++ 2M", "Karras"),
+                                               ("DPM++ 2M SDE", "Karras")])  # step noise drawn by us
 def test_txt2img_equals_plain_diffusers(engine, checkpoint, pipeline_class, sampler, schedule):
     request = txt2img(checkpoint=checkpoint, sampler_name=sampler, scheduler=schedule, batch_size=2, seed=21,
                       steps=5, width=64, height=64)
