@@ -147,6 +147,15 @@ def test_sdxl_controlnet_and_a_model_of_the_wrong_family(cn_engine):
         generate(cn_engine, [unit()], **sdxl)
     with pytest.raises(ValueError, match=f"ControlNet unit 0: model {SDXL} .* is for SDXL"):
         generate(cn_engine, [unit(model=SDXL)])
+    # A hires checkpoint of another family: the unit says so and how to go on, instead of a shape error...
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6, steps=3,
+                 hr_checkpoint_name="tiny-sdxl.safetensors")
+    with pytest.raises(ValueError, match=f"ControlNet unit 0: model {SINGLE} .* is for an SD model with 32-wide "
+                                         r"text embeddings; the hires checkpoint is not: .*'Low res only'"):
+        generate(cn_engine, [unit()], **hires)
+    # ...and with the unit kept to the first pass, the job runs.
+    image, _ = generate(cn_engine, [unit(hr_option="Low res only")], **hires)
+    assert image.shape[:2] == (96, 96)
 
 
 def test_bad_units_fail_before_any_work_naming_the_field(cn_engine):

@@ -51,6 +51,7 @@ class UnitPatch:
     unit: ControlNetUnit
     model: Any  # diffusers ControlNetModel
     detected: Image.Image
+    label: str  # "ControlNet unit 0: model <title>", for errors
     _images: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, call: UnetCall) -> UnetResiduals | None:
@@ -61,6 +62,11 @@ class UnitPatch:
                 unit.hr_option == "High res only" and call.pass_index == 0):
             return None
         sample, hidden, added = call.sample, call.encoder_hidden_states, call.added_cond_kwargs
+        if call.pass_index == 1:  # the first pass's checkpoint was checked before the job; a hires one was not
+            kind = _family_mismatch(self.model, hidden.shape[-1], bool(added and "text_embeds" in added))
+            if kind:
+                raise ValueError(f"{self.label} is for {kind}; the hires checkpoint is not: set the unit's hires "
+                                 "option (hr_option) to 'Low res only', or choose a hires checkpoint of its family")
         cond_only = call.cfg and unit.control_mode == "ControlNet is more important"
         if cond_only:  # the unconditional half runs without control, so CFG pushes towards it
             half = sample.shape[0] // 2
@@ -176,7 +182,8 @@ class ControlNetScript(AlwaysOnScript):
             elif resolution == -1:
                 resolution = 512
             detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b)
-            job.add_unet_patch(UnitPatch(unit, model, detected))
+            job.add_unet_patch(UnitPatch(unit, model, detected, f"ControlNet unit {parsed.index}: model "
+                                                                f"{parsed.entry.title}"))
             job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, resolution)
             if unit.save_detected_map and parsed.preprocessor.name != "none":
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
@@ -189,10 +196,16 @@ def _init_image(request: Any) -> Image.Image | None:
 
 def _check_family(controlnet: Any, loaded: Any, parsed: ParsedUnit) -> None:
     """A ControlNet works only with the UNet family it was trained for; say so instead of a shape error."""
-    wanted = controlnet.config.cross_attention_dim
-    have = loaded.unet.config.cross_attention_dim
-    sdxl = controlnet.config.addition_embed_type == "text_time"
-    if wanted != have or sdxl != bool(loaded.is_sdxl):
-        kind = "SDXL" if sdxl else f"an SD model with {wanted}-wide text embeddings"
+    kind = _family_mismatch(controlnet, loaded.unet.config.cross_attention_dim, bool(loaded.is_sdxl))
+    if kind:
         raise ValueError(f"ControlNet unit {parsed.index}: model {parsed.entry.title} is for {kind}; "
                          f"the checkpoint is {loaded.family.name}")
+
+
+def _family_mismatch(controlnet: Any, cross_attention_dim: int, is_sdxl: bool) -> str | None:
+    """The kind of model ``controlnet`` is for, when a UNet with these traits is not one; else None."""
+    wanted = controlnet.config.cross_attention_dim
+    sdxl = controlnet.config.addition_embed_type == "text_time"
+    if wanted == cross_attention_dim and sdxl == is_sdxl:
+        return None
+    return "SDXL" if sdxl else f"an SD model with {wanted}-wide text embeddings"
