@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 from pydantic import ValidationError
 
+from pipelines.processing import GenerationResult
 from pipelines.request import GenerationRequest
 from webui.context import AppContext, JobCancelled
 from webui.ui.controls import GenerationControls
@@ -35,6 +36,17 @@ def _log_html(lines: list[str], error: bool = False) -> str:
         return ""
     css = "sdui-error" if error else "sdui-log"
     return "".join(f"<p class='{css}'>{html.escape(line)}</p>" for line in lines)
+
+
+def result_notes(request: GenerationRequest, result: GenerationResult) -> list[str]:
+    """The lines under a finished job's gallery: its warnings, how far an interrupted job got, the time."""
+    notes = list(result.warnings)
+    if result.interrupted and request.script_name:  # its images include grids: the script says what it did
+        notes.append("Interrupted: what the script finished is shown.")
+    elif result.interrupted:
+        notes.append(f"Interrupted: {len(result.images)} of {request.image_count} images finished.")
+    notes.append(f"Time taken: {result.seconds:.2f} s")
+    return notes
 
 
 def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls: GenerationControls,
@@ -83,12 +95,9 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
             session.subseeds = list(result.subseeds)
             session.selected = 0
             session.job_timestamp = result.job_timestamp
-            notes = list(result.warnings)
-            if result.interrupted:
-                notes.append(f"Interrupted: {len(result.images)} of {request.image_count} images finished.")
-            notes.append(f"Time taken: {result.seconds:.2f} s")
             yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None),
-                   panel.infotext: infotext_html(session.selected_infotext), panel.log: _log_html(notes)}
+                   panel.infotext: infotext_html(session.selected_infotext),
+                   panel.log: _log_html(result_notes(request, result))}
 
     outputs = [panel.gallery, panel.preview, panel.progress, panel.infotext, panel.log, area.generate,
                area.interrupt, area.skip]
