@@ -185,6 +185,16 @@ def test_no_leak_after_a_job_with_lora(lora_engine, base):
     assert not any("lora" in key for key in model.pipe.text_encoder.state_dict())
 
 
+def test_loading_a_lora_draws_no_progress_bar_and_leaves_bars_on(lora_engine, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    lora_engine.models.get(SD15)  # loaded beforehand: loading a checkpoint may report its progress
+    capfd.readouterr()
+    lora_engine.generate(request(f"{PROMPT} <lora:{KOHYA}:1>"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
+
+
 def test_no_leak_after_an_interrupted_job(lora_engine, base):
     def stop_at_step_two(progress: Progress) -> None:
         if progress.sampling_step >= 2:

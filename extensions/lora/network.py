@@ -89,15 +89,22 @@ def _quiet_adapter_loading() -> Iterator[None]:
     # transformers reports the text encoder's base weights as "MISSING ... newly initialized" when diffusers
     # loads an adapter into it; they are untouched (tests check the pixels), so the warning would only alarm.
     # peft warns about "multiple adapters in the model" from the second LoRA of a job on: that is the intent.
+    # transformers also draws a "Loading weights" bar per text encoder for the few adapter tensors.
+    from transformers.utils import logging as transformers_logging
+
     logger = logging.getLogger("transformers.integrations.peft")
     level = logger.level
+    bars = transformers_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             yield
     finally:
         logger.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 class LoraNetwork:
