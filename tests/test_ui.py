@@ -22,6 +22,8 @@ from pipelines.request import GenerationRequest
 from tests.ui_helpers import fill_number, screenshot, start_ui_server
 
 TINY = "tiny-sd15.safetensors"
+#: The queue line's own text: Gradio keeps an invisible (opacity 0) timer of the status refresh beside it.
+QUEUE_STATUS = "#queue_status .html-container"
 
 
 def choose_checkpoint(page, name: str) -> None:
@@ -202,7 +204,7 @@ def test_interrupt_a_long_job(page, ui_server):
     assert page.locator("#txt2img_skip").is_visible()
     screenshot(page, "07-running")
     page.wait_for_timeout(1500)  # a tick or two of the status timer: this user's own job is not "another job"
-    assert page.locator("#queue_status").inner_text().strip() == ""
+    assert page.locator(QUEUE_STATUS).inner_text().strip() == ""
     started = time.monotonic()
     page.locator("#txt2img_interrupt").click()
     page.locator("#txt2img_generate").wait_for(state="visible", timeout=30_000)
@@ -447,13 +449,13 @@ def test_queue_status_shows_an_api_job_while_it_runs(page, ui_server):
     holder.start()
     try:
         page.wait_for_function(
-            "() => document.querySelector('#queue_status').innerText.includes('API job running: step 3/20')",
+            f"() => document.querySelector('{QUEUE_STATUS}').innerText.includes('API job running: step 3/20')",
             timeout=15_000)
         screenshot(page, "12-api-job-running")
     finally:
         release.set()
         holder.join()
-    page.wait_for_function("() => document.querySelector('#queue_status').innerText.trim() === ''", timeout=15_000)
+    page.wait_for_function(f"() => document.querySelector('{QUEUE_STATUS}').innerText.trim() === ''", timeout=15_000)
 
 
 def test_swap_reuse_seed_styles_and_zip(page, ui_server):
