@@ -70,11 +70,13 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls, topbar: 
             checkpoints = hires_checkpoints(ctx)
             reg["hr_checkpoint_name"] = gr.Dropdown(checkpoints, value=SAME_CHECKPOINT, label="Hires checkpoint",
                                                     info=f.description(model, "hr_checkpoint_name"),
-                                                    elem_id="txt2img_hr_checkpoint")
+                                                    elem_id="txt2img_hr_checkpoint", min_width=240)
             reg["hr_sampler_name"] = gr.Dropdown([SAME_SAMPLER, *SAMPLERS], value=SAME_SAMPLER,
-                                                 label="Hires sampling method", elem_id="txt2img_hr_sampler")
+                                                 label="Hires sampling method", elem_id="txt2img_hr_sampler",
+                                                 min_width=200)
             reg["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULER, *SCHEDULE_NAMES], value=SAME_SCHEDULER,
-                                              label="Hires schedule type", elem_id="txt2img_hr_scheduler")
+                                              label="Hires schedule type", elem_id="txt2img_hr_scheduler",
+                                              min_width=200)
         reg["hr_prompt"] = gr.Textbox("", label="Hires prompt", lines=2, placeholder="Empty: the same prompt",
                                       elem_id="txt2img_hr_prompt")
         reg["hr_negative_prompt"] = gr.Textbox("", label="Hires negative prompt", lines=2,
