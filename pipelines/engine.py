@@ -64,6 +64,10 @@ class Engine:
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
         self._gpu = threading.Lock()
 
+    def hires_upscaler_names(self) -> list[str]:
+        """What a request's ``hr_upscaler`` may be: the latent modes, then the image upscalers found now."""
+        return [*LATENT_UPSCALE_MODES, *self.upscalers.names]
+
     def generate(self, request: GenerationRequest, *, control: JobControl | None = None,
                  options: Options | None = None) -> GenerationResult:
         """Run a txt2img or img2img/inpaint job (by the request's type) and return what it made.

@@ -244,6 +244,4 @@ class ExtensionAPI:
 
     def hires_upscaler_names(self) -> list[str]:
         """What ``hr_upscaler`` may be: the latent modes, then the image upscalers."""
-        from pipelines.request import LATENT_UPSCALE_MODES
-
-        return [*LATENT_UPSCALE_MODES, *self._engine.upscalers.names]
+        return self._engine.hires_upscaler_names()

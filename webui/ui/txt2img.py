@@ -8,7 +8,6 @@ from typing import Any
 import gradio as gr
 
 from pipelines.request import (
-    LATENT_UPSCALE_MODES,
     SAME_CHECKPOINT,
     SAME_SAMPLER,
     SAME_SCHEDULER,
@@ -49,7 +48,7 @@ def hires_checkpoints(ctx: AppContext) -> list[str]:
 def build_hires_controls(ctx: AppContext, controls: GenerationControls, topbar: TopBar) -> None:
     """The Hires. fix accordion; its controls join the tab's request fields under their engine names."""
     model, reg = GenerationRequest, controls.fields
-    upscalers = [*LATENT_UPSCALE_MODES, *ctx.engine.upscalers.names]
+    upscalers = ctx.engine.hires_upscaler_names()
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
         reg["enable_hr"] = f.checkbox(model, "enable_hr", "Hires. fix", elem_id="txt2img_enable_hr")
         with gr.Row():
@@ -98,7 +97,7 @@ def build_hires_controls(ctx: AppContext, controls: GenerationControls, topbar: 
 
     def refresh_lists(checkpoint: str | None, upscaler: str | None):  # after the top bar rescanned the folders
         checkpoints = hires_checkpoints(ctx)
-        upscalers = [*LATENT_UPSCALE_MODES, *ctx.engine.upscalers.names]
+        upscalers = ctx.engine.hires_upscaler_names()
         return (gr.update(choices=checkpoints, value=checkpoint if checkpoint in checkpoints else SAME_CHECKPOINT),
                 gr.update(choices=upscalers, value=upscaler if upscaler in upscalers else upscalers[0]))
 
