@@ -20,19 +20,19 @@ import threading
 
 import torch
 
-from pipelines import acceleration
-from pipelines.devices import free_memory, is_out_of_memory
-from pipelines.embeddings import EmbeddingDatabase
-from pipelines.extra_networks import ExtraNetworkRegistry
-from pipelines.jobs import JobControl
-from pipelines.manager import ModelManager
+from pipelines.job_control import JobControl
+from pipelines.models import acceleration
+from pipelines.models.catalog import ModelFile, ModelRegistry
+from pipelines.models.devices import free_memory, is_out_of_memory
+from pipelines.models.manager import ModelManager
 from pipelines.options import Options
+from pipelines.plugins.extra_networks import ExtraNetworkRegistry
+from pipelines.plugins.scripts import ScriptJobs, ScriptRegistry, SelectableScriptRegistry
 from pipelines.processing import GenerationResult, JobContext, run_job
-from pipelines.registry import ModelFile, ModelRegistry
+from pipelines.prompts.embeddings import EmbeddingDatabase
+from pipelines.prompts.styles import StyleDatabase
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
-from pipelines.scripts import ScriptJobs, ScriptRegistry, SelectableScriptRegistry
 from pipelines.settings import EngineSettings
-from pipelines.styles import StyleDatabase
 from pipelines.upscaling import Upscalers
 
 log = logging.getLogger(__name__)

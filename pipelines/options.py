@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.images import dated_output_dir
+from pipelines.images.saving import dated_output_dir
 
 
 class Options(BaseModel):

@@ -18,31 +18,31 @@ import torch
 from PIL import Image
 
 import pipelines
-from pipelines import latents as latent_ops
-from pipelines.denoise import DenoiseInputs, denoise, latent_size, txt2img_timesteps
-from pipelines.extra_networks import ExtraNetworkRegistry
-from pipelines.hires import hires_pass, hires_steps, upscale_first_pass, upscale_only
-from pipelines.images import make_grid, save_image
-from pipelines.img2img import (
+from pipelines.images.infotext import build_infotext, infotext_params_from_fields
+from pipelines.images.saving import make_grid, save_image
+from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
+from pipelines.models.catalog import ModelFile
+from pipelines.models.manager import LoadedModel
+from pipelines.options import Options
+from pipelines.plugins.extra_networks import ExtraNetworkRegistry
+from pipelines.plugins.scripts import AlwaysOnScript, ScriptRun, running_scripts
+from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
+from pipelines.prompts.parser import ExtraNetworkTag, extract_extra_networks
+from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.sampling import latents as latent_ops
+from pipelines.sampling.denoise import DenoiseInputs, denoise, txt2img_timesteps
+from pipelines.sampling.hires import hires_pass, hires_steps, upscale_first_pass, upscale_only
+from pipelines.sampling.img2img import (
     blank_inpaint_conditioning,
     finish_inpaint,
     img2img_infotext_params,
     img2img_latents,
     prepare_img2img_source,
 )
-from pipelines.infotext import build_infotext, infotext_params_from_fields
-from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
-from pipelines.manager import LoadedModel
-from pipelines.options import Options
-from pipelines.previews import preview_maker
-from pipelines.prompt_encoding import Conditioning, PromptEncoder, build_conditioning
-from pipelines.prompt_parser import ExtraNetworkTag, extract_extra_networks
-from pipelines.registry import ModelFile
-from pipelines.request import GenerationRequest, Img2ImgRequest
-from pipelines.samplers import build_scheduler, fitting_schedule
-from pipelines.scripts import AlwaysOnScript, ScriptRun, running_scripts
-from pipelines.seeds import SeedPlan, generators_for, image_noise
-from pipelines.step_cache import supports_step_cache
+from pipelines.sampling.previews import preview_maker
+from pipelines.sampling.samplers import build_scheduler, fitting_schedule
+from pipelines.sampling.seeds import SeedPlan, generators_for, image_noise
+from pipelines.sampling.step_cache import supports_step_cache
 from pipelines.upscaling import Upscalers
 
 
@@ -109,11 +109,11 @@ def prepare_prompts(request: GenerationRequest, count: int, styles) -> PreparedP
 
 
 def initial_noise(request: GenerationRequest, seeds: list[int], subseeds: list[int],
-                  generators: list[torch.Generator], shape: tuple[int, int, int], factor: int) -> torch.Tensor:
+                  generators: list[torch.Generator], shape: tuple[int, int, int], model: LoadedModel) -> torch.Tensor:
     """(B, C, h, w) noise on the CPU, one image at a time from that image's generator."""
     resize_from = None
     if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
-        resize_from = latent_size(request.seed_resize_from_w, request.seed_resize_from_h, factor)
+        resize_from = model.latent_size(request.seed_resize_from_w, request.seed_resize_from_h)
     return torch.stack([
         image_noise(gen, shape, subseed=sub, subseed_strength=request.subseed_strength, resize_from=resize_from)
         for gen, sub in zip(generators, subseeds)
@@ -361,8 +361,7 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     generators = generators_for(seeds)
     scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
     dtype = model.unet.dtype
-    factor = model.vae_scale_factor
-    h, w = latent_size(request.width, request.height, factor)
+    h, w = model.latent_size(request.width, request.height)
     shape = (model.vae.config.latent_channels, h, w)
 
     # stage 3: latents (and, for img2img, the timesteps that the strength leaves)
@@ -370,7 +369,7 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     inpaint = None
 
     def make_noise() -> torch.Tensor:
-        return initial_noise(request, seeds, subseeds, generators, shape, factor)
+        return initial_noise(request, seeds, subseeds, generators, shape, model)
 
     if isinstance(request, Img2ImgRequest):
         source = prepare_img2img_source(request, span.start, len(seeds))

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, fitting_schedule
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, fitting_schedule
 
 MAX_SEED = 4294967294
 MIN_SIZE, MAX_SIZE = 64, 4096

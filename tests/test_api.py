@@ -18,9 +18,9 @@ import requests
 import torch
 import webuiapi
 from PIL import Image
+from pipelines.images.saving import read_infotext
 
-from pipelines.images import read_infotext
-from pipelines.infotext import parse_infotext
+from pipelines.images.infotext import parse_infotext
 from pipelines.request import GenerationRequest
 from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
 from tests.pictures import half_mask, picture
@@ -665,7 +665,7 @@ def test_selection_survives_a_restart_and_a_missing_one_falls_back(engine_factor
 
 
 def test_progress_reports_skipped_until_the_next_batch(url, server):
-    from pipelines.jobs import BatchSkipped
+    from pipelines.job_control import BatchSkipped
 
     release, seen = threading.Event(), {}
 

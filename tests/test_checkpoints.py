@@ -1,4 +1,4 @@
-"""Offline loading of A1111-style checkpoints through ``pipelines.checkpoints`` with tiny models."""
+"""Offline loading of A1111-style checkpoints through ``pipelines.models.checkpoints`` with tiny models."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipelines.checkpoints import (
+from pipelines.models.checkpoints import (
     CONFIGS_DIR,
     TOKENIZER_FILES_DIR,
     ModelFamily,
@@ -136,7 +136,7 @@ from pathlib import Path
 def refuse(self, address):
     raise SystemExit(f"network access attempted: {address}")
 socket.socket.connect = refuse
-from pipelines.checkpoints import load_checkpoint, load_vae
+from pipelines.models.checkpoints import load_checkpoint, load_vae
 out = {}
 for arg in sys.argv[2:]:
     pipe, family = load_checkpoint(Path(arg), torch_dtype=torch.float32, cache_dir=Path(sys.argv[1]))
@@ -324,7 +324,7 @@ def test_sd1_text_encoder_without_text_model_level(tree, tmp_path, cache_dir):
 
 
 def test_shipped_tokenizer_needs_no_model():
-    from pipelines.checkpoints import shipped_tokenizer
+    from pipelines.models.checkpoints import shipped_tokenizer
 
     assert shipped_tokenizer("sd1")("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert shipped_tokenizer("sd2").pad_token == "!"

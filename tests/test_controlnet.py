@@ -13,11 +13,11 @@ import requests
 import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
+from pipelines.images.saving import read_infotext
 
-from pipelines.images import read_infotext
-from pipelines.infotext import parse_infotext
+from pipelines.images.infotext import parse_infotext
+from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from pipelines.scripts import ScriptError
 from tests.api_helpers import b64_png, decode_png
 from tests.pictures import half_mask, picture
 from tests.tiny_controlnets import write_tiny_controlnets

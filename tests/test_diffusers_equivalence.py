@@ -11,7 +11,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from pipelines.samplers import build_scheduler
+from pipelines.sampling.samplers import build_scheduler
 from tests.pictures import picture
 from tests.test_engine import img2img, pixels, txt2img
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.embeddings import (
+from pipelines.prompts.embeddings import (
     SINGLE_KEY,
     EmbeddingDatabase,
     format_ti_hashes,

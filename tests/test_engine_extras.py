@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import latents as latent_ops
-from pipelines.checkpoints import UnsafeCheckpointError
+from pipelines.models.checkpoints import UnsafeCheckpointError
+from pipelines.sampling import latents as latent_ops
 from tests.test_engine import txt2img
 from tests.tiny_models import tiny_standalone_vae, write_malicious_ckpt, write_tiny_ckpt
 from webui.flags import parse_flags
@@ -106,7 +106,7 @@ def test_half_precision_vae_overflow_retries_in_fp32(monkeypatch):
 
 
 def test_benchmark_reports_the_ratio(tiny_models, tmp_path):
-    from pipelines import bench
+    from benchmarks import engine as bench
 
     model = tmp_path / "bench-models" / "tiny-sd15-diffusers"
     shutil.copytree(tiny_models / "Stable-diffusion" / "tiny-sd15-diffusers", model)
@@ -184,12 +184,12 @@ def test_hires_image_upscaler_uses_the_tiling_options(engine, denoising):
 
 def test_extras_job_on_several_files_opens_them_in_turn(tmp_path):
     from PIL import Image
+    from pipelines.images.saving import save_image
 
-    from pipelines.extras import ExtrasSettings, run_extras
-    from pipelines.images import save_image
     from pipelines.options import Options
     from pipelines.settings import Paths
     from pipelines.upscaling import Upscalers
+    from pipelines.upscaling.extras import ExtrasSettings, run_extras
     from tests.pictures import picture
     from tests.tiny_upscalers import write_tiny_esrgan
 

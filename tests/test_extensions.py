@@ -20,10 +20,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipelines.infotext import parse_infotext
-from pipelines.jobs import JobControl
+from pipelines.images.infotext import parse_infotext
+from pipelines.job_control import JobControl
+from pipelines.plugins.scripts import AlwaysOnScript
 from pipelines.request import GenerationRequest
-from pipelines.scripts import AlwaysOnScript
 from webui.app import create_api_app
 from webui.context import AppContext
 from webui.extensions import ROOT, LoadedExtensions, load_extensions

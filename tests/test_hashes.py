@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipelines.hashes import HashCache, legacy_hash
+from pipelines.models.hashes import HashCache, legacy_hash
 
 
 def _write(path, data: bytes):

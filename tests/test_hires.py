@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.hires import hires_steps
-from pipelines.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
+from pipelines.sampling.hires import hires_steps
 from tests.test_engine import SD15, txt2img
 
 
@@ -199,7 +199,7 @@ def test_unknown_hires_checkpoint_fails_before_loading(engine_factory):
 
 
 def test_interrupt_stops_the_hires_upscaler_between_tiles(engine):
-    from pipelines.jobs import JobControl
+    from pipelines.job_control import JobControl
 
     seen: list[tuple[int, int]] = []
 

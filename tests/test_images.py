@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import ExifTags, Image
 
-from pipelines import images
-from pipelines.images import (
+from pipelines.images import saving as images
+from pipelines.images.saving import (
     dated_output_dir,
     decode_base64_image,
     embed_infotext,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.infotext import (
+from pipelines.images.infotext import (
     SCHEDULE_LABELS,
     build_infotext,
     infotext_params_from_fields,
@@ -168,7 +168,7 @@ def test_parse_keeps_sampler_name_when_schedule_type_is_given():
 
 
 def test_schedule_labels_match_the_sampler_table():
-    from pipelines.samplers import SCHEDULE_NAMES
+    from pipelines.sampling.samplers import SCHEDULE_NAMES
 
     assert set(SCHEDULE_LABELS) == set(SCHEDULE_NAMES)
 

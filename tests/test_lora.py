@@ -21,9 +21,9 @@ from fastapi.testclient import TestClient
 from extensions.lora.library import LoraLibrary, read_header
 from extensions.lora.network import LoraNetwork, parse_tag
 from extensions.lora.ui import build_panel, card_facts, matching, toggle_tag
-from pipelines.infotext import parse_infotext
-from pipelines.jobs import JobControl, Progress
-from pipelines.prompt_parser import ExtraNetworkTag
+from pipelines.images.infotext import parse_infotext
+from pipelines.job_control import JobControl, Progress
+from pipelines.prompts.parser import ExtraNetworkTag
 from pipelines.request import GenerationRequest
 from tests.tiny_loras import ALIASES, write_tiny_loras
 from webui.app import create_api_app

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.infotext import parse_infotext
+from pipelines.images.infotext import parse_infotext
 from tests.test_engine import pixels, txt2img
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_a1111_short_titles_are_found_by_hash_then_by_name(engine):
 
 def test_hashes_are_cached(engine_factory, monkeypatch):
     engine = engine_factory()
-    import pipelines.hashes as hashes
+    import pipelines.models.hashes as hashes
 
     calls = []
     original = hashes._sha256_file

@@ -9,11 +9,11 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderTiny
 
-from pipelines import acceleration
-from pipelines import latents as latent_ops
-from pipelines.previews import PreviewMaker, preview_maker
+from pipelines.models import acceleration
+from pipelines.models.taesd import find_taesd, load_taesd
 from pipelines.request import GenerationRequest
-from pipelines.taesd import find_taesd, load_taesd
+from pipelines.sampling import latents as latent_ops
+from pipelines.sampling.previews import PreviewMaker, preview_maker
 
 SD15 = "tiny-sd15.safetensors"
 SDXL = "tiny-sdxl.safetensors"

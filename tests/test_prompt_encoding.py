@@ -22,15 +22,15 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from pipelines.embeddings import EmbeddingDatabase, sha256_short
-from pipelines.prompt_encoding import (
+from pipelines.prompts.embeddings import EmbeddingDatabase, sha256_short
+from pipelines.prompts.encoding import (
     CHUNK_LENGTH,
     PromptEncoder,
     build_conditioning,
     count_tokens,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "models" / "configs"
 TOKENS = 77
 
 

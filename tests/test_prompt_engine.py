@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.infotext import parse_infotext
-from pipelines.styles import Style
+from pipelines.images.infotext import parse_infotext
+from pipelines.prompts.styles import Style
 from tests.test_engine import pixels, txt2img
 
 
@@ -140,7 +140,7 @@ def test_extra_network_tags_go_to_their_handler_for_one_job(engine_factory):
 
 
 def test_extra_network_is_undone_after_a_failed_or_interrupted_job(engine_factory, monkeypatch):
-    from pipelines.jobs import JobControl
+    from pipelines.job_control import JobControl
 
     engine = engine_factory()
     handler = _RecordingNetwork()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.prompt_parser import (
+from pipelines.prompts.parser import (
     ExtraNetworkTag,
     extract_extra_networks,
     get_prompt_schedule,

@@ -8,17 +8,17 @@ import logging
 import httpx
 import numpy as np
 import pytest
+from pipelines.images.saving import read_infotext
 
-from pipelines.images import read_infotext
-from pipelines.infotext import parse_infotext
-from pipelines.jobs import JobControl
+from pipelines.images.infotext import parse_infotext
+from pipelines.job_control import JobControl
+from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest
-from pipelines.scripts import ScriptError
 from tests.api_helpers import ApiServer, decode_png
 
 SD15, SD21 = "tiny-sd15.safetensors", "tiny-sd21-v.safetensors"
 values = importlib.import_module("extensions.xyz_grid.values")
-grids = importlib.import_module("pipelines.grids")
+grids = importlib.import_module("pipelines.images.grids")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_plot_loads_each_checkpoint_once(engine_factory, tmp_path, caplog):
     # Checkpoint on X alternates models cell by cell in grid order; the plot runs them model by model.
     request = txt2img(script_name="x/y/z plot",
                       script_args=plot_args(("Checkpoint name", f"{SD15}, {SD21}"), ("Seed", "1-3")))
-    with caplog.at_level(logging.INFO, logger="pipelines.manager"):
+    with caplog.at_level(logging.INFO, logger="pipelines.models.manager"):
         result = engine.generate(request)
     loads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Loaded ")]
     assert len(loads) == 2, loads

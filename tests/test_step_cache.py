@@ -9,11 +9,11 @@ import torch
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from pipelines import acceleration
-from pipelines.infotext import parse_infotext
+from pipelines.images.infotext import parse_infotext
+from pipelines.models import acceleration
 from pipelines.options import Options
 from pipelines.request import GenerationRequest
-from pipelines.step_cache import StepCache, unet_runner
+from pipelines.sampling.step_cache import StepCache, unet_runner
 from tests.tiny_controlnets import tiny_controlnet
 from tests.tiny_models import tiny_components
 

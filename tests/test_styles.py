@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from pipelines.styles import Style, StyleDatabase, merge_style_text
+from pipelines.prompts.styles import Style, StyleDatabase, merge_style_text
 
 A1111_FILE = (
     "name,prompt,negative_prompt\n"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.checkpoints import UnsafeCheckpointError
-from pipelines.jobs import JobControl, JobInterrupted
+from pipelines.job_control import JobControl, JobInterrupted
+from pipelines.models.checkpoints import UnsafeCheckpointError
 from pipelines.settings import Paths
 from pipelines.upscaling import (
     Upscalers,

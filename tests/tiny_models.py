@@ -15,7 +15,7 @@ float16 files hold them exactly. Files keep the ORIGINAL key layout (``model.dif
 ``first_stage_model.*``, ``cond_stage_model.*``, ``conditioner.embedders.*``) so that they go through
 the real single-file loader; the diffusers -> original converter below is the inverse of the
 mapping in diffusers' ``loaders/single_file_utils.py`` (Apache-2.0). Each sidecar carries a
-``diffusers:`` mapping with the tiny sizes, merged by ``pipelines.checkpoints`` over the shipped configs.
+``diffusers:`` mapping with the tiny sizes, merged by ``pipelines.models.checkpoints`` over the shipped configs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from tests.tiny_upscalers import write_tiny_esrgan
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "models" / "configs"
 FAMILY_DIRS = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
 #: Tiny checkpoint kinds: family, inpainting.
 KINDS = {"sd15": ("sd1", False), "sd21-v": ("sd2", False), "sdxl": ("sdxl", False), "sd15-inpainting": ("sd1", True)}

@@ -28,7 +28,7 @@ def create_api_app(ctx: AppContext):
     """A FastAPI app with only the A1111 API (--nowebui), its docs at /docs."""
     from fastapi import FastAPI
 
-    from webui.api import mount_api
+    from webui.api.mount import mount_api
     from webui.cors import add_cors
 
     # mount_api serves the schema and the docs, behind --api-auth like every route.

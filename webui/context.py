@@ -8,24 +8,19 @@ and stop the job that is running, whoever sent it.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import re
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from pipelines.engine import Engine
-from pipelines.jobs import JobControl, Progress
 from pipelines.options import Options
 from pipelines.settings import Paths
 from pipelines.upscaling import Upscalers
 from webui.extensions import LoadedExtensions, load_extensions
 from webui.flags import Flags
+from webui.job_queue import JobQueue
 
 T = TypeVar("T")
 log = logging.getLogger("webui")
@@ -52,107 +47,6 @@ def saved_selection_or_fallback(options: Options, paths: Paths) -> Options:
                         ", ".join(map(str, paths.model_dirs(kind))), fallback or "the first checkpoint found")
             changes[key] = fallback
     return options.model_copy(update=changes) if changes else options
-
-
-class JobCancelled(Exception):
-    """A queued job was cancelled before it started."""
-
-
-@dataclass
-class Ticket:
-    """A job waiting in, or running from, the queue."""
-
-    id: int
-    source: str  # "ui" or "api"
-    description: str
-    control: JobControl
-    queued_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    cancelled: bool = False
-
-
-class JobQueue:
-    """First come, first served; one job runs at a time. The job runs in the caller's thread."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._waiting: deque[Ticket] = deque()
-        self._running: Ticket | None = None
-        self._ids = itertools.count(1)
-        self.finished_jobs = 0
-
-    def run(self, job: Callable[[JobControl], T], *, source: str, description: str = "",
-            control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None) -> T:
-        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting."""
-        ticket = Ticket(next(self._ids), source, description, control or JobControl())
-        if on_ticket is not None:
-            on_ticket(ticket)
-        with self._cond:
-            self._waiting.append(ticket)
-            while not ticket.cancelled and (self._running is not None or self._waiting[0] is not ticket):
-                self._cond.wait()
-            self._waiting.remove(ticket)
-            if ticket.cancelled:
-                self._cond.notify_all()
-                raise JobCancelled(f"job {ticket.id} was cancelled before it started")
-            self._running = ticket
-            ticket.started_at = time.time()
-        try:
-            return job(ticket.control)
-        finally:
-            with self._cond:
-                self._running = None
-                self.finished_jobs += 1
-                self._cond.notify_all()
-
-    def position(self, ticket: Ticket) -> int:
-        """0 while running, 1 for next in line, ...; -1 when not in the queue."""
-        with self._cond:
-            if self._running is ticket:
-                return 0
-            try:
-                return list(self._waiting).index(ticket) + 1
-            except ValueError:
-                return -1
-
-    def cancel(self, ticket: Ticket) -> bool:
-        """Take a waiting job out of the queue, or interrupt it if it is running."""
-        with self._cond:
-            if self._running is ticket:
-                ticket.control.interrupt()
-                return True
-            if ticket in self._waiting:
-                ticket.cancelled = True
-                self._cond.notify_all()
-                return True
-            return False
-
-    @property
-    def running(self) -> Ticket | None:
-        with self._cond:
-            return self._running
-
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._waiting)
-
-    def progress(self) -> Progress | None:
-        """The running job's progress, whoever sent it."""
-        running = self.running
-        return running.control.progress if running else None
-
-    def interrupt(self) -> None:
-        """Interrupt the running job (the Interrupt button, POST /sdapi/v1/interrupt)."""
-        running = self.running
-        if running:
-            running.control.interrupt()
-
-    def skip(self) -> None:
-        """Skip the running job's current batch."""
-        running = self.running
-        if running:
-            running.control.skip()
 
 
 class AppContext:

@@ -16,7 +16,7 @@ returns normally, so a broken extension leaves no half-registered pieces behind.
 ``extensions/README.md`` for the whole guide and ``extensions/example.disabled/`` for a small example.
 
 Everything an extension may use is importable from here; the names re-exported from the engine are
-documented where they are defined (``pipelines/scripts.py``, ``pipelines/extra_networks.py``).
+documented where they are defined (``pipelines/plugins/scripts.py``, ``pipelines/plugins/extra_networks.py``).
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from fastapi import APIRouter
 
-from pipelines.extra_networks import ExtraNetworkHandler
-from pipelines.grids import GridLabel, annotated_grid, combine_grids, infotext_with_params, labels, save_grid
-from pipelines.images import read_infotext
-from pipelines.infotext import parse_infotext
-from pipelines.processing import GenerationResult
-from pipelines.prompt_parser import ExtraNetworkTag
-from pipelines.scripts import (
+from pipelines.images.grids import GridLabel, annotated_grid, combine_grids, infotext_with_params, labels, save_grid
+from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
+from pipelines.plugins.extra_networks import ExtraNetworkHandler
+from pipelines.plugins.scripts import (
     AlwaysOnScript,
     Job,
     JobRunner,
@@ -45,12 +44,14 @@ from pipelines.scripts import (
     UnetPatch,
     UnetResiduals,
 )
+from pipelines.processing import GenerationResult
+from pipelines.prompts.parser import ExtraNetworkTag
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
+from webui.api.errors import ApiRoute
 
 if TYPE_CHECKING:  # the engine types an extension sees, without importing the engine at run time
-    from fastapi import APIRouter
-
     from pipelines.engine import Engine
-    from pipelines.manager import LoadedModel
+    from pipelines.models.manager import LoadedModel
 
 __all__ = [
     "AlwaysOnScript", "ExtensionAPI", "ExtraNetworkHandler", "ExtraNetworkTag", "Job", "JobRunner", "PasteHook",
@@ -165,10 +166,6 @@ class ExtensionAPI:
     def new_router(self, tag: str | None = None) -> APIRouter:
         """An APIRouter whose routes report bad input like ours do (422 naming the field), listed in /docs
         under ``tag`` (default: the extension's name)."""
-        from fastapi import APIRouter
-
-        from webui.api.errors import ApiRoute
-
         return APIRouter(route_class=ApiRoute, tags=[tag or self.name])
 
     # --- registration --------------------------------------------------------------------------
@@ -232,14 +229,10 @@ class ExtensionAPI:
 
     def sampler_names(self) -> list[str]:
         """The sampling methods, as the Sampling method dropdown lists them."""
-        from pipelines.samplers import SAMPLERS
-
         return list(SAMPLERS)
 
     def schedule_names(self) -> list[str]:
         """The schedule types ("Automatic" first)."""
-        from pipelines.samplers import SCHEDULE_NAMES
-
         return list(SCHEDULE_NAMES)
 
     def hires_upscaler_names(self) -> list[str]:

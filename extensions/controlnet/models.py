@@ -23,7 +23,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
 #: Family config folder by the cross-attention width of real models (SD 1.x 768, SD 2.x 1024, SDXL 2048).
 FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl"}

@@ -24,7 +24,7 @@ import spandrel
 import torch
 from PIL import Image, ImageOps
 
-from pipelines.devices import pick_device
+from pipelines.models.devices import pick_device
 from pipelines.settings import MODEL_EXTENSIONS, MODEL_FOLDERS, Paths
 from pipelines.upscaling.models import inference_dtype, load_upscaler_model
 from pipelines.upscaling.tiling import StopCheck, check_tiling, count_tiles, tiled_upscale

@@ -2,7 +2,7 @@
 
 spandrel detects the architecture (ESRGAN/RRDB, Real-ESRGAN x4plus and anime 6B, SwinIR, Compact,
 DAT, HAT, ...) and the scale from the weights alone. It is never given a file: a pickled ``.pth``
-is read by :mod:`pipelines.checkpoints`' weights-only loader, which refuses any pickle that would
+is read by :mod:`pipelines.models.checkpoints`' weights-only loader, which refuses any pickle that would
 import code, exactly as for checkpoints.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import spandrel
 import torch
 
-from pipelines.checkpoints import PICKLE_SUFFIXES, load_pickled_tensors, read_state_dict
+from pipelines.models.checkpoints import PICKLE_SUFFIXES, load_pickled_tensors, read_state_dict
 
 
 def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -22,7 +22,7 @@ def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     Real-ESRGAN releases nest the weights under ``params_ema``/``params``, other trainers under
     ``model``, ``net`` or a ``module.`` prefix; ``.safetensors`` files are flat. A pickle that wants
-    code raises :class:`pipelines.checkpoints.UnsafeCheckpointError`.
+    code raises :class:`pipelines.models.checkpoints.UnsafeCheckpointError`.
     """
     path = Path(path)
     if path.suffix.lower() not in PICKLE_SUFFIXES:

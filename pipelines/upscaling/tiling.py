@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipelines.jobs import JobInterrupted
+from pipelines.job_control import JobInterrupted
 
 #: A model as the tiler needs it: (1, C, h, w) in 0..1 -> (1, C, h * scale, w * scale).
 TileModel = Callable[[torch.Tensor], torch.Tensor]
@@ -92,7 +92,7 @@ def tiled_upscale(
     Each tile goes to ``device`` as ``dtype``; the blended result is accumulated in float32 on the
     CPU, so the device only ever holds one tile. ``tile`` 0 runs the model on the whole image.
     ``on_tile`` is called after each tile; ``should_stop`` before each one: a truthy answer raises
-    :class:`~pipelines.jobs.JobInterrupted`, and an exception it raises itself (``JobControl.check``)
+    :class:`~pipelines.job_control.JobInterrupted`, and an exception it raises itself (``JobControl.check``)
     propagates. Returns (1, C, H * scale, W * scale) float32 on the CPU.
     """
     if image.dim() != 4 or image.shape[0] != 1:

@@ -19,8 +19,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from pipelines.engine import EngineError
-from pipelines.scripts import ScriptError
-from webui.context import JobCancelled
+from pipelines.plugins.scripts import ScriptError
+from webui.job_queue import JobCancelled
 
 log = logging.getLogger("webui.api")
 

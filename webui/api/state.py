@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pipelines.manager import ModelManager
+from pipelines.models.manager import ModelManager
 from webui.context import AppContext
 
 

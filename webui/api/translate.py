@@ -13,18 +13,18 @@ from datetime import datetime
 from typing import Any
 
 from PIL import Image
+from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pydantic import BaseModel, ValidationError
 
 import pipelines
 from pipelines.engine import Engine
-from pipelines.images import decode_base64_image, encode_base64_png
-from pipelines.infotext import parse_infotext, request_fields_from_infotext
-from pipelines.manager import LoadedModel
+from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.models.manager import LoadedModel
 from pipelines.options import Options
+from pipelines.plugins.scripts import ScriptError
 from pipelines.processing import GenerationResult
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest, Img2ImgRequest
-from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
-from pipelines.scripts import ScriptError
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
 from webui.api.errors import ApiError, validation_errors
 from webui.api.models import NOT_IN_BODY
 from webui.api.state import ApiSelection

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from pipelines.request import GenerationRequest
-from pipelines.samplers import SAMPLERS, find_sampler
+from pipelines.sampling.samplers import SAMPLERS, find_sampler
 from webui.context import AppContext
 from webui.ui import fields as f
 from webui.ui.ui_config import UiDefaults

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from pipelines.images.saving import embed_infotext
 
-from pipelines.extras import ExtrasResult, ExtrasSettings, run_extras
-from pipelines.images import embed_infotext
-from webui.context import AppContext, JobCancelled
+from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, run_extras
+from webui.context import AppContext
+from webui.job_queue import JobCancelled
 from webui.ui.output import infotext_html
 
 SOURCES = ("single", "batch", "folder")

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from pipelines.processing import GenerationResult
 from pipelines.request import GenerationRequest
-from webui.context import AppContext, JobCancelled
+from webui.context import AppContext
+from webui.job_queue import JobCancelled
 from webui.ui.controls import GenerationControls
 from webui.ui.jobs import Session, run_job
 from webui.ui.output import OutputPanel, gallery_files, infotext_html

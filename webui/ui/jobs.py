@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipelines.jobs import JobControl
+from pipelines.job_control import JobControl
 from pipelines.processing import GenerationResult
 from pipelines.request import GenerationRequest
-from webui.context import AppContext, JobCancelled, JobQueue, Ticket
+from webui.context import AppContext
+from webui.job_queue import JobCancelled, JobQueue, Ticket
 
 #: How often the browser hears about a running job, in seconds.
 POLL_SECONDS = 0.25

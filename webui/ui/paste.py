@@ -12,10 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.infotext import parse_infotext, request_fields_from_infotext
-from pipelines.registry import ModelFile
+from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.models.catalog import ModelFile
 from pipelines.request import SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER
-from pipelines.samplers import find_sampler
+from pipelines.sampling.samplers import find_sampler
 from webui.context import AppContext
 from webui.ui.controls import GenerationControls, schedule_choices
 from webui.ui.extension_ui import ExtensionControls, PasteSource

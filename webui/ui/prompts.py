@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from pipelines.prompts.styles import Style
 from pipelines.request import GenerationRequest
-from pipelines.styles import Style
 from webui.context import AppContext
 from webui.ui.fields import description
 from webui.ui.tokens import TokenCounter

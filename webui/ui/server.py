@@ -77,7 +77,7 @@ def start_server(ctx: AppContext, *, quiet: bool = False) -> RunningServer:
         log.error("--share: could not open a Gradio share link (no network, or the share server cannot be "
                   "reached). The UI keeps serving locally at %s.", local_url)
     if flags.api:
-        from webui.api import mount_api  # written separately; imported only when the API is wanted
+        from webui.api.mount import mount_api  # written separately; imported only when the API is wanted
 
         mount_api(app, ctx)
     # Gradio's own CORS layer lets only local pages call a local server; --cors-allow-origins replaces it.

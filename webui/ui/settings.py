@@ -9,7 +9,7 @@ import gradio as gr
 from pydantic import ValidationError
 
 from pipelines.options import Options
-from pipelines.samplers import SAMPLERS
+from pipelines.sampling.samplers import SAMPLERS
 from webui.context import AppContext
 from webui.ui import fields as f
 from webui.ui.ui_config import UiDefaults

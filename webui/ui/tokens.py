@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from pipelines.checkpoints import shipped_tokenizer
-from pipelines.prompt_encoding import PromptEncoder, count_tokens
+from pipelines.models.checkpoints import shipped_tokenizer
+from pipelines.prompts.encoding import PromptEncoder, count_tokens
 from webui.context import AppContext
 
 

@@ -13,7 +13,7 @@ from pipelines.request import (
     SAME_SCHEDULER,
     GenerationRequest,
 )
-from pipelines.samplers import SAMPLERS, SCHEDULE_NAMES
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from webui.context import AppContext
 from webui.extension_api import TabUi
 from webui.ui import fields as f

@@ -99,12 +99,9 @@ def prepare(model, enabled: bool, shapes: list[tuple[int, int, int]], device: to
 
 def job_shapes(request, model) -> list[tuple[int, int, int]]:
     """The (UNet batch rows, latent h, latent w) a txt2img/img2img request will run through the UNet."""
-    from pipelines.denoise import latent_size
-
     rows = request.batch_size * (2 if request.cfg_scale > 1.0 else 1)
-    factor = model.vae_scale_factor
-    shapes = [(rows, *latent_size(request.width, request.height, factor))]
+    shapes = [(rows, *model.latent_size(request.width, request.height))]
     if getattr(request, "enable_hr", False):
         width, height = request.hires_size
-        shapes.append((rows, *latent_size(width, height, factor)))
+        shapes.append((rows, *model.latent_size(width, height)))
     return shapes

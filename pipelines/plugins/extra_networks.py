@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
-from pipelines.named_registry import NamedRegistry
-from pipelines.prompt_parser import ExtraNetworkTag
+from pipelines.plugins.registry import NamedRegistry
+from pipelines.prompts.parser import ExtraNetworkTag
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class ExtraNetworkHandler(Protocol):
     """Handles the prompt tags of one name (``lora``, ...)."""
 
     def activate(self, model: object, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
-        """Apply the tags to ``model`` (a :class:`~pipelines.manager.LoadedModel`) for one job.
+        """Apply the tags to ``model`` (a :class:`~pipelines.models.manager.LoadedModel`) for one job.
 
         Returns infotext params to record (e.g. ``{"Lora hashes": "..."}``). Raise ValueError naming the
         tag for bad arguments; the job then fails before sampling.

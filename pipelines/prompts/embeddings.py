@@ -1,7 +1,7 @@
 """Textual inversion embeddings from the ``embeddings/`` folder (REFERENCE §3).
 
 A prompt that names an embedding by its file stem gets the embedding's vectors in place of the
-name's tokens (see :mod:`pipelines.prompt_encoding`). Formats read:
+name's tokens (see :mod:`pipelines.prompts.encoding`). Formats read:
 
 - SD 1.x / SD 2.x: A1111's ``.pt`` (``string_to_param``), ``emb_params`` (safetensors), or a file
   holding a single tensor (diffusers' ``learned_embeds.bin``: ``{"<token>": tensor}``).

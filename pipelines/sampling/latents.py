@@ -98,7 +98,7 @@ def approx_preview_pixels(latents: torch.Tensor, family: str) -> torch.Tensor:
 def preview(latents: torch.Tensor, family: str) -> Image.Image:
     """A small RGB image of the first latent of a batch, without the VAE (latent size, upscaled 2x).
 
-    Waits for the device; the step loop uses :class:`pipelines.previews.PreviewMaker`, which does not.
+    Waits for the device; the step loop uses :class:`pipelines.sampling.previews.PreviewMaker`, which does not.
     """
     rgb = approx_preview_pixels(latents, family)
     array = rgb.mul(255).byte().permute(1, 2, 0).cpu().numpy()

@@ -1,8 +1,8 @@
 """Benchmark: our tiled upscaler against calling the spandrel model on the whole image.
 
-    python -m pipelines.upscale_bench --quick --out up.json    # 128 -> 512, tiles 48 px (CPU, minutes)
-    python -m pipelines.upscale_bench --out up.json            # 512 -> 2048, tiles 192 px
-    python -m pipelines.upscale_bench --size 1024 --device cuda
+    python -m benchmarks.upscale --quick --out up.json    # 128 -> 512, tiles 48 px (CPU, minutes)
+    python -m benchmarks.upscale --out up.json            # 512 -> 2048, tiles 192 px
+    python -m benchmarks.upscale --size 1024 --device cuda
 
 The model is a real-size RRDB (the RealESRGAN_x4plus architecture: 64 features, 23 blocks, growth
 32) with random weights, written as ``.safetensors`` into a temporary ``models/ESRGAN/`` and loaded
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.bench import write_figures
+from benchmarks.engine import write_figures
 
 MODEL_NAME = "rrdb-x4plus-random"
 
@@ -121,7 +121,7 @@ def worker(side: str, data_dir: Path, size: int, tile: int, overlap: int, device
 
 
 def _spawn(side: str, args: argparse.Namespace, data_dir: Path, out: Path) -> dict:
-    command = [sys.executable, "-m", "pipelines.upscale_bench", "--worker", side, "--data-dir", str(data_dir),
+    command = [sys.executable, "-m", "benchmarks.upscale", "--worker", side, "--data-dir", str(data_dir),
                "--size", str(args.size), "--tile", str(args.tile), "--overlap", str(args.overlap),
                "--device", args.device, "--runs", str(args.runs), "--worker-out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.upscale_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.upscale", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 -> 512 with 48 px tiles, 8 px overlap.")
     parser.add_argument("--out", type=Path, help="Write the figures as JSON to this file.")
     parser.add_argument("--size", type=int, help="Input size (default 512, 128 with --quick).")

@@ -1,7 +1,7 @@
 """Benchmark: what the HTTP API adds over calling the engine directly for the same job.
 
-    python -m tests.api_bench                 # 20 steps at 512x512 on the tiny SD 1.5 model, 5 rounds
-    python -m tests.api_bench --rounds 10 --out bench.json
+    python -m benchmarks.api                 # 20 steps at 512x512 on the tiny SD 1.5 model, 5 rounds
+    python -m benchmarks.api --rounds 10 --out bench.json
 
 It writes the tiny test models into a temporary folder, starts the real API server (uvicorn on a
 loopback port) on an engine built on them, and runs the same txt2img job alternately through
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from pipelines.bench import write_figures
+from benchmarks.engine import write_figures
 from tests.api_helpers import ApiServer
 from tests.tiny_models import write_tiny_models
 
@@ -81,7 +81,7 @@ def run(rounds: int, steps: int, size: int, device: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; prints the figures as JSON (and writes them with --out)."""
-    parser = argparse.ArgumentParser(prog="python -m tests.api_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="Timed runs of each path (median taken).")
     parser.add_argument("--steps", type=int, default=20, help="Sampling steps.")
     parser.add_argument("--size", type=int, default=512, help="Width and height in pixels.")

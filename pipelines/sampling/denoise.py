@@ -10,16 +10,15 @@ the images equal plain diffusers pipelines.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from pipelines.scripts import UnetCall, UnetPatch, combined_residuals
-from pipelines.seeds import step_noise
-from pipelines.step_cache import unet_runner
+from pipelines.plugins.scripts import UnetCall, UnetPatch, combined_residuals
+from pipelines.sampling.seeds import step_noise
+from pipelines.sampling.step_cache import unet_runner
 
 
 class StepConditioningLike(Protocol):
@@ -62,7 +61,8 @@ class DenoiseInputs:
     #: Size in pixels of the image being made, and which pass this is (0 first, 1 hires): for the patches.
     size: tuple[int, int] = (0, 0)
     pass_index: int = 0
-    #: Opt-in step caching (:mod:`pipelines.step_cache`): the whole UNet runs every this many calls; 0 = always.
+    #: Opt-in step caching (:mod:`pipelines.sampling.step_cache`): the whole UNet runs every this many calls;
+    #: 0 = always.
     step_cache_interval: int = 0
 
 
@@ -161,7 +161,3 @@ def txt2img_timesteps(scheduler, steps: int, device) -> torch.Tensor:
         scheduler.set_begin_index(0)
     return scheduler.timesteps
 
-
-def latent_size(width: int, height: int, factor: int = 8) -> tuple[int, int]:
-    """(h, w) of the latents for an image; the VAE downsamples by ``factor`` (8 for every real SD VAE)."""
-    return math.ceil(height / factor), math.ceil(width / factor)

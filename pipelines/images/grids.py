@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.images import dated_output_dir, save_image
-from pipelines.infotext import build_infotext
+from pipelines.images.infotext import build_infotext
+from pipelines.images.saving import dated_output_dir, save_image
 from pipelines.options import Options
 
 #: Font sizes in pixels: headings start at a size that suits the cell (MIN_FONT to MAX_FONT) and shrink, down

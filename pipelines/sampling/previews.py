@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from pipelines.latents import approx_preview_pixels
+from pipelines.models.taesd import taesd_decoder
+from pipelines.sampling.latents import approx_preview_pixels
 
 #: Latents (B, C, h, w) -> RGB pixels (3, H, W) in [0, 1] on the latents' device, for the first image.
 PreviewDecoder = Callable[[torch.Tensor], torch.Tensor]
@@ -87,7 +88,5 @@ def preview_maker(model, method: str = "Approx cheap") -> PreviewMaker:
     in ``models/VAE-taesd``, else the cheap approximation."""
     decoder = None
     if method == "TAESD":
-        from pipelines.taesd import taesd_decoder
-
         decoder = taesd_decoder(model)
     return PreviewMaker(model.family.name, decoder)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.images import read_infotext, save_image
-from pipelines.infotext import parse_infotext
-from pipelines.jobs import BatchSkipped, JobControl, JobInterrupted
+from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext, save_image
+from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
 from pipelines.options import Options
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE, Upscalers
 

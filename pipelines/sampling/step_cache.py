@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipelines.acceleration import is_compiled
+from pipelines.models.acceleration import is_compiled
 
 #: Intervals the option allows: 0 is off; 1 would make every call full (no gain).
 INTERVALS = (0, 2, 3, 4, 5)

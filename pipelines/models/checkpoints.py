@@ -1,7 +1,7 @@
 """Load A1111-style checkpoints offline: single files (original LDM key layout) and diffusers folders.
 
 A single file carries weights only. The configs that describe its components come from the
-folders shipped in ``pipelines/configs/`` (one per family, in diffusers layout), adjusted for what
+folders shipped in ``pipelines/models/configs/`` (one per family, in diffusers layout), adjusted for what
 the weights say (inpainting UNet, prediction type) and for a sidecar ``<stem>.yaml`` beside the file.
 The resulting config folder is written once into a cache folder, keyed by its content, and handed to
 diffusers' ``from_single_file(state_dict, config=..., local_files_only=True)`` (UNet, VAE) and to the
@@ -80,7 +80,7 @@ class UnsafeCheckpointError(ValueError):
 class ModelFamily:
     """What a checkpoint is, as far as loading and sampling need to know.
 
-    ``config_dir`` is the family's shipped config folder (``pipelines/configs/<family>``), or the
+    ``config_dir`` is the family's shipped config folder (``pipelines/models/configs/<family>``), or the
     model's own folder for a diffusers folder.
     """
 
@@ -348,7 +348,7 @@ def _materialize(configs: dict[str, dict[str, Any]], cache_dir: Path, label: str
 
 
 def shipped_tokenizer(family: str = "sd1", subfolder: str = "tokenizer") -> CLIPTokenizer:
-    """The CLIP tokenizer a family ships with, built from the files in ``pipelines/configs`` (no model needed).
+    """The CLIP tokenizer a family ships with, built from the files in ``pipelines/models/configs`` (no model needed).
 
     For token counting before a model is loaded, and for building models from the shipped configs.
     """

@@ -9,7 +9,7 @@
 - Textual inversion vectors replace the tokens of an embedding's name.
 - :func:`build_conditioning` schedules prompt editing per step and caches every distinct text.
 
-Extra-network tags must already be removed (:func:`pipelines.prompt_parser.extract_extra_networks`).
+Extra-network tags must already be removed (:func:`pipelines.prompts.parser.extract_extra_networks`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from pipelines.embeddings import (
+from pipelines.prompts.embeddings import (
     SINGLE_KEY,
     EmbeddingDatabase,
     TextualInversion,
     format_ti_hashes,
 )
-from pipelines.prompt_parser import (
+from pipelines.prompts.parser import (
     BREAK_MARKER,
     extract_extra_networks,
     get_prompt_schedule,

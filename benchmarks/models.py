@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "models" / "configs"
 
 
 def build_random_model(folder: Path, family: str = "sd15", seed: int = 0, *, device: str = "cpu") -> Path:
@@ -29,8 +29,8 @@ def build_random_model(folder: Path, family: str = "sd15", seed: int = 0, *, dev
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pipelines.checkpoints import shipped_tokenizer
-    from pipelines.samplers import build_scheduler
+    from pipelines.models.checkpoints import shipped_tokenizer
+    from pipelines.sampling.samplers import build_scheduler
 
     torch.manual_seed(seed)
     base = CONFIGS / family

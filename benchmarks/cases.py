@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from pipelines.bench_models import step_flops_for, synchronize
+from benchmarks.models import step_flops_for, synchronize
 
 
 def timed(fn, device: torch.device) -> float:
@@ -65,7 +65,7 @@ def diffusers_runner(loaded, request):
     """A function that runs ``request`` through plain diffusers on ``loaded``'s very components."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from pipelines.samplers import build_scheduler
+    from pipelines.sampling.samplers import build_scheduler
 
     pipe_class = StableDiffusionXLPipeline if loaded.is_sdxl else StableDiffusionPipeline
     plain = pipe_class(**loaded.pipe.components)
@@ -167,7 +167,7 @@ def hires_case(engine, model_name: str, size: int, scale: float, steps: int, hr_
 
 def vae_decode_case(engine, model_name: str, size: int, runs: int) -> dict:
     """Seconds for the VAE to decode one image of ``size`` (tiled above the tiling threshold)."""
-    from pipelines import latents as latent_ops
+    from pipelines.sampling import latents as latent_ops
 
     device = engine.models.device.device
     model = engine.models.get(model_name)

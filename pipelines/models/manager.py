@@ -8,6 +8,7 @@ in RAM, and one pushed out of the cache is freed.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.acceleration import apply_defaults
-from pipelines.checkpoints import ModelFamily, load_checkpoint, load_vae
-from pipelines.devices import DeviceConfig, device_config, free_memory
-from pipelines.registry import ModelFile, ModelRegistry
+from pipelines.models.acceleration import apply_defaults
+from pipelines.models.catalog import ModelFile, ModelRegistry
+from pipelines.models.checkpoints import ModelFamily, load_checkpoint, load_vae
+from pipelines.models.devices import DeviceConfig, device_config, free_memory
 from pipelines.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class LoadedModel:
     def vae_scale_factor(self) -> int:
         """How much the VAE downsamples: 8 for real models (one less than its number of blocks, as powers of 2)."""
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of this model's latents for a ``width`` x ``height`` image (rounded up)."""
+        factor = self.vae_scale_factor
+        return math.ceil(height / factor), math.ceil(width / factor)
 
     @property
     def unet(self):

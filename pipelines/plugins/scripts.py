@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from pipelines.named_registry import NamedRegistry
+from pipelines.plugins.registry import NamedRegistry
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def combined_residuals(patches: Sequence[UnetPatch], call: UnetCall) -> dict[str
 class Job:
     """What a script sees of one job, and what it may add to it.
 
-    ``model`` is the :class:`~pipelines.manager.LoadedModel` the job runs on (``.unet``, ``.vae``, ``.pipe``,
+    ``model`` is the :class:`~pipelines.models.manager.LoadedModel` the job runs on (``.unet``, ``.vae``, ``.pipe``,
     ``.family``, ``.is_sdxl``); ``request`` is the validated request; ``args`` is what the script's
     :meth:`~AlwaysOnScript.parse_args` returned.
     """

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.hashes import HashCache, legacy_hash
+from pipelines.models.hashes import HashCache, legacy_hash
 from pipelines.settings import MODEL_EXTENSIONS, Paths
 
 #: In a diffusers folder, the file whose hash stands for the model (the UNet carries the weights that differ).

@@ -1,8 +1,8 @@
 """Benchmark: our engine against plain diffusers and against the hardware's matrix rate, in one process.
 
-    python -m pipelines.bench --quick --out bench.json     # CPU size: SD 1.5 UNet at 256x256, a few steps
-    python -m pipelines.bench --out bench.json             # GPU: SD 1.5 512 and SDXL 1024, every case
-    python -m pipelines.bench --model PATH                 # any checkpoint instead of random weights
+    python -m benchmarks.engine --quick --out bench.json     # CPU size: SD 1.5 UNet at 256x256, a few steps
+    python -m benchmarks.engine --out bench.json             # GPU: SD 1.5 512 and SDXL 1024, every case
+    python -m benchmarks.engine --model PATH                 # any checkpoint instead of random weights
 
 Without ``--model`` it builds real-size models with random weights from the shipped configs (compute cost
 does not depend on the weight values), saves them as fp16 diffusers folders and loads them through the
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines import bench_cases as cases
-from pipelines.bench_models import build_random_model, build_random_sd15, matmul_tflops
+from benchmarks import cases
+from benchmarks.models import build_random_model, build_random_sd15, matmul_tflops
 
 __all__ = ["build_random_sd15", "main", "run", "write_figures"]
 
@@ -51,9 +51,9 @@ def _machine() -> dict:
 def run(quick: bool, model: Path | None, runs: int, steps: int | None, families: list[str],
         compile_unet: bool = False, size: int | None = None) -> dict:
     """Run every case; returns the figures as a dict (also what --out writes)."""
-    from pipelines.acceleration import compile_unet as do_compile
-    from pipelines.acceleration import uncompile_unet
     from pipelines.engine import Engine
+    from pipelines.models.acceleration import compile_unet as do_compile
+    from pipelines.models.acceleration import uncompile_unet
     from pipelines.settings import EngineSettings, Paths
 
     work = Path(tempfile.mkdtemp(prefix="sd-bench-"))
@@ -144,8 +144,8 @@ def run(quick: bool, model: Path | None, runs: int, steps: int | None, families:
 
 def _prompt_figures(loaded, steps: int, step_seconds: float) -> dict:
     """The prompt parser and token counter on a 300-token prompt, against one sampling step."""
-    from pipelines.prompt_encoding import PromptEncoder, count_tokens
-    from pipelines.prompt_parser import get_prompt_schedule, parse_prompt_attention
+    from pipelines.prompts.encoding import PromptEncoder, count_tokens
+    from pipelines.prompts.parser import get_prompt_schedule, parse_prompt_attention
 
     encoder = PromptEncoder.from_pipeline(loaded.pipe)
     parse_s = _per_call(lambda: (parse_prompt_attention(LONG_PROMPT), get_prompt_schedule(LONG_PROMPT, steps)))
@@ -209,7 +209,7 @@ def print_table(figures: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU size: SD 1.5 at 256x256, 4 steps.")
     parser.add_argument("--out", type=Path, help="Write the figures as JSON to this file.")
     parser.add_argument("--model", type=Path, help="A checkpoint file or diffusers folder to use instead.")

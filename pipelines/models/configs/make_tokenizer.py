@@ -3,7 +3,7 @@
 How the committed files were produced (REFERENCE §11)::
 
     pip download --no-deps open-clip-torch -d /tmp/oc        # not installed, only unpacked
-    python pipelines/configs/make_tokenizer.py /tmp/oc/open_clip_torch-*.whl
+    python pipelines/models/configs/make_tokenizer.py /tmp/oc/open_clip_torch-*.whl
 
 The source is ``open_clip/bpe_simple_vocab_16e6.txt.gz`` inside the open-clip-torch wheel
 (MIT licence, see ``clip_tokenizer/LICENSE``): the byte-level BPE of OpenAI's CLIP, used by

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipelines import latents as latent_ops
-from pipelines.denoise import DenoiseInputs, denoise, img2img_timesteps
-from pipelines.img2img import blank_inpaint_conditioning
-from pipelines.manager import LoadedModel
+from pipelines.models.manager import LoadedModel
+from pipelines.plugins.scripts import UnetPatch
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
-from pipelines.samplers import build_scheduler
-from pipelines.scripts import UnetPatch
+from pipelines.sampling import latents as latent_ops
+from pipelines.sampling.denoise import DenoiseInputs, denoise, img2img_timesteps
+from pipelines.sampling.img2img import blank_inpaint_conditioning
+from pipelines.sampling.samplers import build_scheduler
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE
 
 
@@ -117,7 +117,8 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
     model; returns the latents at the hires size.
 
     ``patches`` are the always-on scripts' UNet patches; they see ``pass_index=1`` and the hires size.
-    ``step_cache_interval`` is the step-caching option (:mod:`pipelines.step_cache`); this pass starts its own cache.
+    ``step_cache_interval`` is the step-caching option (:mod:`pipelines.sampling.step_cache`); this pass
+    starts its own cache.
     """
     width, height = request.hires_size
     factor = model.vae_scale_factor

@@ -1,6 +1,6 @@
 """img2img and inpaint stages: init images and masks in, latents and inpaint inputs out, and back.
 
-Pixel work (resize modes, mask blur, fill, crop) lives in :mod:`pipelines.imageops`; this module turns
+Pixel work (resize modes, mask blur, fill, crop) lives in :mod:`pipelines.images.ops`; this module turns
 it into what the denoising loop needs and puts the results back into the picture.
 """
 
@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import imageops
-from pipelines import latents as latent_ops
-from pipelines.denoise import InpaintLatents, img2img_timesteps
-from pipelines.manager import LoadedModel
+from pipelines.images import ops as imageops
+from pipelines.models.manager import LoadedModel
 from pipelines.request import INPAINTING_FILL, RESIZE_MODES, Img2ImgRequest
-from pipelines.seeds import generators_for
+from pipelines.sampling import latents as latent_ops
+from pipelines.sampling.denoise import InpaintLatents, img2img_timesteps
+from pipelines.sampling.seeds import generators_for
 
 
 @dataclass

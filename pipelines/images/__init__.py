@@ -1,0 +1,1 @@
+"""Images: saving with infotext, image operations, grids, the infotext format."""

@@ -1,0 +1,1 @@
+"""Model files: what exists, identification, safe reading, loading, devices."""

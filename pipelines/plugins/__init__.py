@@ -1,0 +1,1 @@
+"""Plug-in registries: always-on and selectable scripts, extra-network tag handlers."""

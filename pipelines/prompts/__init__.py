@@ -1,0 +1,1 @@
+"""Prompts: A1111 prompt syntax, encoding to conditioning, embeddings, styles."""

@@ -1,0 +1,1 @@
+"""Sampling: samplers, seeds, latents, the denoising loop, img2img, hires fix."""
