@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Model kinds and the A1111 sub-folder of ``models/`` each lives in (REFERENCE §3).
+#: Model kinds and the A1111 sub-folder of ``models/`` each lives in (docs/compatibility.md §3).
 MODEL_FOLDERS: dict[str, str] = {
     "checkpoint": "Stable-diffusion",
     "vae": "VAE",

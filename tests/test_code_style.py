@@ -1,4 +1,4 @@
-"""The code stays ruff-clean (STYLE.md), checked with the project's ruff.toml."""
+"""The code stays ruff-clean, checked with the project's ruff.toml."""
 
 from __future__ import annotations
 

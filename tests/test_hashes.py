@@ -1,4 +1,4 @@
-"""Model file hashes (REFERENCE §2) and their JSON cache."""
+"""Model file hashes (docs/compatibility.md §2) and their JSON cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hires. fix on the tiny models: sizes, upscalers, steps, infotext round trip (REFERENCE §9)."""
+"""Hires. fix on the tiny models: sizes, upscalers, steps, infotext round trip (docs/compatibility.md §9)."""
 
 from __future__ import annotations
 

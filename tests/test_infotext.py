@@ -1,4 +1,4 @@
-"""Infotext writing and reading (REFERENCE §1) and the request-field table."""
+"""Infotext writing and reading (docs/compatibility.md §1) and the request-field table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pipelines.images.infotext import (
     request_fields_from_infotext,
 )
 
-REFERENCE_EXAMPLE = (
+A1111_EXAMPLE = (
     "a photo of a cat\n"
     "Negative prompt: blurry\n"
     "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3056755576, Size: 512x512, "
@@ -32,7 +32,7 @@ def test_build_matches_reference_layout_whatever_the_insertion_order():
         "Sampler": "Euler a",
         "Steps": 20,
     }
-    assert build_infotext("a photo of a cat", "blurry", params) == REFERENCE_EXAMPLE
+    assert build_infotext("a photo of a cat", "blurry", params) == A1111_EXAMPLE
 
 
 def test_build_orders_standard_keys_then_extras_in_insertion_order_then_version():
@@ -89,7 +89,7 @@ def test_build_rejects_keys_that_cannot_be_read_back():
 
 
 def test_parse_reference_example():
-    parsed = parse_infotext(REFERENCE_EXAMPLE)
+    parsed = parse_infotext(A1111_EXAMPLE)
     assert parsed == {
         "Prompt": "a photo of a cat",
         "Negative prompt": "blurry",

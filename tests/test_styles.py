@@ -1,4 +1,4 @@
-"""styles.csv: read, apply, save atomically, delete (REFERENCE §3)."""
+"""styles.csv: read, apply, save atomically, delete (docs/compatibility.md §3)."""
 
 from __future__ import annotations
 

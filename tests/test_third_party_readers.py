@@ -1,4 +1,4 @@
-"""Images we write must read back in the tools people already use (REFERENCE §1):
+"""Images we write must read back in the tools people already use (docs/compatibility.md §1):
 sd-parsers and unstable-reader (the library behind SD Prompt Reader)."""
 
 from __future__ import annotations

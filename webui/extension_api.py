@@ -151,7 +151,7 @@ class ExtensionAPI:
 
     def file_hash(self, path: Path, kind: str = "sha256") -> str:
         """Full hex SHA-256 of a model file, cached by path, size and mtime: ``kind`` "sha256" hashes the
-        whole file, "addnet" the bytes after a safetensors header (REFERENCE §2, LoRA hashes)."""
+        whole file, "addnet" the bytes after a safetensors header (docs/compatibility.md §2, LoRA hashes)."""
         hashes = self._engine.registry.hashes
         if kind == "addnet":
             return hashes.addnet_hash(Path(path))

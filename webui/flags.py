@@ -1,4 +1,4 @@
-"""Command-line flags users know from A1111 (REFERENCE §4), parsed once into a frozen :class:`Flags`.
+"""Command-line flags users know from A1111 (docs/compatibility.md §4), parsed once into a frozen :class:`Flags`.
 
 Standard library only: ``launch.py`` parses flags before the virtual environment exists.
 Flags are read from ``COMMANDLINE_ARGS`` first, then from the command line, which wins.

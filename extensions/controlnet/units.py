@@ -1,4 +1,4 @@
-"""The ControlNet unit: one control image with its preprocessor, model and strength (REFERENCE §10).
+"""The ControlNet unit: one control image with its preprocessor, model and strength (docs/compatibility.md §10).
 
 Field names and defaults follow the sd-webui-controlnet API, so a unit dict written for A1111 (or by
 ``webuiapi.ControlNetUnit.to_dict()``) parses unchanged. Fields that clients send but that change nothing

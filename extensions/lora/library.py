@@ -201,7 +201,7 @@ class LoraLibrary:
     # --- hashes --------------------------------------------------------------------------------
 
     def short_hash(self, file: LoraFile) -> str:
-        """The 12-hex "addnet" hash of ``Lora hashes`` (REFERENCE §2), cached by the app's hash cache."""
+        """The 12-hex "addnet" hash of ``Lora hashes`` (docs/compatibility.md §2), cached by the app's hash cache."""
         return self._addnet_hash(file.path)[:12]
 
     def find_by_hash(self, short_hash: str) -> LoraFile | None:

@@ -1,4 +1,4 @@
-"""Infotext: the A1111 "PNG info" text that records how an image was made (REFERENCE §1).
+"""Infotext: the A1111 "PNG info" text that records how an image was made (docs/compatibility.md §1).
 
 Layout::
 

@@ -8,7 +8,7 @@ diffusers' ``from_single_file(state_dict, config=..., local_files_only=True)`` (
 CLIP converter diffusers' pipeline loader uses (text encoders), so nothing is fetched from the hub.
 The file itself is read once, by :func:`read_state_dict`, which never unpickles code.
 
-Sidecar (A1111 semantics, REFERENCE §3): the original LDM inference config overrides detection
+Sidecar (A1111 semantics, docs/compatibility.md §3): the original LDM inference config overrides detection
 (``model.params.parameterization: "v"`` marks v-prediction). Because an LDM config cannot describe
 text encoders of other sizes, our sidecar may also hold a top-level ``diffusers:`` mapping of
 per-component config overrides (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``,

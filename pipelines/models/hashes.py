@@ -1,4 +1,4 @@
-"""Model file hashes as A1111 shows them (REFERENCE §2), cached in a JSON file.
+"""Model file hashes as A1111 shows them (docs/compatibility.md §2), cached in a JSON file.
 
 - ``sha256``: of the whole file; its first 10 hex digits are the "Model hash" / short hash.
 - ``addnet_hash``: of a .safetensors file's tensor data (everything after the header), first 12 hex

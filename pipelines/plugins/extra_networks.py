@@ -1,6 +1,6 @@
 """Extra-network prompt tags (``<lora:name:0.8>``): who handles which name, for the length of one job.
 
-The engine takes ``<name:args>`` tags out of the prompt before encoding (REFERENCE §6) and hands them to
+The engine takes ``<name:args>`` tags out of the prompt before encoding (docs/compatibility.md §6) and hands them to
 the handler registered for ``name``. A handler changes the model for one job and undoes it afterwards,
 also when the job failed or was interrupted, so nothing leaks into the next job. Tags nobody handles are
 reported in the result's warnings.

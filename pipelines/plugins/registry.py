@@ -1,7 +1,7 @@
 """A thread-safe name -> item table in which a name registered as built-in cannot be taken again.
 
 The one rule behind every registry that extensions add to (extra networks, always-on scripts, the Script
-dropdown's scripts): a plug-in may add names and replace its own, never a built-in's (STYLE.md, Extensions).
+dropdown's scripts): a plug-in may add names and replace its own, never a built-in's.
 """
 
 from __future__ import annotations

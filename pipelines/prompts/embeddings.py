@@ -1,4 +1,4 @@
-"""Textual inversion embeddings from the ``embeddings/`` folder (REFERENCE §3).
+"""Textual inversion embeddings from the ``embeddings/`` folder (docs/compatibility.md §3).
 
 A prompt that names an embedding by its file stem gets the embedding's vectors in place of the
 name's tokens (see :mod:`pipelines.prompts.encoding`). Formats read:

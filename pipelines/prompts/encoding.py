@@ -1,4 +1,4 @@
-"""Turn prompts into text-encoder conditioning the way A1111 does (REFERENCE §6).
+"""Turn prompts into text-encoder conditioning the way A1111 does (docs/compatibility.md §6).
 
 - Prompts of any length: 75-token chunks, each wrapped in BOS/EOS and padded to 77, encoded
   separately and concatenated. A chunk boundary moves back to the last comma when that comma is

@@ -1,4 +1,4 @@
-"""The A1111 prompt language as plain text operations (REFERENCE §6); no torch here.
+"""The A1111 prompt language as plain text operations (docs/compatibility.md §6); no torch here.
 
 Three independent passes, applied in this order by the caller:
 

@@ -1,4 +1,4 @@
-"""Prompt styles kept in A1111's ``styles.csv`` (columns name, prompt, negative_prompt; REFERENCE §3)."""
+"""Prompt styles kept in A1111's ``styles.csv`` (columns name, prompt, negative_prompt; docs/compatibility.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hires. fix (REFERENCE §9): upscale the first pass, then redraw it at the larger size as img2img.
+"""Hires. fix (docs/compatibility.md §9): upscale the first pass, then redraw it at the larger size as img2img.
 
 Latent modes resize the latents directly; image upscalers (Lanczos, Nearest, ESRGAN family) work on the
 decoded image, which is then encoded again. The second pass runs ``hr_second_pass_steps`` real denoising

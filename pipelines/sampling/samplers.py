@@ -1,4 +1,4 @@
-"""Sampler and schedule-type names users know from A1111, mapped to diffusers schedulers (REFERENCE §5)."""
+"""Sampler and schedule-type names users know from A1111, mapped to diffusers schedulers (docs/compatibility.md §5)."""
 
 from __future__ import annotations
 

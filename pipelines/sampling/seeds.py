@@ -1,4 +1,4 @@
-"""Seeds and initial noise (REFERENCE §7).
+"""Seeds and initial noise (docs/compatibility.md §7).
 
 Noise is drawn on the CPU, one generator per image, so a seed gives the same image on any device and
 image k of a batch equals a single run with seed + k. Each image keeps its generator for the rest of the

@@ -1,4 +1,4 @@
-"""Request and response bodies of the A1111-compatible API (REFERENCE §8).
+"""Request and response bodies of the A1111-compatible API (docs/compatibility.md §8).
 
 The generation bodies are built from the engine's request declarations (:mod:`pipelines.request`):
 every field the two share reuses the engine's ``FieldInfo``, so type, bounds and description are

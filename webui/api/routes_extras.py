@@ -1,4 +1,4 @@
-"""The Extras routes: extra-single-image and extra-batch-images (REFERENCE §8).
+"""The Extras routes: extra-single-image and extra-batch-images (docs/compatibility.md §8).
 
 Jobs go through the shared queue like generation jobs. The answers are PNGs that keep the source
 image's infotext with the postprocessing keys added; they are saved to ``outputs/extras-images/`` (or

@@ -28,7 +28,7 @@ from webui.api.models import (
 )
 from webui.context import AppContext
 
-#: A1111's latent upscale modes for hires fix (REFERENCE §9).
+#: A1111's latent upscale modes for hires fix (docs/compatibility.md §9).
 LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                         "Latent (nearest)", "Latent (nearest-exact)")
 

@@ -266,7 +266,7 @@ def _extra_generation_params(infotext: str) -> dict[str, Any]:
 
 def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | None,
               index_of_first_image: int, infotexts: list[str]) -> dict[str, Any]:
-    """The ``info`` of an A1111 answer: every key of REFERENCE §8, plus our warnings."""
+    """The ``info`` of an A1111 answer: every key of docs/compatibility.md §8, plus our warnings."""
     request = result.request
     first = lambda values, default: values[0] if values else default  # noqa: E731
     return {

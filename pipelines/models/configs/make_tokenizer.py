@@ -1,6 +1,6 @@
 """Write the CLIP tokenizer files (``vocab.json``, ``merges.txt``) shipped in ``clip_tokenizer/``.
 
-How the committed files were produced (REFERENCE §11)::
+How the committed files were produced (docs/compatibility.md §11)::
 
     pip download --no-deps open-clip-torch -d /tmp/oc        # not installed, only unpacked
     python pipelines/models/configs/make_tokenizer.py /tmp/oc/open_clip_torch-*.whl
