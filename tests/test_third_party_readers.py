@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from pipelines.images.saving import read_infotext, save_image
 from sd_parsers import ParserManager
 from unstable_reader import ImageMetadataExtractor
 
 from pipelines.images.infotext import build_infotext, parse_infotext
+from pipelines.images.saving import read_infotext, save_image
 
 PROMPT = "a lighthouse on a cliff, (dramatic sky:1.2)\nhighly detailed"
 NEGATIVE = "blurry, lowres\nwatermark, text"

@@ -1,4 +1,4 @@
-"""Image files: infotext embedded in PNG/JPEG/WebP, output folders and names, grids, base64 (docs/compatibility.md §1, §3).
+"""Image files: infotext in PNG/JPEG/WebP, output folders and names, grids, base64 (docs/compatibility.md §1, §3).
 
 PNG keeps the infotext in a text chunk named ``parameters``; JPEG and WebP keep it in the EXIF
 UserComment as ``b"UNICODE\\0"`` + UTF-16 big-endian text, the way A1111 writes it with piexif.

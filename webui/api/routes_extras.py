@@ -12,8 +12,8 @@ import html
 
 from fastapi import APIRouter
 from PIL import Image
-from pipelines.images.saving import decode_base64_image, encode_base64_png
 
+from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, run_extras
 from webui.api.errors import ApiError
 from webui.api.models import (

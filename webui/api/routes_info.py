@@ -11,9 +11,9 @@ from typing import Any
 import psutil
 import torch
 from fastapi import APIRouter
-from pipelines.images.saving import decode_base64_image, read_image_metadata, read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import decode_base64_image, read_image_metadata, read_infotext
 from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from webui.api.errors import ApiError
 from webui.api.models import (

@@ -13,12 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from PIL import Image
-from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pydantic import BaseModel, ValidationError
 
 import pipelines
 from pipelines.engine import Engine
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pipelines.models.manager import LoadedModel
 from pipelines.options import Options
 from pipelines.plugins.scripts import ScriptError
