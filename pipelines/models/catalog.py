@@ -1,4 +1,4 @@
-"""The model catalog: which checkpoints and VAEs the user has, A1111 titles and hashes (docs/compatibility.md §2, §3)."""
+"""The model catalog: which checkpoints and VAEs exist, A1111 titles and hashes (docs/compatibility.md §2, §3)."""
 
 from __future__ import annotations
 
