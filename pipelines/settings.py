@@ -54,7 +54,7 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "Optional tiny VAEs for sharp live previews: TAESD for SD 1.x / 2.x, TAESDXL (\"xl\" in the "
               "name) for SDXL, as single files or diffusers folders.", (".safetensors", ".pth")),
     ModelKind("lora", "Lora", "LoRA models",
-              "LoRA / LoCon networks for <lora:name:weight> prompt tags (kohya / A1111 and diffusers / peft "
+              "LoRA / LoCon networks for `<lora:name:weight>` prompt tags (kohya / A1111 and diffusers / peft "
               "formats; SD 1.x, 2.x, SDXL).", (".safetensors", ".pt")),
     ModelKind("esrgan", "ESRGAN", "ESRGAN upscalers",
               "Image upscalers: ESRGAN, SwinIR and the other architectures spandrel reads.",
