@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 @dataclass(frozen=True)
 class ModelKind:
     """One kind of model file and the sub-folder of ``models/`` it lives in (A1111 / Forge names).

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+
 @dataclass(frozen=True)
 class Slider:
     """A preprocessor parameter as sd-webui-controlnet's ``module_detail`` describes it."""
