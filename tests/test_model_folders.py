@@ -302,3 +302,28 @@ def test_extensions_look_for_the_registered_file_types():
 
     assert tuple(EXTENSIONS) == MODEL_EXTENSIONS["lora"]
     assert tuple(SUFFIXES) == MODEL_EXTENSIONS["controlnet"]
+
+
+def test_controlnet_reads_annotators_through_their_kind_and_does_not_list_them_as_models(tmp_path):
+    import torch
+
+    from extensions.controlnet.models import ControlNetLibrary
+    from extensions.controlnet.preprocessors import unavailable_reason
+
+    extra = tmp_path / "more-controlnets"
+    paths = Paths(data_dir=tmp_path, models_dir=tmp_path / "models", outputs_dir=tmp_path / "outputs",
+                  extra_dirs={"controlnet": (extra,)})
+    paths.create_model_dirs()
+    (paths.model_dirs("controlnet")[0] / "cn.safetensors").write_bytes(b"")
+    for annotators in paths.model_dirs("controlnet_annotator"):
+        (annotators / "depth_midas").mkdir(parents=True)
+        (annotators / "depth_midas" / "dpt.safetensors").write_bytes(b"")
+    library = ControlNetLibrary(folders=lambda: paths.model_dirs("controlnet"), file_hash=lambda path: "0" * 64,
+                                device=lambda: torch.device("cpu"), dtype=lambda: torch.float32,
+                                annotator_folders=lambda: paths.model_dirs("controlnet_annotator"))
+    assert [entry.name for entry in library.refresh()] == ["cn"]
+    reason = unavailable_reason("depth_midas", library.annotator_folders())
+    assert str(paths.models_dir / "ControlNet" / "annotators" / "depth_midas") in reason
+    assert "not implemented yet" in reason
+    assert unavailable_reason("openpose", library.annotator_folders()).endswith(
+        str(paths.models_dir / "ControlNet" / "annotators" / "openpose"))
