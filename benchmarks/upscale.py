@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from benchmarks.engine import write_figures
+from pipelines.settings import MODEL_FOLDERS
 
 MODEL_NAME = "rrdb-x4plus-random"
 
@@ -44,7 +45,7 @@ def write_random_rrdb(models_dir: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     module = ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=4)
-    path = models_dir / "ESRGAN" / f"{MODEL_NAME}.safetensors"
+    path = models_dir / MODEL_FOLDERS["esrgan"] / f"{MODEL_NAME}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({key: value.contiguous() for key, value in module.state_dict().items()}, str(path))
     return path

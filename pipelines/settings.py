@@ -11,27 +11,96 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Model kinds and the A1111 sub-folder of ``models/`` each lives in (docs/compatibility.md §3).
-MODEL_FOLDERS: dict[str, str] = {
-    "checkpoint": "Stable-diffusion",
-    "vae": "VAE",
-    "lora": "Lora",
-    "controlnet": "ControlNet",
-    "esrgan": "ESRGAN",
-    "realesrgan": "RealESRGAN",
-    "taesd": "VAE-taesd",
-}
 
-#: File endings each kind is found by.
-MODEL_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "checkpoint": (".safetensors", ".ckpt"),
-    "vae": (".safetensors", ".ckpt", ".pt"),
-    "lora": (".safetensors", ".pt"),
-    "controlnet": (".safetensors", ".pth", ".ckpt"),
-    "esrgan": (".pth", ".safetensors"),
-    "realesrgan": (".pth", ".safetensors"),
-    "taesd": (".safetensors", ".pth"),
-}
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model file and the sub-folder of ``models/`` it lives in (A1111 / Forge names).
+
+    - ``name``: the key code asks for (``Paths.model_dirs("lora")``).
+    - ``folder``: the folder below ``models/``, ``/``-separated when nested (``ControlNet/annotators``).
+    - ``what``: a short plural noun; the tracked placeholder is ``models/<folder>/Put <what> here.txt``.
+    - ``description``: what goes there, one sentence (the placeholder's text and ``models/README.md``).
+    - ``extensions``: the file endings looked for.
+    - ``in_use``: False for a folder kept for a feature this version does not have yet.
+    """
+
+    name: str
+    folder: str
+    what: str
+    description: str
+    extensions: tuple[str, ...]
+    in_use: bool = True
+
+    @property
+    def placeholder_name(self) -> str:
+        return f"Put {self.what} here.txt"
+
+    @property
+    def placeholder_text(self) -> str:
+        """The one line of the placeholder file (the app reads it never and writes it never)."""
+        note = "" if self.in_use else " This version does not read this folder yet."
+        return f"{self.description} File types: {', '.join(self.extensions)}.{note}\n"
+
+
+#: Every model folder the app reads or keeps, in the order ``models/README.md`` lists them. The one list:
+#: code asks :meth:`Paths.model_dirs` by kind name, and a test checks that each kind has its tracked folder
+#: and placeholder under ``models/``.
+MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
+    ModelKind("checkpoint", "Stable-diffusion", "Stable Diffusion checkpoints",
+              "Checkpoints: SD 1.x, SD 2.x (512 and 768-v) and SDXL, inpainting models too, as single files "
+              "or diffusers folders.", (".safetensors", ".ckpt")),
+    ModelKind("vae", "VAE", "VAE", "VAEs chosen in the top bar's VAE list instead of a checkpoint's own.",
+              (".safetensors", ".ckpt", ".pt")),
+    ModelKind("taesd", "VAE-taesd", "TAESD tiny VAEs",
+              "Optional tiny VAEs for sharp live previews: TAESD for SD 1.x / 2.x, TAESDXL (\"xl\" in the "
+              "name) for SDXL, as single files or diffusers folders.", (".safetensors", ".pth")),
+    ModelKind("lora", "Lora", "LoRA models",
+              "LoRA / LoCon networks for `<lora:name:weight>` prompt tags (kohya / A1111 and diffusers / peft "
+              "formats; SD 1.x, 2.x, SDXL).", (".safetensors", ".pt")),
+    ModelKind("esrgan", "ESRGAN", "ESRGAN upscalers",
+              "Image upscalers: ESRGAN, SwinIR and the other architectures spandrel reads.",
+              (".pth", ".safetensors")),
+    ModelKind("realesrgan", "RealESRGAN", "Real-ESRGAN upscalers",
+              "Real-ESRGAN upscalers (RealESRGAN_x4plus is listed as R-ESRGAN 4x+, as in A1111).",
+              (".pth", ".safetensors")),
+    ModelKind("controlnet", "ControlNet", "ControlNet models",
+              "ControlNet models for SD 1.x and SDXL, as single files in the original layout or diffusers "
+              "folders.", (".safetensors", ".pth")),
+    ModelKind("controlnet_annotator", "ControlNet/annotators", "annotator weights",
+              "Weights of ControlNet preprocessors that run a network (depth, openpose, ...), one folder per "
+              "preprocessor (annotators/depth_midas/, ...); none are bundled.", (".pth", ".safetensors", ".pt")),
+    ModelKind("text_encoder", "text_encoder", "text encoders",
+              "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them.", (".safetensors",),
+              in_use=False),
+    ModelKind("unet", "unet", "diffusion models",
+              "Diffusion-model-only files (the UNet or transformer without text encoders or VAE).",
+              (".safetensors",), in_use=False),
+    ModelKind("clip", "CLIP", "CLIP models", "CLIP image-text models (interrogation, CLIP score).",
+              (".safetensors", ".pt", ".bin"), in_use=False),
+    ModelKind("evaluation", "evaluation", "evaluation weights",
+              "Weights of image-quality metrics (aesthetic predictors and the like).",
+              (".safetensors", ".pth", ".pt"), in_use=False),
+    ModelKind("gfpgan", "GFPGAN", "GFPGAN models", "GFPGAN face restoration models.", (".pth",),
+              in_use=False),
+    ModelKind("codeformer", "Codeformer", "CodeFormer models", "CodeFormer face restoration models.", (".pth",),
+              in_use=False),
+    ModelKind("clip_vision", "clip_vision", "CLIP vision encoders",
+              "CLIP vision encoders for image prompts (IP-Adapter).", (".safetensors",), in_use=False),
+)}
+
+#: Kind -> its sub-folder of ``models/`` (from :data:`MODEL_KINDS`).
+MODEL_FOLDERS: dict[str, str] = {name: kind.folder for name, kind in MODEL_KINDS.items()}
+
+#: Kind -> the file endings it is found by (from :data:`MODEL_KINDS`).
+MODEL_EXTENSIONS: dict[str, tuple[str, ...]] = {name: kind.extensions for name, kind in MODEL_KINDS.items()}
+
+
+def model_kind(name: str) -> ModelKind:
+    """The registered kind called ``name``; a ValueError naming the known kinds otherwise."""
+    try:
+        return MODEL_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}; known kinds: {', '.join(MODEL_KINDS)}") from None
 
 
 @dataclass(frozen=True)
@@ -39,7 +108,8 @@ class Paths:
     """Folders the engine reads and writes.
 
     ``extra_dirs`` maps a model kind to folders searched besides ``models_dir/<kind folder>``
-    (from ``--ckpt-dir``, ``--vae-dir``, ``--lora-dir`` ...).
+    (from ``--ckpt-dir``, ``--vae-dir``, ``--lora-dir`` ...). A nested kind (``ControlNet/annotators``)
+    is also looked for in the same place below its parent kind's extra folders.
     """
 
     data_dir: Path
@@ -55,8 +125,27 @@ class Paths:
         return cls(data_dir=data, models_dir=models, outputs_dir=data / "outputs")
 
     def model_dirs(self, kind: str) -> tuple[Path, ...]:
-        """Folders to scan for models of ``kind`` (a key of :data:`MODEL_FOLDERS`)."""
-        return (self.models_dir / MODEL_FOLDERS[kind], *self.extra_dirs.get(kind, ()))
+        """Folders to scan for models of ``kind`` (a key of :data:`MODEL_KINDS`; others raise ValueError)."""
+        folder = model_kind(kind).folder
+        dirs = [self.models_dir / folder, *self.extra_dirs.get(kind, ())]
+        for parent in MODEL_KINDS.values():
+            if folder.startswith(parent.folder + "/"):
+                rest = folder[len(parent.folder) + 1:]
+                dirs += [extra / rest for extra in self.extra_dirs.get(parent.name, ())]
+        return tuple(dirs)
+
+    def create_model_dirs(self) -> tuple[Path, ...]:
+        """Create each kind's folder under ``models_dir`` that is missing (at start); return the new ones.
+
+        Only folders are made: the placeholder files in them are tracked in git, never written here.
+        """
+        created = []
+        for kind in MODEL_KINDS.values():
+            path = self.models_dir / kind.folder
+            if not path.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                created.append(path)
+        return tuple(created)
 
     @property
     def cache_dir(self) -> Path:

@@ -12,7 +12,6 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import TypeVar
 
 from pipelines.engine import Engine
 from pipelines.options import Options
@@ -22,7 +21,6 @@ from webui.extensions import LoadedExtensions, load_extensions
 from webui.flags import Flags
 from webui.job_queue import JobQueue
 
-T = TypeVar("T")
 log = logging.getLogger("webui")
 _TITLE_HASH = re.compile(r" \[[0-9a-f]{8,64}\]$")
 
@@ -49,6 +47,17 @@ def saved_selection_or_fallback(options: Options, paths: Paths) -> Options:
     return options.model_copy(update=changes) if changes else options
 
 
+def create_model_dirs(paths: Paths) -> None:
+    """Create the missing model folders under the models dir; a failure is logged, the app starts anyway."""
+    try:
+        created = paths.create_model_dirs()
+    except OSError as error:
+        log.warning("could not create the model folders under %s: %s", paths.models_dir, error)
+        return
+    if created:
+        log.info("created model folders: %s", ", ".join(str(path) for path in created))
+
+
 class AppContext:
     """Built once by :func:`webui.app.serve` and handed to the UI and the API."""
 
@@ -66,9 +75,11 @@ class AppContext:
     def create(cls, flags: Flags) -> AppContext:
         """Engine and options from the flags; options persist in ``config.json`` in the data dir.
 
-        The checkpoint saved there (the last one chosen) loads first unless ``--ckpt`` names one.
+        The checkpoint saved there (the last one chosen) loads first unless ``--ckpt`` names one. A model
+        folder missing from the models dir (one per model kind, e.g. removed by the user) is created again.
         """
         settings = flags.engine_settings()
+        create_model_dirs(settings.paths)
         options_path = settings.paths.data_dir / "config.json"
         options = saved_selection_or_fallback(Options.load(options_path), settings.paths)
         settings = flags.engine_settings(checkpoint_cache=options.sd_checkpoint_cache)

@@ -130,7 +130,8 @@ class ExtensionAPI:
     # --- facts ---------------------------------------------------------------------------------
 
     def model_dirs(self, kind: str) -> tuple[Path, ...]:
-        """Folders holding models of ``kind`` ("lora", "controlnet", ...): ``models/<Folder>`` and any
+        """Folders holding models of ``kind`` ("lora", "controlnet", "controlnet_annotator", ...; the kinds of
+        ``MODEL_KINDS`` in ``pipelines/settings.py``, others raise ValueError): ``models/<Folder>`` and any
         extra folder given on the command line (``--lora-dir``, ``--controlnet-dir``)."""
         return self._engine.paths.model_dirs(kind)
 

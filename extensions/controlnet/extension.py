@@ -14,6 +14,7 @@ from .ui import build_ui
 def setup(api: ExtensionAPI) -> None:
     """Register the ControlNet script, its accordion and its routes."""
     library = ControlNetLibrary(folders=lambda: api.model_dirs("controlnet"), file_hash=api.file_hash,
-                                device=lambda: api.device, dtype=lambda: api.dtype)
+                                device=lambda: api.device, dtype=lambda: api.dtype,
+                                annotator_folders=lambda: api.model_dirs("controlnet_annotator"))
     api.add_script(ControlNetScript(library), ui=build_ui(library))
     api.add_api_routes(add_routes(api.new_router("ControlNet"), library))

@@ -48,8 +48,10 @@ class ControlNetLibrary:
     """The ControlNet models in the model folders, and a small cache of loaded ones."""
 
     def __init__(self, folders: Callable[[], tuple[Path, ...]], file_hash: Callable[[Path], str],
-                 device: Callable[[], torch.device], dtype: Callable[[], torch.dtype]):
+                 device: Callable[[], torch.device], dtype: Callable[[], torch.dtype],
+                 annotator_folders: Callable[[], tuple[Path, ...]]):
         self._folders = folders
+        self._annotator_folders = annotator_folders
         self._hash = file_hash
         self._device = device
         self._dtype = dtype
@@ -60,16 +62,21 @@ class ControlNetLibrary:
     def folders(self) -> tuple[Path, ...]:
         return self._folders()
 
+    def annotator_folders(self) -> tuple[Path, ...]:
+        """Where preprocessors' own weights go (``models/ControlNet/annotators``): not ControlNet models."""
+        return self._annotator_folders()
+
     def refresh(self) -> list[ControlNetEntry]:
         """Scan the folders again (single files and diffusers folders, one level of sub-folders)."""
         entries = []
+        annotators = [folder.resolve() for folder in self._annotator_folders()]
         for folder in self._folders():
             if not folder.is_dir():
                 continue
             for path in sorted(folder.rglob("*"), key=lambda p: str(p).lower()):
                 if any(part.startswith(".") for part in path.relative_to(folder).parts):
                     continue
-                if path.relative_to(folder).parts[0] == "annotators":
+                if any(path.resolve().is_relative_to(annotator) for annotator in annotators):
                     continue
                 weights = _weights_file(path)
                 if weights is not None:

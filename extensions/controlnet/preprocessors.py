@@ -14,8 +14,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-ANNOTATOR_FOLDER = "annotators"
-
 
 @dataclass(frozen=True)
 class Slider:
@@ -108,14 +106,16 @@ def lookup(name: str) -> Preprocessor | None:
     return None
 
 
-def unavailable_reason(name: str, model_dirs: tuple[Path, ...]) -> str:
-    """Why ``name`` (one of :data:`NEEDS_WEIGHTS`) cannot run here."""
-    folders = [folder / ANNOTATOR_FOLDER / name for folder in model_dirs]
+def unavailable_reason(name: str, annotator_dirs: tuple[Path, ...]) -> str:
+    """Why ``name`` (one of :data:`NEEDS_WEIGHTS`) cannot run here; ``annotator_dirs``: the folders of the
+    "controlnet_annotator" model kind, which hold one sub-folder per preprocessor."""
+    folders = [folder / name for folder in annotator_dirs]
     found = next((f for f in folders if f.is_dir() and any(f.iterdir())), None)
     if found is not None:
         return f"annotator weights found in {found}, but this preprocessor is not implemented yet"
-    where = folders[0] if folders else Path("models/ControlNet") / ANNOTATOR_FOLDER / name
-    return f"needs annotator weights in {where}"
+    if not folders:
+        return "needs annotator weights, and no annotator folder is configured"
+    return f"needs annotator weights in {folders[0]}"
 
 
 def module_names() -> list[str]:
@@ -123,7 +123,7 @@ def module_names() -> list[str]:
     return [*PREPROCESSORS, *NEEDS_WEIGHTS]
 
 
-def module_detail(model_dirs: tuple[Path, ...]) -> dict[str, dict[str, object]]:
+def module_detail(annotator_dirs: tuple[Path, ...]) -> dict[str, dict[str, object]]:
     """``module_detail`` of ``/controlnet/module_list``: sliders, and whether each module can run."""
     detail: dict[str, dict[str, object]] = {}
     for p in PREPROCESSORS.values():
@@ -133,7 +133,7 @@ def module_detail(model_dirs: tuple[Path, ...]) -> dict[str, dict[str, object]]:
         detail[p.name] = {"model_free": False, "sliders": sliders, "available": True}
     for name in NEEDS_WEIGHTS:
         detail[name] = {"model_free": False, "sliders": [], "available": False,
-                        "reason": unavailable_reason(name, model_dirs)}
+                        "reason": unavailable_reason(name, annotator_dirs)}
     return detail
 
 

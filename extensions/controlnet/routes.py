@@ -47,13 +47,13 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
 
     @router.get("/controlnet/module_list")
     def module_list() -> dict:
-        return {"module_list": module_names(), "module_detail": module_detail(library.folders())}
+        return {"module_list": module_names(), "module_detail": module_detail(library.annotator_folders())}
 
     @router.post("/controlnet/detect")
     def run_detect(body: DetectRequest) -> dict:
         preprocessor = lookup(body.controlnet_module)
         if preprocessor is None:
-            detail = module_detail(library.folders()).get(body.controlnet_module.strip().lower())
+            detail = module_detail(library.annotator_folders()).get(body.controlnet_module.strip().lower())
             reason = detail["reason"] if detail else f"unknown module; choose from {', '.join(module_names())}"
             raise HTTPException(422, detail=[{"loc": ["body", "controlnet_module"], "type": "value_error",
                                               "msg": f"controlnet_module {body.controlnet_module!r}: {reason}"}])

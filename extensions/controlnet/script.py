@@ -162,7 +162,8 @@ class ControlNetScript(AlwaysOnScript):
 
     def _module_problem(self, module: str) -> str:
         if module.strip().lower() in NEEDS_WEIGHTS:
-            return f"{module!r} is unavailable: {unavailable_reason(module.strip().lower(), self.library.folders())}"
+            reason = unavailable_reason(module.strip().lower(), self.library.annotator_folders())
+            return f"{module!r} is unavailable: {reason}"
         return f"unknown preprocessor {module!r}; choose from {', '.join(module_names())}"
 
     def before_job(self, job: Job) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.settings import MODEL_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 _ORIGINAL_KEY = re.compile(r"^(\d+)\.(.*)$")
@@ -39,7 +41,7 @@ def find_taesd(folders: tuple[Path, ...] | list[Path], family: str) -> Path | No
                 continue
             if entry.is_dir() and (entry / "config.json").is_file():
                 return entry
-            if entry.is_file() and entry.suffix in (".safetensors", ".pth"):
+            if entry.is_file() and entry.suffix.lower() in MODEL_EXTENSIONS["taesd"]:
                 return entry
     return None
 
