@@ -18,9 +18,9 @@ import requests
 import torch
 import webuiapi
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
 from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
 from tests.pictures import half_mask, picture

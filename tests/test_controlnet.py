@@ -13,9 +13,9 @@ import requests
 import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from tests.api_helpers import b64_png, decode_png

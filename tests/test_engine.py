@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling.samplers import SAMPLERS

@@ -184,8 +184,8 @@ def test_hires_image_upscaler_uses_the_tiling_options(engine, denoising):
 
 def test_extras_job_on_several_files_opens_them_in_turn(tmp_path):
     from PIL import Image
-    from pipelines.images.saving import save_image
 
+    from pipelines.images.saving import save_image
     from pipelines.options import Options
     from pipelines.settings import Paths
     from pipelines.upscaling import Upscalers

@@ -8,9 +8,9 @@ import logging
 import httpx
 import numpy as np
 import pytest
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest

@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
+from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
 from tests.ui_helpers import fill_number, screenshot, start_ui_server
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from tests.ui_helpers import screenshot
 
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"]
