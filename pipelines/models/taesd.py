@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.models.weights import read_weights
+
 log = logging.getLogger(__name__)
 
 _ORIGINAL_KEY = re.compile(r"^(\d+)\.(.*)$")
@@ -44,14 +46,6 @@ def find_taesd(folders: tuple[Path, ...] | list[Path], family: str) -> Path | No
     return None
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(key.startswith(("decoder.", "encoder.")) for key in state_dict):
         return state_dict
@@ -72,7 +66,7 @@ def load_taesd(path: Path, *, device: torch.device | str = "cpu", dtype: torch.d
         tiny = AutoencoderTiny.from_pretrained(path, local_files_only=True)
     else:
         tiny = AutoencoderTiny()
-        weights = _diffusers_keys(_state_dict(path))
+        weights = _diffusers_keys(read_weights(path))
         missing, unexpected = tiny.load_state_dict(weights, strict=False)
         if unexpected or any(key.startswith("decoder.") for key in missing):
             raise ValueError(f"{path}: not a TAESD decoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
