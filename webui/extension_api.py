@@ -16,7 +16,8 @@ returns normally, so a broken extension leaves no half-registered pieces behind.
 ``extensions/README.md`` for the whole guide and ``extensions/example.disabled/`` for a small example.
 
 Everything an extension may use is importable from here; the names re-exported from the engine are
-documented where they are defined (``pipelines/plugins/scripts.py``, ``pipelines/plugins/extra_networks.py``).
+documented where they are defined (``pipelines/plugins/scripts.py``, ``pipelines/plugins/extra_networks.py``,
+``pipelines/models/weights.py``: the one reader of model files, which never runs code from a pickle).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fastapi import APIRouter
 from pipelines.images.grids import GridLabel, annotated_grid, combine_grids, infotext_with_params, labels, save_grid
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
+from pipelines.models.weights import UnsafeCheckpointError, read_safetensors_header, read_weights
 from pipelines.plugins.extra_networks import ExtraNetworkHandler
 from pipelines.plugins.scripts import (
     AlwaysOnScript,
@@ -58,6 +60,7 @@ __all__ = [
     "PromptPanel", "ScriptControls", "SelectableScript", "TabUi", "UnetCall", "UnetPatch", "UnetResiduals",
     "parse_infotext", "read_infotext", "ScriptError",
     "GenerationResult", "GridLabel", "annotated_grid", "combine_grids", "infotext_with_params", "labels", "save_grid",
+    "UnsafeCheckpointError", "read_safetensors_header", "read_weights",
 ]
 
 TABS = ("txt2img", "img2img")

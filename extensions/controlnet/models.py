@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+from webui.extension_api import read_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
@@ -163,7 +164,7 @@ def load_controlnet(path: Path) -> ControlNetModel:
     """Load a diffusers folder or a single file in the original layout (float32, on the CPU)."""
     if path.is_dir():
         return ControlNetModel.from_pretrained(path, local_files_only=True)
-    state = _read_state_dict(path)
+    state = read_weights(path)  # never unpickles code from a model file; a state_dict nesting is undone
     if any(key.startswith(_ORIGINAL_PREFIX) for key in state):
         state = {key[len(_ORIGINAL_PREFIX):]: value for key, value in state.items() if key.startswith(_ORIGINAL_PREFIX)}
     if "time_embed.0.weight" not in state:
@@ -181,13 +182,6 @@ def load_controlnet(path: Path) -> ControlNetModel:
         raise ValueError(f"{path.name}: weights do not fit the ControlNet they describe (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return model.float()
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() == ".safetensors":
-        return safetensors.torch.load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a model file
-    return data.get("state_dict", data) if isinstance(data, dict) else data
 
 
 def original_config(state: dict[str, torch.Tensor]) -> dict:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
+
+from webui.extension_api import read_safetensors_header, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
     """
     if path.suffix.lower() != ".safetensors":
         return {}, ()
-    with safetensors.safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-        keys = tuple(handle.keys())
+    raw, keys = read_safetensors_header(path)
     metadata: dict[str, Any] = {}
     for key, value in raw.items():
         metadata[key] = value
@@ -111,12 +109,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a LoRA file, on the CPU (``.pt`` files are read without unpickling code)."""
-    if path.suffix.lower() == ".safetensors":
-        return safetensors.torch.load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = read_weights(path, keep_non_tensors=True)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path.name} is not a LoRA: expected a dict of tensors")
     return state
 
@@ -162,7 +156,7 @@ class LoraLibrary:
     def _read(self, path: Path, mtime: int) -> LoraFile | None:
         try:
             metadata, keys = read_header(path)
-        except (OSError, ValueError, safetensors.SafetensorError) as error:
+        except (OSError, ValueError) as error:
             log.warning("skipping unreadable LoRA %s: %s", path, error)
             return None
         return LoraFile(path.stem, path, mtime, metadata, keys)

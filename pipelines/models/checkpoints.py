@@ -6,7 +6,8 @@ the weights say (inpainting UNet, prediction type) and for a sidecar ``<stem>.ya
 The resulting config folder is written once into a cache folder, keyed by its content, and handed to
 diffusers' ``from_single_file(state_dict, config=..., local_files_only=True)`` (UNet, VAE) and to the
 CLIP converter diffusers' pipeline loader uses (text encoders), so nothing is fetched from the hub.
-The file itself is read once, by :func:`read_state_dict`, which never unpickles code.
+The file itself is read once, by :func:`read_state_dict` (the one weights reader,
+:mod:`pipelines.models.weights`), which never unpickles code.
 
 Sidecar (A1111 semantics, docs/compatibility.md §3): the original LDM inference config overrides detection
 (``model.params.parameterization: "v"`` marks v-prediction). Because an LDM config cannot describe
@@ -20,17 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import diffusers
-import safetensors.torch
 import torch
 import yaml
 from diffusers import (
@@ -41,8 +39,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_diffusers_clip_model_from_ldm
-from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from pipelines.models.weights import UnsafeCheckpointError as UnsafeCheckpointError
+from pipelines.models.weights import read_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 #: One shared copy of the CLIP BPE files, used by every tokenizer of every family (see configs/make_tokenizer.py).
@@ -69,11 +69,6 @@ SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 #: An empty tensor some v-prediction checkpoints (SDXL v-pred fine-tunes) carry to say so.
 V_PRED_MARKER = "v_pred"
 UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A pickled checkpoint needs more than tensors to load, so it could run code; it is refused."""
 
 
 @dataclass(frozen=True)
@@ -104,63 +99,13 @@ class _Sidecar:
 
 
 def read_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint file without ever executing code from it.
+    """Read the tensors of a checkpoint or VAE file without ever executing code from it.
 
-    ``.safetensors`` is read with safetensors; ``.ckpt``/``.pt``/``.pth``/``.bin`` only with
-    ``torch.load(weights_only=True)``. A pickle that needs anything beyond tensors and plain
-    containers raises :class:`UnsafeCheckpointError`. A ``state_dict`` nesting is unwrapped and
-    non-tensor entries (``global_step`` ...) are dropped.
+    :func:`pipelines.models.weights.read_weights`: a pickle that needs anything beyond tensors and plain
+    containers raises :class:`UnsafeCheckpointError`; a ``state_dict`` nesting is unwrapped and non-tensor
+    entries (``global_step`` ...) are dropped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            loaded: Any = safetensors.torch.load_file(str(path), device=device)
-        except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    elif suffix in PICKLE_SUFFIXES:
-        loaded = load_pickled_tensors(path)
-    else:
-        raise ValueError(f"{path}: unsupported checkpoint type {suffix!r}; expected .safetensors or .ckpt")
-    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        # A bad file, not a bad argument: ValueError like every other unreadable checkpoint.
-        raise ValueError(f"{path} does not hold a state dict (found {type(loaded).__name__})")  # noqa: TRY004
-    tensors = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{path} holds no tensors")
-    if device != "cpu" and suffix != ".safetensors":
-        tensors = {key: value.to(device) for key, value in tensors.items()}
-    return tensors
-
-
-def load_pickled_tensors(path: Path) -> Any:
-    """What a ``.ckpt``/``.pt``/``.pth`` file holds, read with ``torch.load(weights_only=True)`` only.
-
-    A pickle that wants anything beyond tensors and plain containers raises :class:`UnsafeCheckpointError`
-    naming the file and what it wanted; nothing from the file is ever executed.
-    """
-    # mmap avoids a second copy of multi-GB files; torch only supports it for its zip format.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # torch raises many types for bad files; all are reported with the path
-        message = str(error)
-        if "Weights only load failed" not in message:
-            raise ValueError(f"{path} is not a readable checkpoint: {type(error).__name__}: {error}") from error
-        wanted = re.search(r"GLOBAL ([\w.]+)", message)
-        reason = (
-            f"it wanted to import {wanted.group(1)}"
-            if wanted
-            else f"it uses pickle features beyond plain tensors ({message.splitlines()[-1].strip() or 'unknown'})"
-        )
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: {reason}. Pickled checkpoints may carry code and we never execute "
-            "code from checkpoints; convert the file to .safetensors with a tool you trust."
-        ) from error
+    return read_weights(path, device=device)
 
 
 def _read_sidecar(path: Path | None) -> _Sidecar | None:

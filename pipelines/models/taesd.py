@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.models.weights import read_weights
 from pipelines.settings import MODEL_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ def find_taesd(folders: tuple[Path, ...] | list[Path], family: str) -> Path | No
     return None
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(key.startswith(("decoder.", "encoder.")) for key in state_dict):
         return state_dict
@@ -74,7 +67,7 @@ def load_taesd(path: Path, *, device: torch.device | str = "cpu", dtype: torch.d
         tiny = AutoencoderTiny.from_pretrained(path, local_files_only=True)
     else:
         tiny = AutoencoderTiny()
-        weights = _diffusers_keys(_state_dict(path))
+        weights = _diffusers_keys(read_weights(path))
         missing, unexpected = tiny.load_state_dict(weights, strict=False)
         if unexpected or any(key.startswith("decoder.") for key in missing):
             raise ValueError(f"{path}: not a TAESD decoder (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -7,28 +7,28 @@ name's tokens (see :mod:`pipelines.prompts.encoding`). Formats read:
   holding a single tensor (diffusers' ``learned_embeds.bin``: ``{"<token>": tensor}``).
 - SDXL: ``clip_l`` and ``clip_g`` tensors, one per text encoder.
 
-Pickled files (``.pt``, ``.bin``) are only ever opened with ``torch.load(weights_only=True)``.
+Files are read by the one weights reader, :mod:`pipelines.models.weights`: pickled files (``.pt``, ``.bin``)
+are only ever opened with ``torch.load(weights_only=True)``, and one that wants code is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+
+from pipelines.models.weights import read_weights_raw
 
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 # Key of the vectors of a one-encoder embedding (SD 1.x, SD 2.x); SDXL ones use "clip_l"/"clip_g".
 SINGLE_KEY = "clip"
-_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError, SafetensorError)
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,17 +93,10 @@ def load_textual_inversion(path: Path | str) -> TextualInversion:
     """Load one embedding file; raise ``ValueError``/``OSError`` and friends if it is not one."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        data: object = load_file(str(path), device="cpu")
-    elif suffix in (".pt", ".bin"):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            # torch's message is a page long; keep the one line that names the refused object.
-            detail = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
-            raise ValueError(f"refused: holds more than tensors (weights_only=True). {detail}".strip()) from error
-    else:
+    if suffix not in EXTENSIONS:
         raise ValueError(f"{path}: not an embedding file ({', '.join(EXTENSIONS)})")
+    # Not read_weights: an embedding file may hold a bare tensor, and its string_to_param/step entries matter.
+    data: object = read_weights_raw(path)
     step = data.get("step") if isinstance(data, Mapping) else None
     checkpoint = data.get("sd_checkpoint_name") if isinstance(data, Mapping) else None
     return TextualInversion(

@@ -2,19 +2,18 @@
 
 spandrel detects the architecture (ESRGAN/RRDB, Real-ESRGAN x4plus and anime 6B, SwinIR, Compact,
 DAT, HAT, ...) and the scale from the weights alone. It is never given a file: a pickled ``.pth``
-is read by :mod:`pipelines.models.checkpoints`' weights-only loader, which refuses any pickle that would
+is read by the one weights reader, :mod:`pipelines.models.weights`, which refuses any pickle that would
 import code, exactly as for checkpoints.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import spandrel
 import torch
 
-from pipelines.models.checkpoints import PICKLE_SUFFIXES, load_pickled_tensors, read_state_dict
+from pipelines.models.weights import read_weights
 
 
 def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -22,18 +21,10 @@ def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     Real-ESRGAN releases nest the weights under ``params_ema``/``params``, other trainers under
     ``model``, ``net`` or a ``module.`` prefix; ``.safetensors`` files are flat. A pickle that wants
-    code raises :class:`pipelines.models.checkpoints.UnsafeCheckpointError`.
+    code raises :class:`pipelines.models.weights.UnsafeCheckpointError`.
     """
-    path = Path(path)
-    if path.suffix.lower() not in PICKLE_SUFFIXES:
-        return read_state_dict(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"upscaler model file not found: {path}")
-    # read_state_dict keeps only top-level tensors and would drop a params_ema mapping, so the
-    # weights-only load it is built on is used directly and the nesting undone by spandrel's rules.
-    loaded: Any = load_pickled_tensors(path)
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(loaded).__name__})")  # noqa: TRY004
+    # Non-tensor entries are kept so that a params_ema mapping survives; spandrel's rules undo the nesting.
+    loaded = read_weights(path, keep_non_tensors=True, unwrap_state_dict=False)
     state = spandrel.canonicalize_state_dict(loaded)
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
