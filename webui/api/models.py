@@ -200,7 +200,7 @@ class UpscalerItem(BaseModel):
     model_name: str | None = None
     model_path: str | None = None
     model_url: str | None = None
-    scale: float | None = None
+    scale: float = 4
 
 
 class LatentUpscalerModeItem(BaseModel):
