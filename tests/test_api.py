@@ -533,7 +533,8 @@ def test_extra_single_image_keeps_the_source_infotext(url, tmp_path):
     assert parsed["Postprocess upscale by"] == 1.5 and parsed["Postprocess upscaler"] == "Lanczos"
 
 
-def test_extra_batch_images_and_saving(url, server):
+def test_extra_batch_images_are_not_saved(url, server):
+    # As in A1111, the API's extras are only in the answer, even with samples_save on (the Extras tab's).
     outputs = server.ctx.engine.paths.outputs_dir / "extras-images"
     before = len(list(outputs.rglob("*.png")))
     server.ctx.update_options({"samples_save": True})
@@ -546,7 +547,7 @@ def test_extra_batch_images_and_saving(url, server):
         server.ctx.update_options({"samples_save": False})
     assert response.status_code == 200, response.text
     assert [decode_png(image).size for image in response.json()["images"]] == [(64, 64), (80, 48)]
-    assert len(list(outputs.rglob("*.png"))) == before + 2
+    assert len(list(outputs.rglob("*.png"))) == before
 
 
 def test_extras_refuses_unknown_upscalers_and_bad_images(url):
@@ -563,7 +564,8 @@ def test_extras_refuses_unknown_upscalers_and_bad_images(url):
 # --- upscaler tiling, extras output folder, unreadable upscaler files -----------------------------
 
 
-def test_extras_use_the_tiling_and_output_folder_options(url, server, tmp_path):
+def test_extras_use_the_tiling_options_and_never_save(url, server, tmp_path):
+    # The output folder option itself is checked on the engine (tests/test_engine_extras.py).
     calls: list[tuple[int, int]] = []
     hook = server.ctx.upscalers.load(ESRGAN).model.register_forward_hook(
         lambda _module, args, _out: calls.append(tuple(args[0].shape[-2:])))
@@ -584,11 +586,8 @@ def test_extras_use_the_tiling_and_output_folder_options(url, server, tmp_path):
     assert len(calls) == 6 and set(calls) == {(16, 16)}  # 3 x 2 tiles of 16 px overlapping by at least 4
     image = decode_png(tiled.json()["image"])
     assert image.size == (64, 48)
-    saved = sorted(folder.glob("*.png"))
-    assert len(saved) == 1
-    with Image.open(saved[0]) as on_disk:
-        assert np.array_equal(np.asarray(on_disk), np.asarray(image))
-        assert "Postprocess upscaler: tiny-esrgan-4x" in on_disk.info["parameters"]
+    assert "Postprocess upscaler: tiny-esrgan-4x" in image.info["parameters"]
+    assert not folder.exists() or not list(folder.glob("*.png"))
 
 
 def test_upscaler_lists_survive_unreadable_model_files(url, tiny_models):
