@@ -154,9 +154,16 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     @api.get("/sdapi/v1/scripts", response_model=ScriptsList)
     def scripts() -> dict:
         """Script names by tab, as A1111 lists them: the Script dropdown's (lowercase titles), then the
-        always-on scripts of the loaded extensions."""
-        return {tab: [title.lower() for title, _ in ctx.extensions.selectable_for(tab)]
-                + [name for name, _ in ctx.extensions.scripts_for(tab)] for tab in ("txt2img", "img2img")}
+        always-on scripts of the loaded extensions. With ControlNet, "controlnet m2m" too, as
+        sd-webui-controlnet lists it (clients such as webuiapi look for that name)."""
+        lists = {}
+        for tab in ("txt2img", "img2img"):
+            names = [title.lower() for title, _ in ctx.extensions.selectable_for(tab)]
+            names += [name for name, _ in ctx.extensions.scripts_for(tab)]
+            if "controlnet" in names:
+                names.append("controlnet m2m")
+            lists[tab] = names
+        return lists
 
     @api.get("/sdapi/v1/extensions")
     def extensions() -> list[dict]:
