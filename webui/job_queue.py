@@ -34,6 +34,16 @@ class Ticket:
     queued_at: float = field(default_factory=time.time)
     started_at: float | None = None
     cancelled: bool = False
+    #: A1111's ``id_task`` ("task(...)"): the client's ``force_task_id``, else made from ``id``.
+    task_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.task_id:
+            self.task_id = f"task({self.source}-{self.id})"
+
+
+#: How many finished task ids the queue remembers (for ``POST /internal/progress``'s ``completed``).
+FINISHED_TASKS_KEPT = 1000
 
 
 class JobQueue:
@@ -45,11 +55,15 @@ class JobQueue:
         self._running: Ticket | None = None
         self._ids = itertools.count(1)
         self.finished_jobs = 0
+        self._finished_tasks: deque[str] = deque(maxlen=FINISHED_TASKS_KEPT)
 
     def run(self, job: Callable[[JobControl], T], *, source: str, description: str = "",
-            control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None) -> T:
-        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting."""
-        ticket = Ticket(next(self._ids), source, description, control or JobControl())
+            control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None,
+            task_id: str | None = None) -> T:
+        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting.
+
+        ``task_id`` names the job as A1111's ``id_task`` does (default: made from the ticket number)."""
+        ticket = Ticket(next(self._ids), source, description, control or JobControl(), task_id=task_id or "")
         if on_ticket is not None:
             on_ticket(ticket)
         with self._cond:
@@ -68,6 +82,7 @@ class JobQueue:
             with self._cond:
                 self._running = None
                 self.finished_jobs += 1
+                self._finished_tasks.append(ticket.task_id)
                 self._cond.notify_all()
 
     def position(self, ticket: Ticket) -> int:
@@ -96,6 +111,14 @@ class JobQueue:
     def running(self) -> Ticket | None:
         with self._cond:
             return self._running
+
+    def task_state(self, task_id: str) -> tuple[Ticket | None, int, bool]:
+        """(the running ticket if it is ``task_id``, else None; its place in line, 1-based, 0 if not waiting;
+        whether a job of that id has finished)."""
+        with self._cond:
+            running = self._running if self._running is not None and self._running.task_id == task_id else None
+            place = next((i for i, t in enumerate(self._waiting, 1) if t.task_id == task_id), 0)
+            return running, place, task_id in self._finished_tasks
 
     @property
     def waiting(self) -> int:

@@ -127,7 +127,7 @@ def module_detail(annotator_dirs: tuple[Path, ...]) -> dict[str, dict[str, objec
     """``module_detail`` of ``/controlnet/module_list``: sliders, and whether each module can run."""
     detail: dict[str, dict[str, object]] = {}
     for p in PREPROCESSORS.values():
-        sliders = [{"name": "Processor Res", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048, "step": 8}
+        sliders = [{"name": "Resolution", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048, "step": 8}
                    ] if p.uses_resolution else []
         sliders += [s.as_dict() for s in (p.threshold_a, p.threshold_b) if s is not None]
         detail[p.name] = {"model_free": False, "sliders": sliders, "available": True}
@@ -135,6 +135,33 @@ def module_detail(annotator_dirs: tuple[Path, ...]) -> dict[str, dict[str, objec
         detail[name] = {"model_free": False, "sliders": [], "available": False,
                         "reason": unavailable_reason(name, annotator_dirs)}
     return detail
+
+
+#: sd-webui-controlnet's control types: (name, modules in order, the model-name word that marks its models).
+CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Canny", ("canny", "invert"), "canny"),
+    ("Depth", ("depth_midas", "depth_zoe", "depth_leres"), "depth"),
+    ("NormalMap", ("normal_bae",), "normal"),
+    ("OpenPose", ("openpose", "openpose_full", "dw_openpose_full"), "openpose"),
+    ("MLSD", ("mlsd", "invert"), "mlsd"),
+    ("Lineart", ("lineart_standard", "lineart_realistic", "lineart_anime", "invert"), "lineart"),
+    ("SoftEdge", ("softedge_hed", "softedge_pidinet"), "softedge"),
+    ("Scribble/Sketch", ("scribble_xdog", "invert"), "scribble"),
+    ("Segmentation", ("seg_ofade20k",), "seg"),
+)
+
+
+def control_types(model_titles: list[str]) -> dict[str, dict[str, object]]:
+    """``/controlnet/control_types``: for "All" and each type, its modules ("none" first), its models
+    ("None" first, then the titles holding the type's word), and the defaults the UI picks."""
+    answer: dict[str, dict[str, object]] = {"All": {"module_list": module_names(),
+                                                    "model_list": ["None", *model_titles],
+                                                    "default_option": "none", "default_model": "None"}}
+    for name, modules, word in CONTROL_TYPES:
+        models = [title for title in model_titles if word in title.lower()]
+        answer[name] = {"module_list": ["none", *modules], "model_list": ["None", *models],
+                        "default_option": modules[0], "default_model": models[0] if models else "None"}
+    return answer
 
 
 def resolve_thresholds(preprocessor: Preprocessor, threshold_a: float, threshold_b: float) -> tuple[float, float]:

@@ -6,10 +6,11 @@ import base64
 import io
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .models import ControlNetLibrary
-from .preprocessors import detect, lookup, module_detail, module_names
+from .preprocessors import control_types, detect, lookup, module_detail, module_names
+from .ui import UNITS
 from .units import decode_image
 
 #: What /controlnet/version answers; clients only check that it is an integer of this generation.
@@ -21,9 +22,17 @@ class DetectRequest(BaseModel):
 
     controlnet_module: str = Field("none", description="Preprocessor to run.")
     controlnet_input_images: list[str] = Field(default_factory=list, description="Images, base64.")
-    controlnet_processor_res: int = Field(512, ge=64, le=2048, description="Short side the preprocessor works at.")
+    controlnet_processor_res: int = Field(512, description="Short side the preprocessor works at (64 to 2048); "
+                                                           "-1 = the module's default.")
     controlnet_threshold_a: float = Field(-1, description="First parameter; -1 = the preprocessor's default.")
     controlnet_threshold_b: float = Field(-1, description="Second parameter; -1 = the preprocessor's default.")
+
+    @field_validator("controlnet_processor_res")
+    @classmethod
+    def _resolution(cls, value: int) -> int:
+        if value != -1 and not 64 <= value <= 2048:
+            raise ValueError(f"must be -1 (the module's default) or 64 to 2048, got {value}")
+        return value
 
 
 def _b64_png(image) -> str:
@@ -49,6 +58,17 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
     def module_list() -> dict:
         return {"module_list": module_names(), "module_detail": module_detail(library.annotator_folders())}
 
+    @router.get("/controlnet/control_types")
+    def control_types_route() -> dict:
+        """Modules and models grouped by control type, as sd-webui-controlnet lists them."""
+        library.refresh()
+        return {"control_types": control_types(library.titles())}
+
+    @router.get("/controlnet/settings")
+    def settings() -> dict:
+        """How many units the UI shows."""
+        return {"control_net_unit_count": UNITS}
+
     @router.post("/controlnet/detect")
     def run_detect(body: DetectRequest) -> dict:
         preprocessor = lookup(body.controlnet_module)
@@ -57,6 +77,8 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
             reason = detail["reason"] if detail else f"unknown module; choose from {', '.join(module_names())}"
             raise HTTPException(422, detail=[{"loc": ["body", "controlnet_module"], "type": "value_error",
                                               "msg": f"controlnet_module {body.controlnet_module!r}: {reason}"}])
+        if not body.controlnet_input_images:  # sd-webui-controlnet's answer
+            raise HTTPException(422, detail="No image selected")
         images = []
         for i, data in enumerate(body.controlnet_input_images):
             try:

@@ -92,6 +92,8 @@ class Upscalers:
         self._lock = threading.Lock()
         # None marks a file that could not be read, so a listing logs it once per file version.
         self._scales: dict[tuple[str, int, int], int | None] = {}
+        # Why a model file cannot be used, by upscaler name (kept for the UI, which lists such files).
+        self._errors: dict[str, str] = {}
         self._loaded: tuple[tuple[str, int, int], spandrel.ImageModelDescriptor] | None = None
         self._upscalers: list[UpscalerInfo] = []
         self.refresh()
@@ -162,6 +164,8 @@ class Upscalers:
             key = _file_key(info.path)
         except OSError as error:  # removed since the last refresh
             log.warning("upscaler %s: cannot read %s: %s", info.name, info.path, error)
+            with self._lock:
+                self._errors[info.name] = f"cannot read {info.path}: {error}"
             return None
         with self._lock:
             if key in self._scales:
@@ -174,9 +178,28 @@ class Upscalers:
         except (ValueError, OSError) as error:
             log.warning("upscaler %s: cannot use %s: %s", info.name, info.path, error)
             scale = None
+            with self._lock:
+                self._errors[info.name] = f"cannot use {info.path}: {error}"
         with self._lock:
             self._scales[key] = scale
+            if scale is not None:
+                self._errors.pop(info.name, None)
         return scale
+
+    def unusable(self, *, probe: bool = True) -> dict[str, str]:
+        """Model upscalers that cannot be used, by name, with the reason.
+
+        With ``probe`` every model file is checked (its scale read, once per file version); without it,
+        only the files found unusable so far. The API leaves these out of ``/sdapi/v1/upscalers``; the UI
+        lists them with the reason.
+        """
+        models = [info.name for info in self.upscalers if info.is_model]
+        if probe:
+            names = {name for name in models if self.scale(name) is None}
+            with self._lock:
+                return {name: self._errors.get(name, "cannot be used (see the log)") for name in sorted(names)}
+        with self._lock:
+            return {name: self._errors[name] for name in models if name in self._errors}
 
     # --------------------------------------------------------------------------- models
 

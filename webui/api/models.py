@@ -76,7 +76,8 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "disable_extra_networks": (bool | None, _field(False, "Accepted for compatibility.")),
     "firstpass_image": (str | None, _field(None, "Accepted for compatibility; not used.")),
     "infotext": (str | None, _field(None, "Accepted for compatibility; not used.")),
-    "force_task_id": (str | None, _field(None, "Accepted for compatibility; not used.")),
+    "force_task_id": (str | None, _field(None, "The job's id_task, as /sdapi/v1/progress (current_task) and "
+                                        "POST /internal/progress report it.")),
 }
 
 TXT2IMG_API_FIELDS: dict[str, tuple[Any, Any]] = {
@@ -165,6 +166,7 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None = Field(description="Live preview as raw base64 PNG, or null.")
     textinfo: str | None = None
+    current_task: str | None = Field(None, description="id_task of the running job (force_task_id, if sent).")
 
 
 class SDModelItem(BaseModel):
@@ -200,7 +202,7 @@ class UpscalerItem(BaseModel):
     model_name: str | None = None
     model_path: str | None = None
     model_url: str | None = None
-    scale: float | None = None
+    scale: float = 4
 
 
 class LatentUpscalerModeItem(BaseModel):

@@ -1,9 +1,9 @@
 """The Extras routes: extra-single-image and extra-batch-images (docs/compatibility.md §8).
 
 Jobs go through the shared queue like generation jobs. The answers are PNGs that keep the source
-image's infotext with the postprocessing keys added; they are saved to ``outputs/extras-images/`` (or
-the ``outdir_extras_samples`` option) when the ``samples_save`` option is on. Model upscalers run with
-the ``upscaler_tile``/``upscaler_tile_overlap`` options.
+image's infotext with the postprocessing keys added. As in A1111, the API never saves them to disk (the
+``samples_save`` option is the Extras tab's); the client has them in the answer. Model upscalers run
+with the ``upscaler_tile``/``upscaler_tile_overlap`` options.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _run(ctx: AppContext, images: list[Image.Image], settings: ExtrasSettings) -
     options = ctx.options  # the options when the request came, as for generation jobs
     return ctx.queue.run(
         lambda control: run_extras(ctx.upscalers, images, settings, options, ctx.engine.paths.outputs_dir,
-                                   control),
+                                   control, save=False),
         source="api", description=description)
 
 

@@ -40,7 +40,8 @@ def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJob) -> 
         return result, model
 
     description = f"{job.request.mode}: {job.request.prompt[:60]}"
-    result, model = ctx.queue.run(work, source="api", description=description, control=control)
+    result, model = ctx.queue.run(work, source="api", description=description, control=control,
+                                  task_id=job.parameters.get("force_task_id"))
     return build_response(job, result, model)
 
 
@@ -64,7 +65,7 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
         ticket = ctx.queue.running
         if ticket is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": ProgressState(), "current_image": None,
-                    "textinfo": None}
+                    "textinfo": None, "current_task": None}
         p = ticket.control.progress
         preview = None
         if not skip_current_image and p.preview is not None:
@@ -76,7 +77,7 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
             job_no=p.job_no, sampling_step=p.sampling_step, sampling_steps=p.sampling_steps,
         )
         return {"progress": p.fraction, "eta_relative": p.eta_seconds or 0.0, "state": state,
-                "current_image": preview, "textinfo": p.textinfo or None}
+                "current_image": preview, "textinfo": p.textinfo or None, "current_task": ticket.task_id}
 
     @api.post("/sdapi/v1/interrupt", tags=["jobs"])
     def interrupt() -> dict:

@@ -6,16 +6,17 @@ empty lists until they exist; those issues replace the lists here.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psutil
 import torch
 from fastapi import APIRouter
 
-from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import decode_base64_image, read_image_metadata, read_infotext
 from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from webui.api.errors import ApiError
+from webui.api.infotext_compat import a1111_parameters
 from webui.api.models import (
     LatentUpscalerModeItem,
     PNGInfoRequest,
@@ -28,6 +29,9 @@ from webui.api.models import (
 )
 from webui.context import AppContext
 
+log = logging.getLogger("webui.api")
+#: The scale A1111 answers for an upscaler that has none of its own (the built-ins).
+DEFAULT_UPSCALER_SCALE = 4
 #: A1111's latent upscale modes for hires fix (docs/compatibility.md §9).
 LATENT_UPSCALE_MODES = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                         "Latent (nearest)", "Latent (nearest-exact)")
@@ -67,7 +71,8 @@ def png_info(image_b64: str) -> dict[str, Any]:
         items = {key: value for key, value in read_image_metadata(image).items() if key != "parameters"}
     if info and items.get("UserComment") == info:
         del items["UserComment"]  # the infotext of a JPEG/WebP, already in "info"
-    return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
+    # As A1111's API: parsed by its rules (text values, its defaults), even when the image carries none.
+    return {"info": info, "items": items, "parameters": a1111_parameters(info)}
 
 
 def router(ctx: AppContext, route_class: type) -> APIRouter:
@@ -89,10 +94,22 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     def upscalers() -> list[dict]:
-        """Image upscalers: the built-ins (None, Lanczos, Nearest) and the model files."""
+        """Image upscalers: the built-ins (None, Lanczos, Nearest) and the usable model files.
+
+        As in A1111 every entry has a scale: the model's own, 4 for the built-ins (A1111's default). A model
+        file that cannot be used is left out and logged with the reason (the UI lists it with the reason).
+        """
         ctx.upscalers.refresh()
-        return [{"name": u.name, "model_name": u.model_name, "model_path": str(u.path) if u.path else None,
-                 "model_url": None, "scale": ctx.upscalers.scale(u.name)} for u in ctx.upscalers.upscalers]
+        unusable = ctx.upscalers.unusable()
+        listed = []
+        for u in ctx.upscalers.upscalers:
+            scale = ctx.upscalers.scale(u.name) if u.is_model else DEFAULT_UPSCALER_SCALE
+            if scale is None:
+                log.warning("GET /sdapi/v1/upscalers: %s left out: %s", u.name, unusable.get(u.name, "cannot be used"))
+                continue
+            listed.append({"name": u.name, "model_name": u.model_name, "model_path": str(u.path) if u.path else None,
+                           "model_url": None, "scale": float(scale)})
+        return listed
 
     @api.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscalerModeItem])
     def latent_upscale_modes() -> list[dict]:
@@ -137,9 +154,16 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     @api.get("/sdapi/v1/scripts", response_model=ScriptsList)
     def scripts() -> dict:
         """Script names by tab, as A1111 lists them: the Script dropdown's (lowercase titles), then the
-        always-on scripts of the loaded extensions."""
-        return {tab: [title.lower() for title, _ in ctx.extensions.selectable_for(tab)]
-                + [name for name, _ in ctx.extensions.scripts_for(tab)] for tab in ("txt2img", "img2img")}
+        always-on scripts of the loaded extensions. With ControlNet, "controlnet m2m" too, as
+        sd-webui-controlnet lists it (clients such as webuiapi look for that name)."""
+        lists = {}
+        for tab in ("txt2img", "img2img"):
+            names = [title.lower() for title, _ in ctx.extensions.selectable_for(tab)]
+            names += [name for name, _ in ctx.extensions.scripts_for(tab)]
+            if "controlnet" in names:
+                names.append("controlnet m2m")
+            lists[tab] = names
+        return lists
 
     @api.get("/sdapi/v1/extensions")
     def extensions() -> list[dict]:

@@ -50,9 +50,17 @@ def _gallery_files(results: list[ExtrasResult]) -> list[str]:
     return files
 
 
+def upscaler_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """(label, name) of every upscaler; a model file known to be unusable is still listed, its label giving
+    the reason (the API's list leaves such files out)."""
+    unusable = ctx.upscalers.unusable(probe=False)
+    return [(f"{name} (cannot be used: {unusable[name]})" if name in unusable else name, name)
+            for name in ctx.upscalers.names]
+
+
 def build_extras(ctx: AppContext) -> ExtrasTab:
     """The tab's controls and its Generate button."""
-    names = ctx.upscalers.names
+    names = upscaler_choices(ctx)
     source = gr.State("single")
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -95,7 +103,7 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
 
     def refresh_names():
         ctx.upscalers.refresh()
-        choices = ctx.upscalers.names
+        choices = upscaler_choices(ctx)
         return gr.update(choices=choices), gr.update(choices=choices)
 
     upscaler_1.focus(refresh_names, outputs=[upscaler_1, upscaler_2], show_progress="hidden")
