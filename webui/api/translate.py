@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 import pipelines
@@ -251,8 +250,14 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
 # --- the answer ----------------------------------------------------------------------------------
 
 
-def _extra_generation_params(infotext: str) -> dict[str, Any]:
-    extra = request_fields_from_infotext(parse_infotext(infotext)).get("extra", {})
+def _extra_generation_params(result: GenerationResult) -> dict[str, Any]:
+    """The job's own infotext parameters (A1111's ``extra_generation_params``), as the engine recorded them.
+    A result a selectable script assembled carries none: its first infotext is read instead."""
+    if result.extra_params is not None:  # None values are not written to the infotext, nor listed here
+        return {key: value for key, value in result.extra_params.items() if value is not None}
+    if not result.infotexts:
+        return {}
+    extra = request_fields_from_infotext(parse_infotext(result.infotexts[0])).get("extra", {})
     return {key: value for key, value in extra.items() if key != "Version"}
 
 
@@ -288,7 +293,7 @@ def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | N
         "seed_resize_from_w": request.seed_resize_from_w,
         "seed_resize_from_h": request.seed_resize_from_h,
         "denoising_strength": getattr(request, "denoising_strength", job.parameters.get("denoising_strength")),
-        "extra_generation_params": _extra_generation_params(result.infotexts[0]) if result.infotexts else {},
+        "extra_generation_params": _extra_generation_params(result),
         "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": request.styles,
@@ -305,11 +310,10 @@ def build_response(job: PreparedJob, result: GenerationResult, model: LoadedMode
     """images (raw base64 PNG with the infotext embedded), parameters and info, as A1111 answers."""
     images = list(zip(result.images, result.infotexts))
     index_of_first_image = 0
-    if job.return_grid and result.grid_path is not None and result.infotexts:
+    grid = result.grid  # the engine's image: nothing is read back from disk
+    if job.return_grid and grid is not None and result.infotexts:
         # A1111 puts the grid first when it saved one; the grid carries the first image's infotext.
-        with Image.open(result.grid_path) as grid:
-            grid.load()
-            images.insert(0, (grid, result.infotexts[0]))
+        images.insert(0, (grid, result.infotexts[0]))
         index_of_first_image = 1
     info = info_dict(job, result, model, index_of_first_image, [text for _, text in images])
     # Like A1111, the always-on scripts' extra images (ControlNet's detected maps) follow the generated ones.
