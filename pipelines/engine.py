@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from pipelines.job_control import JobControl
 from pipelines.models import acceleration
-from pipelines.models.catalog import ModelFile, ModelRegistry
+from pipelines.models.catalog import ModelRegistry
 from pipelines.models.devices import free_memory, is_out_of_memory
 from pipelines.models.manager import ModelManager
 from pipelines.options import Options
+from pipelines.plan import JobPlan, RequestError, ScriptRequestError, script_field, unknown_styles_message
 from pipelines.plugins.extra_networks import ExtraNetworkRegistry
-from pipelines.plugins.scripts import ScriptJobs, ScriptRegistry, SelectableScriptRegistry
+from pipelines.plugins.scripts import ScriptError, ScriptJobs, ScriptRegistry, SelectableScriptRegistry
 from pipelines.processing import GenerationResult, JobContext, run_job
 from pipelines.prompts.embeddings import EmbeddingDatabase
 from pipelines.prompts.styles import StyleDatabase
@@ -36,6 +39,7 @@ from pipelines.settings import EngineSettings
 from pipelines.upscaling import Upscalers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineError(RuntimeError):
@@ -68,33 +72,71 @@ class Engine:
         """What a request's ``hr_upscaler`` may be: the latent modes, then the image upscalers found now."""
         return [*LATENT_UPSCALE_MODES, *self.upscalers.names]
 
-    def generate(self, request: GenerationRequest, *, control: JobControl | None = None,
+    def plan(self, request: GenerationRequest) -> JobPlan:
+        """Resolve every name ``request`` holds, once, before any model work; :class:`RequestError` names the
+        field and what is available. A1111-style names ("name [hash]" titles, hashes) resolve as everywhere."""
+        checkpoint = self._resolve("checkpoint", lambda: self.models.resolve(request.checkpoint))
+        vae = None
+        if request.vae not in ("Automatic", "None", ""):
+            vae = self._resolve("vae", lambda: self.registry.find_vae(request.vae))
+        hires_upscaler = None
+        if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
+            hires_upscaler = self._resolve("hr_upscaler", lambda: self.upscalers.find(request.hr_upscaler),
+                                           "upscaler")
+        hires_checkpoint = None
+        if request.enable_hr and request.hr_checkpoint_name:
+            hires_checkpoint = self._resolve("hr_checkpoint_name",
+                                             lambda: self.models.resolve(request.hr_checkpoint_name), "checkpoint")
+        try:
+            scripts = tuple(self.scripts.parse(request.alwayson_scripts))
+        except ScriptError as error:
+            raise ScriptRequestError.wrap("alwayson_scripts", error) from error
+        script = None
+        if request.script_name:
+            try:
+                script = self.selectable_scripts.parse(request.script_name, request.script_args)
+            except ScriptError as error:
+                raise ScriptRequestError.wrap(script_field(error, "script_args"), error) from error
+        styles = [self.styles.get(name) for name in request.styles]
+        unknown = [name for name, style in zip(request.styles, styles) if style is None]
+        if unknown:
+            raise RequestError("styles", unknown_styles_message(unknown, self.styles.names()))
+        return JobPlan(request=request, checkpoint=checkpoint, vae=vae, hires_checkpoint=hires_checkpoint,
+                       hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=tuple(styles))
+
+    @staticmethod
+    def _resolve(field: str, find: Callable[[], T], prefix: str | None = None) -> T:
+        """``find()``, its LookupError as a RequestError whose message starts with ``field:`` (in place of
+        the lookup's own ``prefix:``)."""
+        try:
+            return find()
+        except LookupError as error:
+            message = str(error).strip("'\"")
+            if prefix and message.startswith(f"{prefix}:"):
+                message = field + message[len(prefix):]
+            elif not message.startswith(f"{field}:"):
+                message = f"{field}: {message}"
+            raise RequestError(field, message) from None
+
+    def generate(self, request: GenerationRequest | JobPlan, *, control: JobControl | None = None,
                  options: Options | None = None) -> GenerationResult:
         """Run a txt2img or img2img/inpaint job (by the request's type) and return what it made.
 
-        The request was validated when it was built; here the model is resolved before any model work,
-        so a missing checkpoint fails at once with the list of available ones (LookupError).
+        ``request`` may be a :class:`JobPlan` already made by :meth:`plan`; otherwise it is planned here,
+        before any model work, so a missing checkpoint (or VAE, style, ...) fails at once with the list of
+        available ones (:class:`RequestError`, a LookupError).
         Out of memory frees what the job held and raises :class:`EngineError`; the next job works.
         """
+        plan = request if isinstance(request, JobPlan) else self.plan(request)
+        request = plan.request
         options = options or self.options
         control = control or JobControl(preview_every=options.show_progress_every_n_steps)
-        if request.script_name:
+        if plan.script is not None:
             # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.
-            script, args = self.selectable_scripts.parse(request.script_name, request.script_args)
+            script, args = plan.script
             plain = request.model_copy(update={"script_name": None, "script_args": []})
             jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options), options)
             return script.run(plain, args, jobs, control)
-        self.models.resolve(request.checkpoint)
-        if request.vae not in ("Automatic", "None", ""):
-            self.registry.find_vae(request.vae)
-        if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
-            self.upscalers.find(request.hr_upscaler)
-        hires_checkpoint = self._hires_checkpoint(request)
-        scripts = self.scripts.parse(request.alwayson_scripts)
-        unknown = [name for name in request.styles if self.styles.get(name) is None]
-        if unknown:
-            raise LookupError(f"styles: unknown style(s) {', '.join(map(repr, unknown))}; "
-                              f"choose from {', '.join(self.styles.names()) or 'none (styles.csv is empty)'}")
         with self._gpu:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
@@ -104,8 +146,8 @@ class Engine:
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
-                                 upscalers=self.upscalers, scripts=scripts, notice=notice or "",
-                                 hires_checkpoint=hires_checkpoint,
+                                 upscalers=self.upscalers, scripts=list(plan.scripts), notice=notice or "",
+                                 hires_checkpoint=plan.hires_checkpoint,
                                  load_model=lambda title: self.models.get(title, request.vae))
                 return run_job(request, ctx)
             except Exception as error:
@@ -116,12 +158,3 @@ class Engine:
                     f"Out of memory at {request.width}x{request.height}, batch size {request.batch_size}: "
                     "try a smaller size or batch, or start with --medvram / --lowvram."
                 ) from error
-
-    def _hires_checkpoint(self, request: GenerationRequest) -> ModelFile | None:
-        """The hires pass's own checkpoint, if the request names one; LookupError naming hr_checkpoint_name."""
-        if not (request.enable_hr and request.hr_checkpoint_name):
-            return None
-        try:
-            return self.models.resolve(request.hr_checkpoint_name)
-        except LookupError as error:
-            raise LookupError(str(error).replace("checkpoint:", "hr_checkpoint_name:", 1)) from None

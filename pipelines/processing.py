@@ -1,8 +1,12 @@
-"""One generation job as named stages: prepare prompts -> encode -> prepare latents -> denoise -> decode -> save.
+"""One generation job as numbered stages, read top-down in :func:`run_job` and :func:`_sample_batch`:
 
-Each stage is a plain function of explicit inputs. :func:`run_job` strings them together for txt2img,
-img2img and inpaint; the :class:`~pipelines.engine.Engine` adds the model manager, the GPU lock and
-error handling around it.
+1. check inputs (names were resolved by :meth:`~pipelines.engine.Engine.plan`) -> 2. prompts ->
+3. conditioning -> 4. the job's infotext parameters -> then per batch: 5. latents -> 6. denoise ->
+7. hires pass (:func:`~pipelines.sampling.hires.run_hires_pass`) -> 8. decode -> 9. infotext -> 10. save;
+and last 11. the grid.
+
+Each stage is a plain function of explicit inputs; the :class:`~pipelines.engine.Engine` adds the model
+manager, the GPU lock and error handling around :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pipelines.prompts.parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling import latents as latent_ops
 from pipelines.sampling.denoise import DenoiseInputs, denoise, txt2img_timesteps
-from pipelines.sampling.hires import hires_pass, hires_steps, upscale_first_pass, upscale_only
+from pipelines.sampling.hires import HiresInputs, encode_hires_prompts, run_hires_pass, switches_model
 from pipelines.sampling.img2img import (
     blank_inpaint_conditioning,
     finish_inpaint,
@@ -39,7 +43,7 @@ from pipelines.sampling.img2img import (
     img2img_latents,
     prepare_img2img_source,
 )
-from pipelines.sampling.previews import preview_maker
+from pipelines.sampling.previews import StepReporter
 from pipelines.sampling.samplers import build_scheduler, fitting_schedule
 from pipelines.sampling.seeds import SeedPlan, generators_for, image_noise
 from pipelines.sampling.step_cache import supports_step_cache
@@ -60,7 +64,13 @@ class GenerationResult:
     paths: list[Path] = field(default_factory=list)
     #: Images the always-on scripts add after the generated ones (ControlNet's detected maps); not saved.
     extra_images: list[Image.Image] = field(default_factory=list)
+    #: The grid of the job's images when one was made (and saved at ``grid_path``).
+    grid: Image.Image | None = None
     grid_path: Path | None = None
+    #: The job's own infotext parameters beyond the request's fields (img2img's, extra networks', always-on
+    #: scripts', ...), as written into every image's infotext; A1111's ``extra_generation_params``.
+    #: None for a result a selectable script assembled.
+    extra_params: dict[str, object] | None = None
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
     model_title: str = ""
@@ -89,7 +99,7 @@ class PreparedPrompts:
     tags: list[ExtraNetworkTag]
 
 
-# --- stage 1: prompts ----------------------------------------------------------------------------
+# --- stage 2: prompts ----------------------------------------------------------------------------
 
 
 def prepare_prompts(request: GenerationRequest, count: int, styles) -> PreparedPrompts:
@@ -105,7 +115,7 @@ def prepare_prompts(request: GenerationRequest, count: int, styles) -> PreparedP
     )
 
 
-# --- stage 3: latents ----------------------------------------------------------------------------
+# --- stage 5: latents ----------------------------------------------------------------------------
 
 
 def initial_noise(request: GenerationRequest, seeds: list[int], subseeds: list[int],
@@ -120,7 +130,7 @@ def initial_noise(request: GenerationRequest, seeds: list[int], subseeds: list[i
     ])
 
 
-# --- stage 6: decode and save --------------------------------------------------------------------
+# --- stages 8 and 9: decode and infotext --------------------------------------------------------------------
 
 
 def decode_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
@@ -131,9 +141,9 @@ def decode_images(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image
     return latent_ops.tensor_to_pil(pixels)
 
 
-def infotext_for(request: GenerationRequest, model: LoadedModel, prompt: str, negative: str, seed: int,
-                 subseed: int, extra: dict[str, object]) -> str:
-    """The A1111 infotext of one image."""
+def infotext_params(request: GenerationRequest, model: LoadedModel, prompt: str, negative: str, seed: int,
+                    subseed: int, extra: dict[str, object]) -> dict[str, object]:
+    """The parameters of one image's infotext, keyed by infotext names, ``extra`` (the job's own) included."""
     fields: dict[str, object] = {
         "prompt": prompt,
         "negative_prompt": negative,
@@ -171,7 +181,7 @@ def infotext_for(request: GenerationRequest, model: LoadedModel, prompt: str, ne
     params = infotext_params_from_fields(fields)
     params.update(extra)
     params["Version"] = pipelines.__version__
-    return build_infotext(prompt, negative, params)
+    return params
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -200,13 +210,6 @@ class JobContext:
     load_model: Callable[[str], LoadedModel] | None = None
 
 
-def _switches_model(request: GenerationRequest, ctx: JobContext) -> bool:
-    """Whether the hires pass redraws on another checkpoint than the first pass."""
-    hires = ctx.hires_checkpoint
-    return (request.enable_hr and hires is not None and hires.title != ctx.model.file.title
-            and not upscale_only(request))
-
-
 def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: list[ExtraNetworkTag],
                 held: ExitStack) -> LoadedModel:
     """Checkpoint ``title`` for one pass. One that is not the job's own model (the hires checkpoint, or the
@@ -222,15 +225,8 @@ def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: l
     return model
 
 
-def _encode_hires(request: GenerationRequest, model: LoadedModel, prompts: PreparedPrompts,
-                  embeddings: object | None) -> Conditioning:
-    """The hires pass's conditioning (hr_prompt / hr_negative_prompt, else the job's prompts) by ``model``."""
-    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
-    hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in prompts.encode_prompts]
-    hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n for n in prompts.encode_negative_prompts]
-    with torch.inference_mode():
-        return build_conditioning(encoder, hr_prompts[: request.batch_size], hr_negatives[: request.batch_size],
-                                  max(hires_steps(request)[1], 1), request.clip_skip)
+def _switches_model(request: GenerationRequest, ctx: JobContext) -> bool:
+    return switches_model(request, ctx.model.file, ctx.hires_checkpoint)
 
 
 def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
@@ -249,16 +245,69 @@ def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, 
     return (request.model_copy(update=update) if update else request), warnings
 
 
+def check_inputs(request: GenerationRequest, ctx: JobContext) -> tuple[GenerationRequest, list[str]]:
+    """The request as it will run and be recorded: schedule types the samplers can run, the hires checkpoint
+    by its name (as "Model" records the first one); and the warnings about what changed."""
+    request, warnings = _runnable_schedules(request)
+    if request.enable_hr:
+        hires = ctx.hires_checkpoint
+        request = request.model_copy(update={"hr_checkpoint_name": hires.model_name if hires else None})
+    return request, warnings
+
+
+def encode_job_prompts(request: GenerationRequest, ctx: JobContext, model: LoadedModel,
+                       prompts: PreparedPrompts) -> tuple[Conditioning, Conditioning | None]:
+    """The conditioning of the first pass and, unless the hires pass runs on its own checkpoint (whose text
+    encoders encode its prompts batch by batch), of the hires pass. Once per job: every batch has the same
+    prompts and step count."""
+    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
+    with torch.inference_mode():
+        conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
+                                          prompts.encode_negative_prompts[: request.batch_size],
+                                          _real_steps(request), request.clip_skip)
+    hr_conditioning = None
+    if request.enable_hr and not _switches_model(request, ctx):
+        hr_conditioning = encode_hires_prompts(request, model, prompts.encode_prompts,
+                                               prompts.encode_negative_prompts, ctx.embeddings)
+    return conditioning, hr_conditioning
+
+
+def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: LoadedModel,
+                        conditioning: Conditioning, network_params: dict[str, object], scripts: ScriptRun,
+                        warnings: list[str]) -> dict[str, object]:
+    """The job's infotext parameters beyond the request's fields (img2img's, extra networks', scripts',
+    step caching, embeddings' hashes); appends a warning when step caching cannot run."""
+    extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
+    extra.update(network_params)
+    extra.update(scripts.infotext)
+    if ctx.options.step_cache_interval and supports_step_cache(model.pipe.unet):
+        extra["Step cache"] = ctx.options.step_cache_interval  # it changes the image: say so
+    elif ctx.options.step_cache_interval:
+        warnings.append("step caching is off for this model (a torch.compile'd UNet, or one not laid "
+                        "out as SD 1.x / 2.x / SDXL): every step ran the whole UNet")
+    if conditioning.ti_hashes:
+        extra["TI hashes"] = conditioning.ti_hashes
+    return extra
+
+
+def save_grid(request: GenerationRequest, ctx: JobContext, result: GenerationResult) -> None:
+    """Save a grid of the job's images (when there are several and grids are saved) into ``result``."""
+    if request.save_images and ctx.options.grid_save and len(result.images) > 1:
+        result.grid = make_grid(result.images)
+        folder = ctx.options.output_dir(ctx.outputs_dir, request.mode, grids=True)
+        result.grid_path = save_image(result.grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
+                                      fmt=ctx.options.grid_format, suffix="-grid")
+
+
 def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     """Run every batch of ``request``; returns what finished (all of it unless interrupted)."""
     started = time.perf_counter()
     model = ctx.model
-    request, schedule_warnings = _runnable_schedules(request)
-    if request.enable_hr:  # record the hires checkpoint by its name, as "Model" records the first one
-        hires = ctx.hires_checkpoint
-        request = request.model_copy(update={"hr_checkpoint_name": hires.model_name if hires else None})
+    # 1. check inputs: the request as it runs and is recorded (names were resolved by Engine.plan)
+    request, schedule_warnings = check_inputs(request, ctx)
     result = GenerationResult(request=request, model_title=model.file.title, warnings=schedule_warnings)
-    plan = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
+    seeds = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
+    # 2. prompts: styles applied, extra-network tags taken out
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
     # Extra networks change the model (text encoder included) for this job only, so they go first; both they
     # and the always-on scripts are undone on the way out, however the job ends.
@@ -266,41 +315,23 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
             running_scripts(ctx.scripts, request, model, ctx.device) as scripts:
         result.warnings.extend(warnings)
         result.warnings.extend(scripts.warnings)
-        # stage 2: conditioning, once per job: every batch has the same prompts and step count.
-        encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
-        with torch.inference_mode():
-            conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
-                                              prompts.encode_negative_prompts[: request.batch_size],
-                                              _real_steps(request), request.clip_skip)
-        # With a hires checkpoint, the hires prompts are encoded by its own text encoders, batch by batch.
-        hr_conditioning = None
-        if request.enable_hr and not _switches_model(request, ctx):
-            hr_conditioning = _encode_hires(request, model, prompts, ctx.embeddings)
-        extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
-        extra.update(network_params)
-        extra.update(scripts.infotext)
-        if ctx.options.step_cache_interval and supports_step_cache(model.pipe.unet):
-            extra["Step cache"] = ctx.options.step_cache_interval  # it changes the image: say so
-        elif ctx.options.step_cache_interval:
-            result.warnings.append("step caching is off for this model (a torch.compile'd UNet, or one not laid "
-                                   "out as SD 1.x / 2.x / SDXL): every step ran the whole UNet")
-        if conditioning.ti_hashes:
-            extra["TI hashes"] = conditioning.ti_hashes
-        _run_batches(request, ctx, plan, prompts, (conditioning, hr_conditioning), extra, result, scripts)
+        # 3. conditioning, once per job
+        conditionings = encode_job_prompts(request, ctx, model, prompts)
+        # 4. the job's own infotext parameters
+        result.extra_params = job_infotext_params(request, ctx, model, conditionings[0], network_params, scripts,
+                                                  result.warnings)
+        # 5.-10. batch after batch: latents -> denoise -> hires pass -> decode -> infotext -> save
+        _run_batches(request, ctx, seeds, prompts, conditionings, result, scripts)
         result.extra_images.extend(scripts.extra_images)
-    if request.save_images and ctx.options.grid_save and len(result.images) > 1:
-        grid = make_grid(result.images)
-        folder = ctx.options.output_dir(ctx.outputs_dir, request.mode, grids=True)
-        result.grid_path = save_image(grid, folder, seed=result.seeds[0],
-                                      infotext=result.infotexts[0],
-                                      fmt=ctx.options.grid_format, suffix="-grid")
+    # 11. the grid
+    save_grid(request, ctx, result)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, prompts: PreparedPrompts,
-                 conditioning: tuple[Conditioning, Conditioning | None], extra: dict[str, object],
-                 result: GenerationResult, scripts: ScriptRun) -> None:
+                 conditioning: tuple[Conditioning, Conditioning | None], result: GenerationResult,
+                 scripts: ScriptRun) -> None:
     """Sample, decode and save batch after batch into ``result``; stops early on interrupt."""
     model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
@@ -315,23 +346,32 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                     images = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts)
                 except BatchSkipped:
                     continue
-                for k, image in enumerate(images):
-                    i = first + k
-                    infotext = infotext_for(request, model, prompts.prompts[i], prompts.negative_prompts[i],
-                                            plan.seeds[i], plan.subseeds[i], extra)
-                    result.images.append(image)
-                    result.infotexts.append(infotext)
-                    result.seeds.append(plan.seeds[i])
-                    result.subseeds.append(plan.subseeds[i])
-                    result.prompts.append(prompts.prompts[i])
-                    result.negative_prompts.append(prompts.negative_prompts[i])
-                    if request.save_images and ctx.options.samples_save:
-                        folder = ctx.options.output_dir(ctx.outputs_dir, request.mode)
-                        result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
-                                                       fmt=ctx.options.samples_format))
+                _record_batch(request, ctx, model, plan, first, prompts, images, result)
     except JobInterrupted:
         result.interrupted = True
     control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
+
+
+def _record_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, first: int,
+                  prompts: PreparedPrompts, images: list[Image.Image], result: GenerationResult) -> None:
+    """Stages 9 and 10 of a batch: each image's infotext, then (if asked) its file."""
+    for k, image in enumerate(images):
+        i = first + k
+        # 9. infotext
+        params = infotext_params(request, model, prompts.prompts[i], prompts.negative_prompts[i],
+                                 plan.seeds[i], plan.subseeds[i], result.extra_params or {})
+        infotext = build_infotext(prompts.prompts[i], prompts.negative_prompts[i], params)
+        result.images.append(image)
+        result.infotexts.append(infotext)
+        result.seeds.append(plan.seeds[i])
+        result.subseeds.append(plan.subseeds[i])
+        result.prompts.append(prompts.prompts[i])
+        result.negative_prompts.append(prompts.negative_prompts[i])
+        # 10. save
+        if request.save_images and ctx.options.samples_save:
+            folder = ctx.options.output_dir(ctx.outputs_dir, request.mode)
+            result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
+                                           fmt=ctx.options.samples_format))
 
 
 def _real_steps(request: GenerationRequest) -> int:
@@ -352,97 +392,91 @@ def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span
             return _sample_batch(request, ctx, model, plan, span, prompts, conditionings, scripts, held)
 
 
-def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, span: slice,
-                  prompts: PreparedPrompts, conditionings: tuple[Conditioning, Conditioning | None],
-                  scripts: ScriptRun, held: ExitStack) -> list[Image.Image]:
-    conditioning, hr_conditioning = conditionings
-    control, device = ctx.control, ctx.device
-    seeds, subseeds = plan.seeds[span], plan.subseeds[span]
-    generators = generators_for(seeds)
-    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
-    dtype = model.unet.dtype
+@dataclass
+class BatchLatents:
+    """A batch's starting point: latents, the timesteps left to run, and what img2img / inpaint keep."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    steps: int
+    source: object | None = None
+    inpaint: object | None = None
+
+
+def prepare_latents(request: GenerationRequest, ctx: JobContext, model: LoadedModel, scheduler,
+                    seeds: list[int], subseeds: list[int], generators: list[torch.Generator],
+                    span: slice) -> BatchLatents:
+    """Noise (txt2img) or the noised source images (img2img), and the timesteps that the strength leaves."""
+    device = ctx.device
     h, w = model.latent_size(request.width, request.height)
     shape = (model.vae.config.latent_channels, h, w)
-
-    # stage 3: latents (and, for img2img, the timesteps that the strength leaves)
-    source = None
-    inpaint = None
 
     def make_noise() -> torch.Tensor:
         return initial_noise(request, seeds, subseeds, generators, shape, model)
 
+    source = inpaint = None
     if isinstance(request, Img2ImgRequest):
         source = prepare_img2img_source(request, span.start, len(seeds))
         latents, timesteps, steps_run, inpaint = img2img_latents(request, model, source, scheduler, make_noise,
                                                                  generators, device)
     else:
         timesteps = txt2img_timesteps(scheduler, request.steps, device)
-        latents = make_noise().to(device=device, dtype=dtype) * scheduler.init_noise_sigma
+        latents = make_noise().to(device=device, dtype=model.unet.dtype) * scheduler.init_noise_sigma
         steps_run = request.steps
     if model.is_inpainting and inpaint is None:
         inpaint = blank_inpaint_conditioning(model, len(seeds), request.width, request.height, seeds, device)
+    return BatchLatents(latents, timesteps, steps_run, source, inpaint)
 
+
+def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, span: slice,
+                  prompts: PreparedPrompts, conditionings: tuple[Conditioning, Conditioning | None],
+                  scripts: ScriptRun, held: ExitStack) -> list[Image.Image]:
+    conditioning, hr_conditioning = conditionings
+    control = ctx.control
+    seeds, subseeds = plan.seeds[span], plan.subseeds[span]
+    generators = generators_for(seeds)
+    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
+
+    # 5. latents (and, for img2img, the timesteps that the strength leaves)
+    start = prepare_latents(request, ctx, model, scheduler, seeds, subseeds, generators, span)
+    latents = start.latents
     add_time_ids = None
     if model.is_sdxl:
         add_time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
 
-    # stage 4: denoise
-    control.update(steps=max(steps_run, 1))
-
-    # Previews are copied off the GPU without waiting for it and shown once they have arrived.
-    previews = preview_maker(model, ctx.options.show_progress_type)
-
-    def on_step(step: int, current: torch.Tensor) -> None:
-        control.check()
-        scripts.on_step(step, current)
-        if control.wants_preview(step) and step:
-            previews.submit(current)
-        control.update(step=step, preview=previews.poll())
-
-    if len(timesteps):
+    # 6. denoise
+    control.update(steps=max(start.steps, 1))
+    reporter = StepReporter(control, model, ctx.options.show_progress_type, on_step=scripts.on_step)
+    if len(start.timesteps):
         latents = denoise(model.unet, DenoiseInputs(
-            latents=latents, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
-            cfg_scale=request.cfg_scale, generators=generators, steps=steps_run, add_time_ids=add_time_ids,
-            inpaint=inpaint, patches=scripts.patches, size=(request.width, request.height),
-            step_cache_interval=ctx.options.step_cache_interval), on_step)
-    tiles = {"tile": ctx.options.upscaler_tile, "overlap": ctx.options.upscaler_tile_overlap,
-             "should_stop": control.check, "on_progress": lambda done, total: control.update(step=done, steps=total)}
-    if request.enable_hr and upscale_only(request):
-        # Hires with an image upscaler and no redraw: the upscaler's pixels are the result, with no
-        # VAE round trip (the one-click "generate, then upscale to an exact size" path).
-        control.check()
-        control.update(step=0, textinfo="Hires. fix: upscaling")
-        images = [ctx.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True, **tiles)
-                  for image in decode_images(model, latents)]
-        scripts.after_batch(images)
-        return images
+            latents=latents, timesteps=start.timesteps, scheduler=scheduler, conditioning=conditioning,
+            cfg_scale=request.cfg_scale, generators=generators, steps=start.steps, add_time_ids=add_time_ids,
+            inpaint=start.inpaint, patches=scripts.patches, size=(request.width, request.height),
+            step_cache_interval=ctx.options.step_cache_interval), reporter.step)
+
+    # 7. hires pass (on the hires checkpoint, if the request names one)
     if request.enable_hr:
-        control.update(step=0, textinfo="Hires. fix")
-        switch = None
+        load_hires = None
         if _switches_model(request, ctx):
-            def switch() -> LoadedModel:
+            def load_hires() -> LoadedModel:
                 return _pass_model(ctx, ctx.hires_checkpoint.title, request, prompts.tags, held)
-        # From here on only the hires model is used: with a checkpoint cache of 1 the first one is gone.
-        model, init = upscale_first_pass(request, model, latents, generators=generators, upscalers=ctx.upscalers,
-                                         switch_model=switch, **tiles)
-        if hr_conditioning is None:
-            hr_conditioning = _encode_hires(request, model, prompts, ctx.embeddings)
-            previews = preview_maker(model, ctx.options.show_progress_type)
-        control.check()
-        control.update(step=0, steps=max(hires_steps(request)[1], 1))
-        latents = hires_pass(
-            request, model, init, conditioning=hr_conditioning, generators=generators,
-            make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
-                                                              subseed_strength=request.subseed_strength)
-                                                  for g, sub in zip(generators, subseeds)]),
-            on_step=on_step, device=device, patches=scripts.patches,
-            step_cache_interval=ctx.options.step_cache_interval)
+        hires = run_hires_pass(HiresInputs(
+            request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
+            upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
+            encode_prompts=prompts.encode_prompts, encode_negative_prompts=prompts.encode_negative_prompts,
+            embeddings=ctx.embeddings, load_hires_model=load_hires, patches=scripts.patches,
+            step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
+            overlap=ctx.options.upscaler_tile_overlap))
+        if hires.images is not None:  # upscale only: the upscaler's pixels are the result
+            scripts.after_batch(hires.images)
+            return hires.images
+        model, latents = hires.model, hires.latents
     control.check()
 
-    # stage 5: decode
+    # 8. decode
     images = decode_images(model, latents)
-    if source is not None:
-        images = finish_inpaint(images, source)
+    if start.source is not None:
+        images = finish_inpaint(images, start.source)
     scripts.after_batch(images)
     return images
 

@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.plugins.scripts import UnetPatch
+from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
+from pipelines.prompts.parser import extract_extra_networks
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.sampling import latents as latent_ops
 from pipelines.sampling.denoise import DenoiseInputs, denoise, img2img_timesteps
 from pipelines.sampling.img2img import blank_inpaint_conditioning
+from pipelines.sampling.previews import StepReporter
 from pipelines.sampling.samplers import build_scheduler
+from pipelines.sampling.seeds import image_noise
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE
 
 
@@ -144,3 +152,98 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
         cfg_scale=request.cfg_scale, generators=generators, steps=real, add_time_ids=add_time_ids,
         inpaint=inpaint, patches=patches, size=(width, height), pass_index=1,
         step_cache_interval=step_cache_interval), on_step)
+
+
+def switches_model(request: GenerationRequest, first: ModelFile, hires: ModelFile | None) -> bool:
+    """Whether the hires pass redraws on another checkpoint (``hires``) than the first pass's (``first``)."""
+    return request.enable_hr and hires is not None and hires.title != first.title and not upscale_only(request)
+
+
+def encode_hires_prompts(request: GenerationRequest, model: LoadedModel, encode_prompts: list[str],
+                         encode_negative_prompts: list[str], embeddings: object | None) -> Conditioning:
+    """The hires pass's conditioning (hr_prompt / hr_negative_prompt, else the job's prompts as the encoder
+    sees them) by ``model``'s text encoders."""
+    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
+    hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in encode_prompts]
+    hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n for n in encode_negative_prompts]
+    with torch.inference_mode():
+        return build_conditioning(encoder, hr_prompts[: request.batch_size], hr_negatives[: request.batch_size],
+                                  max(hires_steps(request)[1], 1), request.clip_skip)
+
+
+@dataclass
+class HiresInputs:
+    """Everything the hires fix of one batch needs (see :func:`run_hires_pass`)."""
+
+    request: GenerationRequest
+    #: The first pass's model and its final latents.
+    model: LoadedModel
+    latents: torch.Tensor
+    generators: list[torch.Generator]
+    subseeds: list[int]
+    upscalers: Any
+    reporter: StepReporter
+    device: torch.device
+    #: The hires prompts encoded by the first pass's model; None: encode them on the hires model.
+    conditioning: Conditioning | None
+    #: The job's prompts as the text encoder sees them (for encoding on the hires checkpoint).
+    encode_prompts: list[str] = field(default_factory=list)
+    encode_negative_prompts: list[str] = field(default_factory=list)
+    embeddings: object | None = None
+    #: Loads the hires checkpoint (with the job's extra networks and tiling); None: the pass runs on ``model``.
+    load_hires_model: Callable[[], LoadedModel] | None = None
+    patches: Sequence[UnetPatch] = ()
+    step_cache_interval: int = 0
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+
+
+@dataclass(frozen=True)
+class HiresOutput:
+    """What the hires fix made: latents for ``model``'s VAE to decode, or (upscale only) the final images."""
+
+    model: LoadedModel
+    latents: torch.Tensor | None = None
+    images: list[Image.Image] | None = None
+
+
+def run_hires_pass(inputs: HiresInputs) -> HiresOutput:
+    """The hires fix of one batch, in one place: upscale the first pass (switching to the hires checkpoint
+    when there is one), encode the hires prompts on that checkpoint if needed, and redraw.
+
+    An image upscaler at denoising strength 0 only upscales: the upscaler's pixels are the result, with no
+    VAE round trip (the one-click "generate, then upscale to an exact size" path).
+    """
+    request, reporter = inputs.request, inputs.reporter
+    control = reporter.control
+    tiles = {"tile": inputs.tile, "overlap": inputs.overlap, "should_stop": reporter.check,
+             "on_progress": reporter.tile_progress}
+    if upscale_only(request):
+        reporter.check()
+        control.update(step=0, textinfo="Hires. fix: upscaling")
+        decoded, upcast = latent_ops.decode(inputs.model.vae, inputs.latents, allow_upcast=not inputs.model.vae_upcast)
+        if upcast:
+            inputs.model.vae_upcast = True
+        images = [inputs.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True, **tiles)
+                  for image in latent_ops.tensor_to_pil(decoded)]
+        return HiresOutput(model=inputs.model, images=images)
+    control.update(step=0, textinfo="Hires. fix")
+    # From here on only the hires model is used: with a checkpoint cache of 1 the first one is gone.
+    model, init = upscale_first_pass(request, inputs.model, inputs.latents, generators=inputs.generators,
+                                     upscalers=inputs.upscalers, switch_model=inputs.load_hires_model, **tiles)
+    conditioning = inputs.conditioning
+    if conditioning is None:
+        conditioning = encode_hires_prompts(request, model, inputs.encode_prompts, inputs.encode_negative_prompts,
+                                            inputs.embeddings)
+        reporter.use_model(model)
+    reporter.check()
+    control.update(step=0, steps=max(hires_steps(request)[1], 1))
+    generators, subseeds = inputs.generators, inputs.subseeds
+    latents = hires_pass(
+        request, model, init, conditioning=conditioning, generators=generators,
+        make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
+                                                          subseed_strength=request.subseed_strength)
+                                              for g, sub in zip(generators, subseeds)]),
+        on_step=reporter.step, device=inputs.device, patches=inputs.patches,
+        step_cache_interval=inputs.step_cache_interval)
+    return HiresOutput(model=model, latents=latents)

@@ -90,3 +90,38 @@ def preview_maker(model, method: str = "Approx cheap") -> PreviewMaker:
     if method == "TAESD":
         decoder = taesd_decoder(model)
     return PreviewMaker(model.family.name, decoder)
+
+
+class StepReporter:
+    """What happens at every denoising step of a job: the interrupt/skip check, the always-on scripts'
+    step hook, a live preview every so often, and the progress update. :meth:`step` is the denoise loop's
+    ``on_step``; :meth:`check` and :meth:`tile_progress` serve an image upscaler's tiles.
+    """
+
+    def __init__(self, control, model, preview_type: str = "Approx cheap",
+                 on_step: Callable[[int, torch.Tensor], None] | None = None):
+        self.control = control
+        self.preview_type = preview_type
+        self._on_step = on_step
+        self.previews = preview_maker(model, preview_type)
+
+    def use_model(self, model) -> None:
+        """Previews from now on are of ``model``'s latents (the hires pass's checkpoint)."""
+        self.previews = preview_maker(model, self.preview_type)
+
+    def step(self, step: int, latents: torch.Tensor) -> None:
+        """Called before every UNet call; raises JobInterrupted / BatchSkipped when asked to stop."""
+        self.control.check()
+        if self._on_step is not None:
+            self._on_step(step, latents)
+        if self.control.wants_preview(step) and step:
+            self.previews.submit(latents)
+        self.control.update(step=step, preview=self.previews.poll())
+
+    def check(self) -> None:
+        """Raise if the job was interrupted or its batch skipped (between an upscaler's tiles, ...)."""
+        self.control.check()
+
+    def tile_progress(self, done: int, total: int) -> None:
+        """Progress of an image upscaler: ``done`` of ``total`` tiles."""
+        self.control.update(step=done, steps=total)

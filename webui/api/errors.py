@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.plan import RequestError
 from pipelines.plugins.scripts import ScriptError
 from webui.job_queue import JobCancelled
 
@@ -144,6 +145,8 @@ class ApiRoute(APIRoute):
                 return unprocessable(validation_errors(error.errors(include_url=False), body_model, ("body",)))
             except ApiError as error:
                 return unprocessable(error.errors)
+            except RequestError as error:  # a name the request holds matched nothing when the job was planned
+                return unprocessable([{"loc": ["body", error.field], "msg": str(error), "type": "value_error"}])
             except ScriptError as error:  # a script refused its arguments once it saw the whole request
                 return unprocessable([{"loc": ["body", "script_args"], "msg": str(error), "type": "value_error"}])
             except LookupError as error:  # a model that was there when the job was queued is gone

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 import pipelines
@@ -21,9 +20,9 @@ from pipelines.images.infotext import parse_infotext, request_fields_from_infote
 from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pipelines.models.manager import LoadedModel
 from pipelines.options import Options
-from pipelines.plugins.scripts import ScriptError
+from pipelines.plan import RequestError
 from pipelines.processing import GenerationResult
-from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest, Img2ImgRequest
+from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, SCHEDULE_TYPES
 from webui.api.errors import ApiError, validation_errors
 from webui.api.models import NOT_IN_BODY
@@ -101,9 +100,10 @@ def resolve_vae(engine: Engine, query: Any, loc: tuple[str, ...]) -> str:
         raise ApiError(loc, str(error)) from None
 
 
-def split_overrides(overrides: dict[str, Any] | None, engine: Engine, current: Options
+def split_overrides(overrides: dict[str, Any] | None, current: Options
                     ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """``override_settings`` -> (request field values, Options changes, warnings), every value checked.
+    """``override_settings`` -> (request field values, Options changes, warnings), every option value checked
+    (the checkpoint and VAE names are checked with the whole request, by :meth:`Engine.plan`).
 
     Scripts written for A1111 often override settings we do not have (``eta_noise_seed_delta``, ...):
     those are ignored and named in the answer's warnings rather than failing the whole request.
@@ -115,11 +115,11 @@ def split_overrides(overrides: dict[str, Any] | None, engine: Engine, current: O
     for key, value in (overrides or {}).items():
         if key in unknown:
             continue
-        loc = ("override_settings", key)
+        # The checkpoint and VAE are resolved with the rest of the request (Engine.plan, in prepare).
         if key == "sd_model_checkpoint":
-            fields["checkpoint"] = resolve_checkpoint(engine, value, loc)
+            fields["checkpoint"] = str(value)
         elif key == "sd_vae":
-            fields["vae"] = resolve_vae(engine, value, loc)
+            fields["vae"] = "Automatic" if value is None or str(value) in _AUTOMATIC_VAES else str(value)
         elif key == "CLIP_stop_at_last_layers":
             fields["clip_skip"] = value
         elif key not in READ_ONLY_OPTIONS:
@@ -213,39 +213,30 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     """Check an API body and build the engine request; raises :class:`ApiError` (422) for bad input."""
     _refuse_unavailable(body)
     engine_model = Img2ImgRequest if hasattr(body, "init_images") else GenerationRequest
-    overridden, changes, warnings = split_overrides(body.override_settings, engine, current)
+    overridden, changes, warnings = split_overrides(body.override_settings, current)
     if body.do_not_save_grid:
         changes["grid_save"] = False
     fields = _engine_fields(body, engine_model)
-    unknown = [name for name in fields["styles"] if engine.styles.get(name) is None]
-    if unknown:
-        raise ApiError(("styles",), f"styles: unknown style(s) {', '.join(unknown)}; available: "
-                                    f"{', '.join(engine.styles.names()) or 'none'}")
     fields.update({"vae": selection.vae, "clip_skip": selection.clip_skip, "checkpoint": None})
     fields.update(overridden)
     if engine_model is Img2ImgRequest:
         fields.update(_decode_images(body))
     request = _build_request(engine_model, fields, overridden)
     try:
-        engine.scripts.parse(request.alwayson_scripts)
-    except ScriptError as error:
-        raise ApiError(("alwayson_scripts",), str(error)) from None
-    if request.script_name:
-        try:
-            engine.selectable_scripts.parse(request.script_name, request.script_args)
-        except ScriptError as error:
-            raise ApiError(("script_name",), str(error)) from None
-    if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
-        try:
-            engine.upscalers.find(request.hr_upscaler)
-        except LookupError as error:
-            raise ApiError(("hr_upscaler",), str(error)) from None
-    if request.enable_hr and request.hr_checkpoint_name:
-        try:
-            request.hr_checkpoint_name = engine.registry.find_checkpoint(request.hr_checkpoint_name).title
-        except LookupError as error:
-            message = str(error).replace("checkpoint:", "hr_checkpoint_name:", 1)
-            raise ApiError(("hr_checkpoint_name",), message) from None
+        # Every name the request holds, resolved as the engine will when the job runs (it plans again then:
+        # a request without a checkpoint override runs on the checkpoint selected at that time).
+        plan = engine.plan(request)
+    except RequestError as error:
+        option = next((key for key, name in REQUEST_OPTIONS.items() if name == error.field), None)
+        loc = ("override_settings", option) if error.field in overridden else (error.field,)
+        raise ApiError(loc, str(error)) from None
+    # Names as the engine resolved them (a hash or file name becomes the title).
+    if "checkpoint" in overridden:
+        request.checkpoint = plan.checkpoint.title
+    if "vae" in overridden:
+        request.vae = plan.vae_name
+    if plan.hires_checkpoint is not None:
+        request.hr_checkpoint_name = plan.hires_checkpoint.title
 
     parameters = body.model_dump()
     parameters.update(sampler_name=request.sampler_name, scheduler=request.scheduler)
@@ -259,8 +250,14 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
 # --- the answer ----------------------------------------------------------------------------------
 
 
-def _extra_generation_params(infotext: str) -> dict[str, Any]:
-    extra = request_fields_from_infotext(parse_infotext(infotext)).get("extra", {})
+def _extra_generation_params(result: GenerationResult) -> dict[str, Any]:
+    """The job's own infotext parameters (A1111's ``extra_generation_params``), as the engine recorded them.
+    A result a selectable script assembled carries none: its first infotext is read instead."""
+    if result.extra_params is not None:  # None values are not written to the infotext, nor listed here
+        return {key: value for key, value in result.extra_params.items() if value is not None}
+    if not result.infotexts:
+        return {}
+    extra = request_fields_from_infotext(parse_infotext(result.infotexts[0])).get("extra", {})
     return {key: value for key, value in extra.items() if key != "Version"}
 
 
@@ -296,7 +293,7 @@ def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | N
         "seed_resize_from_w": request.seed_resize_from_w,
         "seed_resize_from_h": request.seed_resize_from_h,
         "denoising_strength": getattr(request, "denoising_strength", job.parameters.get("denoising_strength")),
-        "extra_generation_params": _extra_generation_params(result.infotexts[0]) if result.infotexts else {},
+        "extra_generation_params": _extra_generation_params(result),
         "index_of_first_image": index_of_first_image,
         "infotexts": infotexts,
         "styles": request.styles,
@@ -313,11 +310,10 @@ def build_response(job: PreparedJob, result: GenerationResult, model: LoadedMode
     """images (raw base64 PNG with the infotext embedded), parameters and info, as A1111 answers."""
     images = list(zip(result.images, result.infotexts))
     index_of_first_image = 0
-    if job.return_grid and result.grid_path is not None and result.infotexts:
+    grid = result.grid  # the engine's image: nothing is read back from disk
+    if job.return_grid and grid is not None and result.infotexts:
         # A1111 puts the grid first when it saved one; the grid carries the first image's infotext.
-        with Image.open(result.grid_path) as grid:
-            grid.load()
-            images.insert(0, (grid, result.infotexts[0]))
+        images.insert(0, (grid, result.infotexts[0]))
         index_of_first_image = 1
     info = info_dict(job, result, model, index_of_first_image, [text for _, text in images])
     # Like A1111, the always-on scripts' extra images (ControlNet's detected maps) follow the generated ones.
