@@ -247,7 +247,7 @@ def test_example_argument_reaches_the_job(client):
 def test_bad_example_argument_is_422_naming_it(client):
     response = client.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"example": {"args": [True, 2]}}})
     assert response.status_code == 422
-    assert "alwayson_scripts.example: strength must be between 0 and 1, got 2.0" in response.text
+    assert "alwayson_scripts.example: strength: must be between 0 and 1, got 2.0" in response.text
 
 
 # --- one-job model changes ---------------------------------------------------------------------------
