@@ -88,7 +88,7 @@ class ScriptControls:
 
     inputs: list[Any]
     to_args: Callable[[list[Any]], list[Any]] | None = None
-    paste: list[tuple[Any, str | Callable[[dict[str, str]], Any]]] = field(default_factory=list)
+    paste: Sequence[tuple[Any, str | Callable[[dict[str, str]], Any]]] = field(default_factory=list)
 
 
 #: Builds an always-on script's controls inside the accordion we open for it.
