@@ -247,7 +247,7 @@ def test_example_argument_reaches_the_job(client):
 def test_bad_example_argument_is_422_naming_it(client):
     response = client.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"example": {"args": [True, 2]}}})
     assert response.status_code == 422
-    assert "alwayson_scripts.example: strength must be between 0 and 1, got 2.0" in response.text
+    assert "alwayson_scripts.example: strength: must be between 0 and 1, got 2.0" in response.text
 
 
 # --- one-job model changes ---------------------------------------------------------------------------
@@ -305,3 +305,71 @@ def test_ui_values_become_request_fields_and_infotext_fills_controls():
     # Paste hooks run in order; a failing one is skipped.
     hooks = LoadedExtensions(paste_hooks=[broken, lambda params: {**params, "Example strength": 1}])
     assert hooks.apply_paste_hooks({"Prompt": "a"}) == {"Prompt": "a", "Example strength": 1}
+
+
+# --- extensions from plain Python (the README's "Use the engine from Python") ---------------------------
+
+PLAIN_PYTHON_FLOW = """
+import json, sys
+from PIL import Image, ImageDraw
+
+from pipelines.engine import Engine
+from pipelines.request import GenerationRequest
+from pipelines.settings import EngineSettings, Paths
+from webui.extensions import load_extensions
+
+engine = Engine(EngineSettings(paths=Paths.under(sys.argv[1], models_dir=sys.argv[2]), device="cpu"))
+load_extensions(engine, names=["lora", "controlnet"])
+edges = Image.new("RGB", (64, 64))
+ImageDraw.Draw(edges).rectangle((16, 16, 47, 47), outline=(255, 255, 255), width=3)
+common = dict(seed=1, steps=3, width=64, height=64, sampler_name="Euler", save_images=False)
+unit = {"module": "none", "model": "tiny-controlnet-sd15", "image": edges}
+runs = {
+    "plain": GenerationRequest(prompt="a photo of a cat", **common),
+    "lora": GenerationRequest(prompt="a photo of a cat <lora:tiny-sd15-lora-kohya:0.8>", **common),
+    "both": GenerationRequest(prompt="a photo of a cat <lora:tiny-sd15-lora-kohya:0.8>",
+                              alwayson_scripts={"controlnet": [unit]}, **common),
+}
+out = {}
+for key, request in runs.items():
+    result = engine.generate(request)
+    out[key] = {"pixels": list(result.images[0].convert("RGB").tobytes()), "infotext": result.infotexts[0],
+                "warnings": result.warnings}
+out["gradio_imported"] = "gradio" in sys.modules
+json.dump(out, sys.stdout)
+"""
+
+
+def test_lora_and_controlnet_from_plain_python(tiny_models, tmp_path):
+    """``load_extensions(engine, names=[...])`` in a plain Python process (no server, no Gradio) turns on
+    LoRA tags and ControlNet units, as the README shows."""
+    import subprocess
+    import sys
+
+    from tests.tiny_controlnets import write_tiny_controlnets
+    from tests.tiny_loras import write_tiny_loras
+
+    write_tiny_loras(tiny_models / "Lora", "sd1")
+    write_tiny_controlnets(tiny_models / "ControlNet")
+    done = subprocess.run([sys.executable, "-c", PLAIN_PYTHON_FLOW, str(tmp_path), str(tiny_models)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout)
+    assert out["gradio_imported"] is False
+    plain, lora, both = (np.array(out[key]["pixels"], dtype=np.int16) for key in ("plain", "lora", "both"))
+    assert np.abs(lora - plain).mean() > 0.5, "the LoRA changed the image"
+    assert np.abs(both - lora).mean() > 0.5, "the ControlNet unit changed the image"
+    lora_params, both_params = parse_infotext(out["lora"]["infotext"]), parse_infotext(out["both"]["infotext"])
+    assert "tiny-sd15-lora-kohya" in lora_params["Lora hashes"] and "ControlNet 0" not in lora_params
+    assert both_params["ControlNet 0"].startswith("Module: none, Model: tiny-controlnet-sd15 [")
+    assert "Lora hashes" in both_params
+    assert not out["both"]["warnings"], out["both"]["warnings"]
+
+
+def test_load_extensions_names_filter(engine_factory, tmp_path):
+    engine = engine_factory()
+    loaded = load_extensions(engine, tmp_path, names=["lora"])
+    assert [r.name for r in loaded.records if r.loaded] == ["lora"]
+    assert engine.extra_networks.is_builtin("lora") and engine.scripts.get("controlnet") is None
+    with pytest.raises(LookupError, match="no extension called nope; found: lora, controlnet"):
+        load_extensions(engine_factory(), tmp_path, names=["nope"])

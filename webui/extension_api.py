@@ -34,6 +34,8 @@ from fastapi import APIRouter
 from pipelines.images.grids import GridLabel, annotated_grid, combine_grids, infotext_with_params, labels, save_grid
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
+from pipelines.job_control import JobControl
+from pipelines.models.manager import LoadedModel
 from pipelines.models.weights import UnsafeCheckpointError, read_safetensors_header, read_weights
 from pipelines.plugins.extra_networks import ExtraNetworkHandler
 from pipelines.plugins.scripts import (
@@ -45,20 +47,22 @@ from pipelines.plugins.scripts import (
     UnetCall,
     UnetPatch,
     UnetResiduals,
+    validate_args,
 )
 from pipelines.processing import GenerationResult
 from pipelines.prompts.parser import ExtraNetworkTag
+from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from webui.api.errors import ApiRoute
 
-if TYPE_CHECKING:  # the engine types an extension sees, without importing the engine at run time
+if TYPE_CHECKING:  # the engine itself is only handed in, never imported here at run time
     from pipelines.engine import Engine
-    from pipelines.models.manager import LoadedModel
 
 __all__ = [
     "AlwaysOnScript", "ExtensionAPI", "ExtraNetworkHandler", "ExtraNetworkTag", "Job", "JobRunner", "PasteHook",
     "PromptPanel", "ScriptControls", "SelectableScript", "TabUi", "UnetCall", "UnetPatch", "UnetResiduals",
-    "parse_infotext", "read_infotext", "ScriptError",
+    "parse_infotext", "read_infotext", "ScriptError", "validate_args",
+    "GenerationRequest", "Img2ImgRequest", "LoadedModel", "JobControl",
     "GenerationResult", "GridLabel", "annotated_grid", "combine_grids", "infotext_with_params", "labels", "save_grid",
     "UnsafeCheckpointError", "read_safetensors_header", "read_weights",
 ]
@@ -87,7 +91,7 @@ class ScriptControls:
 
     inputs: list[Any]
     to_args: Callable[[list[Any]], list[Any]] | None = None
-    paste: list[tuple[Any, str | Callable[[dict[str, str]], Any]]] = field(default_factory=list)
+    paste: Sequence[tuple[Any, str | Callable[[dict[str, str]], Any]]] = field(default_factory=list)
 
 
 #: Builds an always-on script's controls inside the accordion we open for it.

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import traceback
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,17 +101,28 @@ def discover(plugin_dir: Path | None) -> list[ExtensionRecord]:
     return records
 
 
-def load_extensions(engine: Engine, plugin_dir: Path | None = None, *, disable_all: bool = False,
-                    disable_extra: bool = False) -> LoadedExtensions:
+def load_extensions(engine: Engine, plugin_dir: Path | None = None, *, names: Iterable[str] | None = None,
+                    disable_all: bool = False, disable_extra: bool = False) -> LoadedExtensions:
     """Load every enabled extension into ``engine`` and return what the UI and API need.
 
+    This is also the one call that turns extensions on for an engine used from plain Python (no server, no
+    Gradio): ``load_extensions(engine)`` gives it LoRA tags, ControlNet units in ``alwayson_scripts`` and the
+    Script dropdown's scripts; ``names=["lora", "controlnet"]`` loads only those (the others are listed as
+    disabled; a name that is not found raises LookupError listing the ones that are).
     ``disable_all`` skips every extension (built-ins too), ``disable_extra`` only the plug-ins (A1111's
     ``--disable-all-extensions`` / ``--disable-extra-extensions``).
     """
     loaded = LoadedExtensions()
-    for record in discover(plugin_dir):
+    records = discover(plugin_dir)
+    wanted = None if names is None else set(names)
+    if wanted is not None:
+        missing = wanted - {record.name for record in records}
+        if missing:
+            raise LookupError(f"no extension called {', '.join(sorted(missing))}; found: "
+                              f"{', '.join(record.name for record in records) or 'none'}")
+    for record in records:
         loaded.records.append(record)
-        if disable_all or (disable_extra and not record.builtin):
+        if disable_all or (disable_extra and not record.builtin) or (wanted is not None and record.name not in wanted):
             record.enabled = False
         if not record.enabled:
             log.info("extension %s is disabled", record.name)

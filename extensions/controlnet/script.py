@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from webui.extension_api import AlwaysOnScript, Job, UnetCall, UnetResiduals
+from webui.extension_api import (
+    AlwaysOnScript,
+    GenerationRequest,
+    Job,
+    LoadedModel,
+    UnetCall,
+    UnetResiduals,
+    validate_args,
+)
 
 from .models import ControlNetEntry, ControlNetLibrary
 from .preprocessors import (
@@ -28,7 +36,7 @@ from .preprocessors import (
     resolve_thresholds,
     unavailable_reason,
 )
-from .units import ControlNetUnit, parse_unit
+from .units import ControlNetArgs, ControlNetUnit
 
 #: "My prompt is more important": each deeper residual keeps this fraction of the next one's strength.
 SOFT_INJECTION_BASE = 0.825
@@ -129,11 +137,15 @@ def unit_infotext(parsed: ParsedUnit, resolution: int) -> str:
             f"Threshold B: {b:g}")
 
 
-class ControlNetScript(AlwaysOnScript):
-    """ControlNet units as an always-on script (``alwayson_scripts["controlnet"]["args"] = [unit, ...]``)."""
+class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
+    """ControlNet units as an always-on script (``alwayson_scripts["controlnet"]["args"] = [unit, ...]``).
+
+    The arguments are :class:`ControlNetArgs`; ``job.args`` holds the enabled units with their preprocessor and
+    model resolved."""
 
     name = "controlnet"
     title = "ControlNet"
+    Args = ControlNetArgs
 
     def __init__(self, library: ControlNetLibrary):
         self.library = library
@@ -141,11 +153,8 @@ class ControlNetScript(AlwaysOnScript):
     def parse_args(self, args: Sequence[Any]) -> list[ParsedUnit] | None:
         """The enabled units, with preprocessor and model resolved; None when no unit is enabled."""
         parsed = []
-        for index, raw in enumerate(args):
-            if raw is None:
-                continue
-            unit = parse_unit(index, raw)
-            if not unit.enabled:
+        for index, unit in enumerate(validate_args(ControlNetArgs, args).root):
+            if unit is None or not unit.enabled:
                 continue
             preprocessor = lookup(unit.module)
             if preprocessor is None:
@@ -166,7 +175,7 @@ class ControlNetScript(AlwaysOnScript):
             return f"{module!r} is unavailable: {reason}"
         return f"unknown preprocessor {module!r}; choose from {', '.join(module_names())}"
 
-    def before_job(self, job: Job) -> None:
+    def before_job(self, job: Job[list[ParsedUnit]]) -> None:
         """Load each unit's model, detect its map, and add its UNet patch and infotext."""
         for parsed in job.args:
             unit = parsed.unit
@@ -190,12 +199,12 @@ class ControlNetScript(AlwaysOnScript):
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
 
 
-def _init_image(request: Any) -> Image.Image | None:
+def _init_image(request: GenerationRequest) -> Image.Image | None:
     images = getattr(request, "init_images", None)
     return images[0] if images else None
 
 
-def _check_family(controlnet: Any, loaded: Any, parsed: ParsedUnit) -> None:
+def _check_family(controlnet: Any, loaded: LoadedModel, parsed: ParsedUnit) -> None:
     """A ControlNet works only with the UNet family it was trained for; say so instead of a shape error."""
     kind = _family_mismatch(controlnet, loaded.unet.config.cross_attention_dim, bool(loaded.is_sdxl))
     if kind:

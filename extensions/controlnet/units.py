@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -141,3 +141,15 @@ def parse_unit(index: int, value: Any) -> ControlNetUnit:
             message = item["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}")
         raise ValueError(f"unit {index}: " + "; ".join(problems)) from None
+
+
+class ControlNetArgs(RootModel[list[ControlNetUnit | None]]):
+    """The script's arguments (``alwayson_scripts["controlnet"]["args"]``): one unit per slot, None for an
+    empty one; each unit is a dict of :class:`ControlNetUnit` fields (or a unit)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _units(cls, data: Any) -> Any:
+        if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Sequence):
+            raise ValueError(f"expected a list of units, got {type(data).__name__}")
+        return [None if raw is None else parse_unit(index, raw) for index, raw in enumerate(data)]

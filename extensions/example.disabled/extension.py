@@ -8,11 +8,9 @@ an ``after_batch`` hook that changes the images. Rename the folder to ``example`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import gradio as gr
 from PIL import Image
+from pydantic import BaseModel, field_validator
 
 from webui.extension_api import AlwaysOnScript, ExtensionAPI, Job, ScriptControls, TabUi
 
@@ -21,29 +19,33 @@ KEY = "Example strength"
 GREY = (128, 128, 128)
 
 
-class FadeToGrey(AlwaysOnScript):
-    """args: [enabled: bool, strength: float in 0..1]; strength 1 gives a flat grey image."""
+class FadeArgs(BaseModel):
+    """The script's arguments, in the order of the list the UI and the API send: ``[enabled, strength]``."""
+
+    enabled: bool = False  # off unless ticked: the UI always sends the args
+    strength: float = 0.5  # 1 gives a flat grey image
+
+    @field_validator("strength")
+    @classmethod
+    def _in_range(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"must be between 0 and 1, got {value}")
+        return value
+
+
+class FadeToGrey(AlwaysOnScript[FadeArgs]):
+    """Fades every image towards grey by ``strength``; ``job.args`` is a validated :class:`FadeArgs`."""
 
     name = "example"
     title = "Example: fade to grey"
 
-    def parse_args(self, args: Sequence[Any]) -> float | None:
-        if not args or not args[0]:
-            return None  # off: the UI always sends the args, with enabled False unless ticked
-        if len(args) != 2:
-            raise ValueError(f"expected [enabled, strength], got {len(args)} values")
-        strength = float(args[1])
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be between 0 and 1, got {strength}")
-        return strength
+    def before_job(self, job: Job[FadeArgs]) -> None:
+        job.infotext[KEY] = job.args.strength
 
-    def before_job(self, job: Job) -> None:
-        job.infotext[KEY] = job.args
-
-    def after_batch(self, job: Job, images: list[Image.Image]) -> None:
+    def after_batch(self, job: Job[FadeArgs], images: list[Image.Image]) -> None:
         for i, image in enumerate(images):
             grey = Image.new(image.mode, image.size, GREY[:len(image.getbands())])
-            images[i] = Image.blend(image, grey, job.args)
+            images[i] = Image.blend(image, grey, job.args.strength)
 
 
 def build_ui(tab: TabUi) -> ScriptControls:

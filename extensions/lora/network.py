@@ -14,8 +14,9 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from webui.extension_api import ExtraNetworkTag
+from webui.extension_api import ExtraNetworkTag, LoadedModel
 
 from .library import LoraFile, LoraLibrary, LoraTagError
 
@@ -115,7 +116,7 @@ class LoraNetwork:
         #: Adapter names we loaded, by the id of the pipeline they live in.
         self._loaded: dict[int, list[str]] = {}
 
-    def activate(self, model: object, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
+    def activate(self, model: LoadedModel, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
         """Load the tags' LoRAs into ``model.pipe`` with their weights; returns ``{"Lora hashes": ...}``."""
         uses = resolve(self.library, tags)
         if not uses:
@@ -125,7 +126,7 @@ class LoraNetwork:
         active = sorted((use for use in uses if not use.off), key=lambda use: str(use.file.path))
         if not active:
             return params
-        pipe = model.pipe
+        pipe: Any = model.pipe  # a diffusers pipeline with the LoRA loader mix-in
         names: list[str] = []
         self._loaded[id(pipe)] = names
         try:
@@ -140,7 +141,7 @@ class LoraNetwork:
             raise
         return params
 
-    def _load(self, pipe, use: LoraUse, adapter: str, model: object) -> None:
+    def _load(self, pipe, use: LoraUse, adapter: str, model: LoadedModel) -> None:
         weights = self.library.weights(use.file)
         family = getattr(getattr(model, "family", None), "name", "this")
         try:
@@ -153,9 +154,9 @@ class LoraNetwork:
             raise LoraTagError(f"<lora:{use.mentioned}>: none of the weights in {use.file.path.name} fit the {family} "
                                "model (a LoRA for another base model?)")
 
-    def deactivate(self, model: object) -> None:
+    def deactivate(self, model: LoadedModel) -> None:
         """Delete the adapters this handler loaded; with none left, restore the plain modules."""
-        pipe = model.pipe
+        pipe: Any = model.pipe  # a diffusers pipeline with the LoRA loader mix-in
         names = self._loaded.pop(id(pipe), [])
         if not names:
             return

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from webui.extension_api import (
     ExtensionAPI,
+    GenerationRequest,
     GenerationResult,
     GridLabel,
+    JobControl,
+    JobRunner,
     SelectableScript,
     annotated_grid,
     infotext_with_params,
@@ -28,40 +31,38 @@ TITLE = "Prompt matrix"
 MAX_SEED = 4294967294
 #: 2^MAX_PARTS images at most: a stray "|" in a long prompt should not start thousands of jobs.
 MAX_PARTS = 8
-_DEFAULTS = [False, False, "positive", "comma", 0]
 
 
-@dataclass(frozen=True)
-class MatrixArgs:
-    """Parsed ``script_args`` of a prompt matrix."""
+class MatrixArgs(BaseModel):
+    """``script_args`` of a prompt matrix, in A1111's order; trailing ones may be left out."""
+
+    model_config = ConfigDict(frozen=True)
 
     put_at_start: bool = False
     different_seeds: bool = False
-    negative: bool = False
-    joiner: str = ", "
-    margin: int = 0
+    prompt_type: Literal["positive", "negative"] = "positive"
+    variations_delimiter: Literal["comma", "space"] = "comma"
+    margin_size: float = Field(0, ge=0, le=500)
 
+    @field_validator("prompt_type", "variations_delimiter", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    @property
+    def negative(self) -> bool:
+        """Whether the negative prompt holds the ``|``."""
+        return self.prompt_type == "negative"
 
+    @property
+    def joiner(self) -> str:
+        """What joins the parts."""
+        return {"comma": ", ", "space": " "}[self.variations_delimiter]
 
-def parse_matrix_args(args: Sequence[Any]) -> MatrixArgs:
-    """Check the arguments; ValueError names the bad one and its allowed values."""
-    if len(args) > len(_DEFAULTS):
-        raise ValueError(f"expected at most {len(_DEFAULTS)} arguments, got {len(args)}")
-    put_at_start, different_seeds, prompt_type, delimiter, margin = list(args) + _DEFAULTS[len(args):]
-    if str(prompt_type).lower() not in ("positive", "negative"):
-        raise ValueError(f"prompt_type must be 'positive' or 'negative', got {prompt_type!r}")
-    joiners = {"comma": ", ", "space": " "}
-    if str(delimiter).lower() not in joiners:
-        raise ValueError(f"variations_delimiter must be 'comma' or 'space', got {delimiter!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 500:
-        raise ValueError(f"margin_size must be a number of pixels from 0 to 500, got {margin!r}")
-    return MatrixArgs(_flag(put_at_start, "put_at_start"), _flag(different_seeds, "different_seeds"),
-                      str(prompt_type).lower() == "negative", joiners[str(delimiter).lower()], int(margin))
+    @property
+    def margin(self) -> int:
+        """Grid margin in pixels."""
+        return int(self.margin_size)
 
 
 def combinations(prompt: str, args: MatrixArgs) -> tuple[list[str], list[str]]:
@@ -79,7 +80,7 @@ def combinations(prompt: str, args: MatrixArgs) -> tuple[list[str], list[str]]:
     return parts, prompts
 
 
-class PromptMatrix(SelectableScript):
+class PromptMatrix(SelectableScript[MatrixArgs]):
     """The prompt matrix script (see the module docstring for its arguments)."""
 
     title = TITLE
@@ -87,11 +88,8 @@ class PromptMatrix(SelectableScript):
     def __init__(self, api: ExtensionAPI):
         self.api = api
 
-    def parse_args(self, args: Sequence[Any]) -> MatrixArgs:
-        """Check the options before anything runs."""
-        return parse_matrix_args(args)
-
-    def run(self, request: Any, args: MatrixArgs, run_job, control) -> Any:
+    def run(self, request: GenerationRequest, args: MatrixArgs, run_job: JobRunner,
+            control: JobControl) -> GenerationResult:
         """One job per combination, then the grid (first) and every image with its own infotext."""
         started = time.perf_counter()
         source = request.negative_prompt if args.negative else request.prompt

@@ -14,11 +14,12 @@ from __future__ import annotations
 import random
 import shlex
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
-from webui.extension_api import GenerationResult, SelectableScript
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
+
+from webui.extension_api import GenerationRequest, GenerationResult, JobControl, JobRunner, SelectableScript
 
 TITLE = "Prompts from file or textbox"
 MAX_SEED = 4294967294
@@ -96,48 +97,45 @@ def parse_line(line: str, number: int) -> dict[str, Any]:
     return fields
 
 
-@dataclass(frozen=True)
-class FileArgs:
-    """Parsed ``script_args``: each line's fields, and the seed options."""
+class FileArgs(BaseModel):
+    """``script_args`` in A1111's order; every line is parsed when they are validated (:attr:`lines`)."""
 
-    lines: list[dict[str, Any]]
-    iterate_seed: bool = False
-    same_random_seed: bool = False
-    at_start: bool = False
+    model_config = ConfigDict(frozen=True)
+
+    iterate_seed: bool
+    same_random_seed: bool
+    prompt_position: Literal["start", "end"]
+    prompt_txt: str
+    _lines: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _parse_lines(self) -> FileArgs:
+        numbered = [(k + 1, line) for k, line in enumerate(self.prompt_txt.splitlines()) if line.strip()]
+        if not numbered:
+            raise ValueError("prompt_txt has no lines: write one prompt (or line of options) per line")
+        if len(numbered) > MAX_LINES:
+            raise ValueError(f"prompt_txt has {len(numbered)} lines; at most {MAX_LINES}")
+        self._lines = [parse_line(line, k) for k, line in numbered]
+        return self
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        """The request fields each non-empty line sets."""
+        return self._lines
+
+    @property
+    def at_start(self) -> bool:
+        """Whether a line's prompt goes before the tab's prompt."""
+        return self.prompt_position == "start"
 
 
-def parse_file_args(args: Sequence[Any]) -> FileArgs:
-    """Check every line before anything runs."""
-    if len(args) != 4:
-        raise ValueError("expected 4 arguments [iterate_seed, same_random_seed, prompt_position, prompt_txt], "
-                         f"got {len(args)}")
-    iterate, same_seed, position, text = args
-    for value, name in ((iterate, "iterate_seed"), (same_seed, "same_random_seed")):
-        if not (isinstance(value, bool) or value in (0, 1)):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-    if position not in ("start", "end"):
-        raise ValueError(f"prompt_position must be 'start' or 'end', got {position!r}")
-    if not isinstance(text, str):
-        raise ValueError(f"prompt_txt must be text, got {type(text).__name__}")
-    numbered = [(k + 1, line) for k, line in enumerate(text.splitlines()) if line.strip()]
-    if not numbered:
-        raise ValueError("prompt_txt has no lines: write one prompt (or line of options) per line")
-    if len(numbered) > MAX_LINES:
-        raise ValueError(f"prompt_txt has {len(numbered)} lines; at most {MAX_LINES}")
-    return FileArgs([parse_line(line, k) for k, line in numbered], bool(iterate), bool(same_seed),
-                    position == "start")
-
-
-class PromptsFromFile(SelectableScript):
+class PromptsFromFile(SelectableScript[FileArgs]):
     """The "Prompts from file or textbox" script (see the module docstring for its arguments)."""
 
     title = TITLE
 
-    def parse_args(self, args: Sequence[Any]) -> FileArgs:
-        """Parse every line; an unknown option fails naming its line."""
-        return parse_file_args(args)
-
-    def run(self, request: Any, args: FileArgs, run_job, control) -> Any:
+    def run(self, request: GenerationRequest, args: FileArgs, run_job: JobRunner,
+            control: JobControl) -> GenerationResult:
         """One job per line, each image with its own infotext; an interrupt keeps the finished lines."""
         started = time.perf_counter()
         base = {name: getattr(request, name) for name in type(request).model_fields}

@@ -19,15 +19,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from webui.extension_api import (
     ExtensionAPI,
+    GenerationRequest,
     GenerationResult,
+    JobControl,
+    JobRunner,
     SelectableScript,
     annotated_grid,
     combine_grids,
     infotext_with_params,
     labels,
     save_grid,
+    validate_args,
 )
 
 from .axes import AxisType, find_axis_type
@@ -36,8 +42,31 @@ TITLE = "X/Y/Z plot"
 #: A plot with more cells than this runs only with ``confirm`` set.
 CONFIRM_ABOVE = 100
 MAX_SEED = 4294967294
-_DEFAULTS = ["Nothing", "", [], "Nothing", "", [], "Nothing", "", [], True, False, False, False, False, False,
-             False, 0, False, False]
+
+
+class XyzArgs(BaseModel):
+    """``script_args`` of a plot, in A1111's order; trailing ones may be left out. A type is an axis label or
+    its index; values are the axis's text; the dropdown values replace the text for axes with choices."""
+
+    x_type: str | int = "Nothing"
+    x_values: str | None = ""
+    x_values_dropdown: list[Any] | None = None
+    y_type: str | int = "Nothing"
+    y_values: str | None = ""
+    y_values_dropdown: list[Any] | None = None
+    z_type: str | int = "Nothing"
+    z_values: str | None = ""
+    z_values_dropdown: list[Any] | None = None
+    draw_legend: bool = True
+    include_lone_images: bool = False
+    include_sub_grids: bool = False
+    no_fixed_seeds: bool = False
+    vary_seeds_x: bool = False
+    vary_seeds_y: bool = False
+    vary_seeds_z: bool = False
+    margin_size: float = Field(0, ge=0, le=500)
+    csv_mode: bool = False
+    confirm: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,49 +112,28 @@ class Throughput:
         return self.seconds / self.images if self.images else None
 
 
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def parse_plot_args(args: Sequence[Any], api: ExtensionAPI) -> PlotArgs:
+def parse_plot_args(args: Sequence[Any] | XyzArgs, api: ExtensionAPI) -> PlotArgs:
     """Check every axis value against the app (checkpoints, samplers, ...) before anything runs."""
-    if len(args) > len(_DEFAULTS):
-        raise ValueError(f"expected at most {len(_DEFAULTS)} arguments, got {len(args)}")
-    values = list(args) + _DEFAULTS[len(args):]
-    csv_mode = _flag(values[17], "csv_mode")
+    raw = validate_args(XyzArgs, args)
     axes = []
-    for letter, (type_name, text, picked) in zip("XYZ", (values[0:3], values[3:6], values[6:9])):
+    for letter, (type_name, text, picked) in zip("XYZ", ((raw.x_type, raw.x_values, raw.x_values_dropdown),
+                                                        (raw.y_type, raw.y_values, raw.y_values_dropdown),
+                                                        (raw.z_type, raw.z_values, raw.z_values_dropdown))):
+        text = text or ""
+        picked = picked or []
         try:
             axis_type = find_axis_type(type_name)
-            text = "" if text is None else text
-            if not isinstance(text, str):
-                raise ValueError(f"values must be text, got {type(text).__name__}")
-            if picked is None:
-                picked = []
-            if not isinstance(picked, list):
-                raise ValueError(f"the dropdown values must be a list, got {type(picked).__name__}")
-            parsed = axis_type.parse(text, [] if csv_mode else picked, api)
+            parsed = axis_type.parse(text, [] if raw.csv_mode else picked, api)
         except (ValueError, LookupError) as error:
             raise ValueError(f"{letter} axis ({type_name}): {error}") from None
-        shown = ", ".join(map(str, picked)) if picked and not csv_mode and axis_type.choices else text
+        shown = ", ".join(map(str, picked)) if picked and not raw.csv_mode and axis_type.choices else text
         axes.append(Axis(axis_type, parsed, shown))
-    margin = values[16]
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 500:
-        raise ValueError(f"margin_size must be a number of pixels from 0 to 500, got {margin!r}")
     parsed_args = PlotArgs(
-        axes=(axes[0], axes[1], axes[2]), draw_legend=_flag(values[9], "draw_legend"),
-        include_images=_flag(values[10], "include_lone_images"),
-        include_subgrids=_flag(values[11], "include_sub_grids"),
-        keep_random_seeds=_flag(values[12], "no_fixed_seeds"),
-        vary_seeds=(_flag(values[13], "vary_seeds_x"), _flag(values[14], "vary_seeds_y"),
-                    _flag(values[15], "vary_seeds_z")),
-        margin=int(margin),
+        axes=(axes[0], axes[1], axes[2]), draw_legend=raw.draw_legend, include_images=raw.include_lone_images,
+        include_subgrids=raw.include_sub_grids, keep_random_seeds=raw.no_fixed_seeds,
+        vary_seeds=(raw.vary_seeds_x, raw.vary_seeds_y, raw.vary_seeds_z), margin=int(raw.margin_size),
     )
-    if parsed_args.cell_count > CONFIRM_ABOVE and not _flag(values[18], "confirm"):
+    if parsed_args.cell_count > CONFIRM_ABOVE and not raw.confirm:
         raise ValueError(f"this plot has {parsed_args.cell_count} cells (more than {CONFIRM_ABOVE}); "
                          "set confirm (the last argument) to run it anyway")
     return parsed_args
@@ -219,10 +227,11 @@ def grid_params(args: PlotArgs) -> dict[str, object]:
     return params
 
 
-class XyzPlot(SelectableScript):
-    """The X/Y/Z plot script (see the module docstring for its arguments)."""
+class XyzPlot(SelectableScript[PlotArgs]):
+    """The X/Y/Z plot script: arguments :class:`XyzArgs`, resolved into :class:`PlotArgs` (checked axes)."""
 
     title = TITLE
+    Args = XyzArgs
 
     def __init__(self, api: ExtensionAPI):
         self.api = api
@@ -232,7 +241,8 @@ class XyzPlot(SelectableScript):
         """Parse and check the axes; ValueError names the axis, the value and the allowed ones."""
         return parse_plot_args(args, self.api)
 
-    def run(self, request: Any, args: PlotArgs, run_job, control) -> Any:
+    def run(self, request: GenerationRequest, args: PlotArgs, run_job: JobRunner,
+            control: JobControl) -> GenerationResult:
         """Run every cell (checkpoint by checkpoint), then draw and save the grids; an interrupt keeps
         the finished cells."""
         started = time.perf_counter()

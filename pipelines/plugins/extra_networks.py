@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
+from pipelines.models.manager import LoadedModel
 from pipelines.plugins.registry import NamedRegistry
 from pipelines.prompts.parser import ExtraNetworkTag
 
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 class ExtraNetworkHandler(Protocol):
     """Handles the prompt tags of one name (``lora``, ...)."""
 
-    def activate(self, model: object, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
+    def activate(self, model: LoadedModel, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
         """Apply the tags to ``model`` (a :class:`~pipelines.models.manager.LoadedModel`) for one job.
 
         Returns infotext params to record (e.g. ``{"Lora hashes": "..."}``). Raise ValueError naming the
         tag for bad arguments; the job then fails before sampling.
         """
 
-    def deactivate(self, model: object) -> None:
+    def deactivate(self, model: LoadedModel) -> None:
         """Undo everything :meth:`activate` did. Called after every job that activated, whatever happened."""
 
 
@@ -51,7 +52,7 @@ class ExtraNetworkRegistry:
         return list(self._handlers.snapshot())
 
     @contextmanager
-    def activated(self, model: object, tags: Sequence[ExtraNetworkTag]) -> Iterator[tuple[dict, list[str]]]:
+    def activated(self, model: LoadedModel, tags: Sequence[ExtraNetworkTag]) -> Iterator[tuple[dict, list[str]]]:
         """Activate the handlers of ``tags`` for one job; yields (infotext params, warnings).
 
         Handlers are deactivated in reverse order on the way out, whether the job finished, failed or was

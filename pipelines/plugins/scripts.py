@@ -14,6 +14,12 @@ list the HTTP API receives in ``alwayson_scripts["controlnet"]["args"]``. For ea
 
 A script never rebinds our functions or a library's; it changes the UNet's inputs through
 :data:`UnetPatch` functions that live for one job.
+
+Typed arguments: a script declares its arguments once, as a pydantic model, by its type parameter
+(``class Sharpen(AlwaysOnScript[SharpenArgs])``) or, when ``parse_args`` turns them into something else (resolved
+models, parsed lines), by the ``Args`` class attribute with the type parameter naming what ``parse_args``
+returns. A1111's positional argument lists are mapped onto the model's fields in declaration order
+(:func:`validate_args`), so ``job.args`` is a typed object an editor completes.
 """
 
 from __future__ import annotations
@@ -21,12 +27,68 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast, get_args
 
 import torch
 from PIL import Image
+from pydantic import BaseModel, RootModel, ValidationError
 
+from pipelines.job_control import JobControl
+from pipelines.models.manager import LoadedModel
+from pipelines.options import Options
 from pipelines.plugins.registry import NamedRegistry
+from pipelines.request import GenerationRequest
+
+if TYPE_CHECKING:  # processing imports this module; diffusers is only needed for the annotation
+    from diffusers import DiffusionPipeline
+
+    from pipelines.processing import GenerationResult
+
+#: What a script's ``parse_args`` returns and its hooks see as ``job.args`` (usually its ``Args`` model).
+ArgsT = TypeVar("ArgsT")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def describe_errors(error: ValidationError) -> str:
+    """A pydantic error as ``field: message`` parts joined by ``;`` (without pydantic's headers and links)."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def validate_args(model: type[ModelT], args: Sequence[Any] | Mapping[str, Any] | ModelT) -> ModelT:
+    """``args`` validated into ``model``: a dict by field name, a positional list (A1111's ``args`` /
+    ``script_args``) onto the fields in declaration order (missing trailing values take their defaults), or a
+    list as a whole for a ``RootModel`` of a list. ValueError names the field and what is wrong with it."""
+    if isinstance(args, model):
+        return args
+    data: Any
+    if isinstance(args, Mapping):
+        data = dict(args)
+    elif issubclass(model, RootModel):
+        data = list(args)
+    else:
+        names = list(model.model_fields)
+        values = list(args)
+        if len(values) > len(names):
+            raise ValueError(f"expected at most {len(names)} values [{', '.join(names)}], got {len(values)}")
+        data = dict(zip(names, values, strict=False))
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(describe_errors(error)) from None
+
+
+def _declared_args(cls: type) -> type[BaseModel] | None:
+    """The pydantic model among the type parameters of ``cls``'s bases (``AlwaysOnScript[SharpenArgs]``)."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        for arg in get_args(base):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
 
 
 @dataclass(frozen=True)
@@ -86,18 +148,18 @@ def combined_residuals(patches: Sequence[UnetPatch], call: UnetCall) -> dict[str
 
 
 @dataclass
-class Job:
+class Job(Generic[ArgsT]):
     """What a script sees of one job, and what it may add to it.
 
     ``model`` is the :class:`~pipelines.models.manager.LoadedModel` the job runs on (``.unet``, ``.vae``, ``.pipe``,
-    ``.family``, ``.is_sdxl``); ``request`` is the validated request; ``args`` is what the script's
-    :meth:`~AlwaysOnScript.parse_args` returned.
+    ``.family``, ``.is_sdxl``); ``request`` is the validated request (an ``Img2ImgRequest`` for img2img);
+    ``args`` is what the script's :meth:`~AlwaysOnScript.parse_args` returned (its ``Args`` model by default).
     """
 
-    request: Any
-    model: Any
+    request: GenerationRequest
+    model: LoadedModel
     device: torch.device
-    args: Any = None
+    args: ArgsT
     #: Infotext keys recorded on every image of the job.
     infotext: dict[str, object] = field(default_factory=dict)
     #: Images returned after the generated ones (e.g. ControlNet's detected maps); not saved to disk.
@@ -105,6 +167,11 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     patches: list[UnetPatch] = field(default_factory=list)
     _undo: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    @property
+    def pipe(self) -> DiffusionPipeline:
+        """The checkpoint's diffusers pipeline (``.unet``, ``.vae``, ``.text_encoder``, ``.load_lora_weights``...)."""
+        return cast("DiffusionPipeline", self.model.pipe)
 
     def add_unet_patch(self, patch: UnetPatch) -> None:
         """Apply ``patch`` to every UNet call of this job (first pass and hires pass)."""
@@ -115,28 +182,53 @@ class Job:
         self._undo.callback(undo)
 
 
-class AlwaysOnScript:
+class AlwaysOnScript(Generic[ArgsT]):
     """Base class of an always-on script; override what you need.
 
     ``name`` is the key in ``alwayson_scripts`` (lowercase); ``title`` is shown in the UI and in
-    ``/sdapi/v1/scripts``.
+    ``/sdapi/v1/scripts``. The arguments are declared once as a pydantic model: the type parameter
+    (``class Sharpen(AlwaysOnScript[SharpenArgs])``) or ``Args``; ``job.args`` is then a ``SharpenArgs``.
     """
 
     name: str = ""
     title: str = ""
+    #: The pydantic model of the arguments (A1111's positional list maps onto its fields in order). Taken from
+    #: the type parameter when that is a pydantic model; set it when ``parse_args`` returns something else.
+    Args: ClassVar[type[BaseModel] | None] = None
 
-    def parse_args(self, args: Sequence[Any]) -> Any:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Args" not in cls.__dict__:
+            declared = _declared_args(cls)
+            if declared is not None:
+                cls.Args = declared
+
+    def parse_args(self, args: Sequence[Any]) -> ArgsT | None:
         """Validate the raw argument list; return the value :attr:`Job.args` holds, or None to stay off for
-        this job. Raise ValueError naming the field and its allowed values for bad input."""
-        return list(args) if args else None
+        this job. Raise ValueError naming the field and its allowed values for bad input.
 
-    def before_job(self, job: Job) -> None:
+        By default: no arguments keep the script off; otherwise they are validated into ``Args``
+        (:func:`validate_args`) and the script runs if :meth:`enabled` says so. Without ``Args`` the list
+        itself is the value."""
+        if not args:
+            return None
+        if self.Args is None:
+            return cast(ArgsT, list(args))
+        parsed = cast(ArgsT, validate_args(self.Args, args))
+        return parsed if self.enabled(parsed) else None
+
+    def enabled(self, args: ArgsT) -> bool:
+        """Whether validated arguments turn the script on: their ``enabled`` field when ``Args`` has one (the
+        UI sends every script's arguments on every job), else True."""
+        return bool(getattr(args, "enabled", True))
+
+    def before_job(self, job: Job[ArgsT]) -> None:
         """Set up the job: add UNet patches, infotext keys, undo callbacks."""
 
-    def on_step(self, job: Job, step: int, latents: torch.Tensor) -> None:
+    def on_step(self, job: Job[ArgsT], step: int, latents: torch.Tensor) -> None:
         """Called before every sampling step. Must not synchronise with the GPU (no ``.item()``, no ``.cpu()``)."""
 
-    def after_batch(self, job: Job, images: list[Image.Image]) -> None:
+    def after_batch(self, job: Job[ArgsT], images: list[Image.Image]) -> None:
         """Called with the decoded images of each batch (the list may be changed in place)."""
 
 
@@ -148,9 +240,9 @@ class ScriptRegistry:
     """Names to always-on scripts. Built-in names cannot be replaced by a plug-in."""
 
     def __init__(self) -> None:
-        self._scripts: NamedRegistry[AlwaysOnScript] = NamedRegistry("always-on script")
+        self._scripts: NamedRegistry[AlwaysOnScript[Any]] = NamedRegistry("always-on script")
 
-    def register(self, script: AlwaysOnScript, *, builtin: bool = False) -> None:
+    def register(self, script: AlwaysOnScript[Any], *, builtin: bool = False) -> None:
         """Add ``script`` under ``script.name``; ValueError if that name is taken by a built-in or is empty."""
         name = script.name.lower()
         if not name:
@@ -161,13 +253,13 @@ class ScriptRegistry:
         """Whether ``name`` belongs to a built-in (and so cannot be registered by a plug-in)."""
         return self._scripts.is_builtin(name.lower())
 
-    def get(self, name: str) -> AlwaysOnScript | None:
+    def get(self, name: str) -> AlwaysOnScript[Any] | None:
         return self._scripts.get(name.lower())
 
-    def all(self) -> list[AlwaysOnScript]:
+    def all(self) -> list[AlwaysOnScript[Any]]:
         return list(self._scripts.snapshot().values())
 
-    def parse(self, requested: Mapping[str, Sequence[Any]]) -> list[tuple[AlwaysOnScript, Any]]:
+    def parse(self, requested: Mapping[str, Sequence[Any]]) -> list[tuple[AlwaysOnScript[Any], Any]]:
         """Resolve and parse the request's ``alwayson_scripts``; scripts whose args turn them off are dropped.
 
         Raises :class:`ScriptError` for an unknown name (listing the installed ones) or bad arguments.
@@ -193,7 +285,7 @@ class ScriptRegistry:
 class ScriptRun:
     """The enabled scripts of one job with their :class:`Job` objects."""
 
-    jobs: list[tuple[AlwaysOnScript, Job]]
+    jobs: list[tuple[AlwaysOnScript[Any], Job[Any]]]
 
     @property
     def patches(self) -> list[UnetPatch]:
@@ -224,8 +316,8 @@ class ScriptRun:
 
 
 @contextmanager
-def running_scripts(enabled: Sequence[tuple[AlwaysOnScript, Any]], request: Any, model: Any,
-                    device: torch.device) -> Iterator[ScriptRun]:
+def running_scripts(enabled: Sequence[tuple[AlwaysOnScript[Any], Any]], request: GenerationRequest,
+                    model: LoadedModel, device: torch.device) -> Iterator[ScriptRun]:
     """Set up every enabled script for one job and undo all of it on the way out, newest first."""
     with ExitStack() as stack:
         run = ScriptRun([])
@@ -246,9 +338,9 @@ class JobRunner(Protocol):
     ``options`` are the job's Options: a script that saves a grid honours ``grid_save`` and passes them to
     ``save_grid`` (folder and format)."""
 
-    options: Any
+    options: Options
 
-    def __call__(self, request: Any) -> Any:
+    def __call__(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (a GenerationRequest with no script) and return its GenerationResult."""
 
 
@@ -256,28 +348,44 @@ class JobRunner(Protocol):
 class ScriptJobs:
     """The engine's :class:`JobRunner`: ``run`` runs one ordinary job with ``options``."""
 
-    run: Callable[[Any], Any]
-    options: Any
+    run: Callable[[GenerationRequest], GenerationResult]
+    options: Options
 
-    def __call__(self, request: Any) -> Any:
+    def __call__(self, request: GenerationRequest) -> GenerationResult:
+        """Run ``request`` as one ordinary job."""
         return self.run(request)
 
 
-class SelectableScript:
+class SelectableScript(Generic[ArgsT]):
     """Base class of a script chosen in the Script dropdown (API: ``script_name`` + ``script_args``).
 
     Such a script takes over the whole job: :meth:`run` receives the request (its own fields cleared) and a
     :class:`JobRunner` for the ordinary jobs it wants, and returns one GenerationResult.
     ``title`` is what the dropdown shows; the API matches ``script_name`` to it case-insensitively.
+    Its arguments are declared once as a pydantic model, as for :class:`AlwaysOnScript`: the type parameter
+    (``class Plot(SelectableScript[PlotArgs])``) or ``Args``; ``script_args`` map onto its fields in order.
     """
 
     title: str = ""
+    #: The pydantic model of ``script_args`` (see :attr:`AlwaysOnScript.Args`).
+    Args: ClassVar[type[BaseModel] | None] = None
 
-    def parse_args(self, args: Sequence[Any]) -> Any:
-        """Validate the raw argument list before anything runs; ValueError naming the field otherwise."""
-        return list(args)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Args" not in cls.__dict__:
+            declared = _declared_args(cls)
+            if declared is not None:
+                cls.Args = declared
 
-    def run(self, request: Any, args: Any, run_job: JobRunner, control: Any) -> Any:
+    def parse_args(self, args: Sequence[Any]) -> ArgsT:
+        """Validate the raw argument list before anything runs; ValueError naming the field otherwise.
+        By default into ``Args`` (:func:`validate_args`); without ``Args`` the list itself is the value."""
+        if self.Args is None:
+            return cast(ArgsT, list(args))
+        return cast(ArgsT, validate_args(self.Args, args))
+
+    def run(self, request: GenerationRequest, args: ArgsT, run_job: JobRunner,
+            control: JobControl) -> GenerationResult:
         """Do the work; ``control`` is the job's JobControl (progress text, interrupt checks)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
@@ -286,9 +394,9 @@ class SelectableScriptRegistry:
     """Titles to selectable scripts; built-in titles cannot be replaced by a plug-in."""
 
     def __init__(self) -> None:
-        self._scripts: NamedRegistry[SelectableScript] = NamedRegistry("script")
+        self._scripts: NamedRegistry[SelectableScript[Any]] = NamedRegistry("script")
 
-    def register(self, script: SelectableScript, *, builtin: bool = False) -> None:
+    def register(self, script: SelectableScript[Any], *, builtin: bool = False) -> None:
         """Add ``script`` under its title; ValueError if a built-in has that title or it has none."""
         key = script.title.lower()
         if not key:
@@ -299,10 +407,10 @@ class SelectableScriptRegistry:
         """Whether ``title`` belongs to a built-in (and so cannot be registered by a plug-in)."""
         return self._scripts.is_builtin(title.lower())
 
-    def all(self) -> list[SelectableScript]:
+    def all(self) -> list[SelectableScript[Any]]:
         return list(self._scripts.snapshot().values())
 
-    def parse(self, title: str, args: Sequence[Any]) -> tuple[SelectableScript, Any]:
+    def parse(self, title: str, args: Sequence[Any]) -> tuple[SelectableScript[Any], Any]:
         """The script called ``title`` and its parsed args; ScriptError for an unknown title or bad args."""
         script = self._scripts.get(title.lower())
         if script is None:
