@@ -10,8 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from .models import ControlNetLibrary
 from .preprocessors import control_types, detect, lookup, module_detail, module_names
-from .ui import UNITS
-from .units import decode_image
+from .units import UNITS, decode_image
 
 #: What /controlnet/version answers; clients only check that it is an integer of this generation.
 API_VERSION = 2

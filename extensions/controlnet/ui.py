@@ -12,9 +12,8 @@ from webui.extension_api import ScriptControls, TabUi
 
 from .models import ControlNetLibrary
 from .preprocessors import PREPROCESSORS
-from .units import CONTROL_MODES, RESIZE_MODES, ControlNetUnit
+from .units import CONTROL_MODES, RESIZE_MODES, UNITS, ControlNetUnit
 
-UNITS = 3
 #: Unit fields in the order of each unit's inputs after the image.
 FIELDS = ("enabled", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
           "pixel_perfect", "processor_res", "threshold_a", "threshold_b")
