@@ -82,9 +82,9 @@ def test_launch_starts_every_time_on_a_busy_machine_behind_an_unreachable_proxy(
                 assert time.monotonic() < deadline, f"not ready after {START_LIMIT_S} s: ports " + ", ".join(
                     str(port) for _, port, _ in waiting)
                 time.sleep(0.2)
-        for process, port, log in servers:
+        for process, _, _ in servers:
             process.send_signal(signal.SIGINT)  # Ctrl-C
-        for process, port, log in servers:
+        for process, _, log in servers:
             assert process.wait(timeout=60) == 0, log.read_text(errors="replace")
     finally:
         for process in [process for process, _, _ in servers] + busy:

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from webui.context import AppContext
 from webui.cors import add_cors
 from webui.flags import Flags
-from webui.server import RunningServer, keep_loopback_off_proxies, run_in_background
+from webui.server import RunningServer, ServerStartError, keep_loopback_off_proxies, run_in_background
 
 log = logging.getLogger("webui")
 
@@ -83,7 +83,11 @@ def serve(flags: Flags, started: float | None = None) -> int:
     started = started or time.perf_counter()
     _warn_about_exposure(flags)
     ctx = AppContext.create(flags)
-    server = start_server(ctx)
+    try:
+        server = start_server(ctx)
+    except ServerStartError as error:
+        log.error("%s", error)
+        return 1
     device = ctx.engine.models.device
     url = server.local_url
     what = f"API at {url} (docs at {url}docs)" if flags.nowebui else f"UI at {url}" + (
