@@ -43,14 +43,14 @@ class UiServer:
 
 def start_ui_server(models_dir: Path, data_dir: Path, *extra_flags: str) -> UiServer:
     """The real server (UI, with the API when ``--api`` is passed) on a free loopback port, in the background."""
+    from webui.app import start_server
     from webui.context import AppContext
     from webui.flags import parse_flags
-    from webui.ui import start_server
 
     flags = parse_flags(["--data-dir", str(data_dir), "--models-dir", str(models_dir), "--use-cpu", "all",
                          "--port", str(free_port()), *extra_flags], environ={})
     ctx = AppContext.create(flags)
-    server = start_server(ctx, quiet=True)
+    server = start_server(ctx)
     return UiServer(ctx, server, server.local_url, data_dir)
 
 
