@@ -25,7 +25,7 @@ from pipelines.upscaling import (
     tensor_to_pil,
     tiled_upscale,
 )
-from tests.tiny_upscalers import tiny_esrgan_state_dict, write_tiny_esrgan
+from tests.fixtures.tiny_upscalers import tiny_esrgan_state_dict, write_tiny_esrgan
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
-from tests.ui_helpers import screenshot
+from pipelines.images.saving import read_infotext
+from tests.ui.helpers import screenshot
 
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"]
 

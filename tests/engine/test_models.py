@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipelines.images.infotext import parse_infotext
-from tests.test_engine import pixels, txt2img
+from tests.engine.test_engine import pixels, txt2img
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_titles_carry_the_short_sha256(engine, tiny_models):

@@ -30,7 +30,7 @@ from pipelines.prompts.encoding import (
     count_tokens,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "models" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 TOKENS = 77
 
 

@@ -1,7 +1,7 @@
 """Extensions in the browser: the example's accordion, its argument in the job, pasting it back, the Script
 dropdown, and a broken UI builder that leaves the page working.
 
-Without Chromium these tests skip, as tests/test_ui.py does.
+Without Chromium these tests skip, as tests/ui/test_ui.py does.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import textwrap
 import pytest
 from playwright.sync_api import expect
 
-from tests.test_ui import TINY, choose_checkpoint, generate_and_wait, newest_output, number_value
-from tests.ui_helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_server
+from tests.ui.helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_server
+from tests.ui.test_ui import TINY, choose_checkpoint, generate_and_wait, newest_output, number_value
 from webui.extensions import ROOT
 
 # A selectable script with a textbox: its value replaces the prompt of the one job it runs.

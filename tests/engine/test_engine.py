@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling.samplers import SAMPLERS
-from tests.pictures import half_mask, picture
+from tests.fixtures.pictures import half_mask, picture
 
 SD15 = "tiny-sd15.safetensors"
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors",

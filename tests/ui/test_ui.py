@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
+from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
-from tests.ui_helpers import fill_number, screenshot, start_ui_server
+from tests.ui.helpers import fill_number, screenshot, start_ui_server
 
 TINY = "tiny-sd15.safetensors"
 #: The queue line's own text: Gradio keeps an invisible (opacity 0) timer of the status refresh beside it.
@@ -521,7 +521,7 @@ def test_swap_reuse_seed_styles_and_zip(page, ui_server):
 def test_refresh_lists_new_checkpoints_and_upscalers_in_every_dropdown(page, ui_server):
     import shutil
 
-    from tests.tiny_upscalers import write_tiny_esrgan
+    from tests.fixtures.tiny_upscalers import write_tiny_esrgan
 
     folder = ui_server.ctx.engine.registry.paths.model_dirs("checkpoint")[0]
     added = folder / "tiny-added-later.safetensors"

@@ -8,13 +8,13 @@ import logging
 import httpx
 import numpy as np
 import pytest
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest
-from tests.api_helpers import ApiServer, decode_png
+from tests.fixtures.api_helpers import ApiServer, decode_png
 
 SD15, SD21 = "tiny-sd15.safetensors", "tiny-sd21-v.safetensors"
 values = importlib.import_module("extensions.xyz_grid.values")

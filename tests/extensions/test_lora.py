@@ -25,7 +25,7 @@ from pipelines.images.infotext import parse_infotext
 from pipelines.job_control import JobControl, Progress
 from pipelines.prompts.parser import ExtraNetworkTag
 from pipelines.request import GenerationRequest
-from tests.tiny_loras import ALIASES, write_tiny_loras
+from tests.fixtures.tiny_loras import ALIASES, write_tiny_loras
 from webui.app import create_api_app
 from webui.context import AppContext
 from webui.extension_api import TabUi

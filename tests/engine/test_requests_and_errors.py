@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from pipelines.engine import EngineError
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from tests.pictures import picture
-from tests.test_engine import txt2img
+from tests.engine.test_engine import txt2img
+from tests.fixtures.pictures import picture
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -29,9 +29,9 @@ from pipelines.models.checkpoints import (
     load_vae,
     read_state_dict,
 )
-from tests import tiny_models as tiny
+from tests.fixtures import tiny_models as tiny
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat"
 #: kind -> (family name, inpainting, prediction type, pipeline class)
 EXPECTED = {

@@ -18,12 +18,12 @@ import requests
 import torch
 import webuiapi
 from PIL import Image
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
-from tests.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
-from tests.pictures import half_mask, picture
+from tests.fixtures.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
+from tests.fixtures.pictures import half_mask, picture
 
 SD21 = "tiny-sd21-v.safetensors"
 DIFFUSERS = "tiny-sd15-diffusers"

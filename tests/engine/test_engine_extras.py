@@ -12,8 +12,8 @@ import torch
 
 from pipelines.models.checkpoints import UnsafeCheckpointError
 from pipelines.sampling import latents as latent_ops
-from tests.test_engine import txt2img
-from tests.tiny_models import tiny_standalone_vae, write_malicious_ckpt, write_tiny_ckpt
+from tests.engine.test_engine import txt2img
+from tests.fixtures.tiny_models import tiny_standalone_vae, write_malicious_ckpt, write_tiny_ckpt
 from webui.flags import parse_flags
 
 
@@ -184,14 +184,14 @@ def test_hires_image_upscaler_uses_the_tiling_options(engine, denoising):
 
 def test_extras_job_on_several_files_opens_them_in_turn(tmp_path):
     from PIL import Image
-    from pipelines.images.saving import save_image
 
+    from pipelines.images.saving import save_image
     from pipelines.options import Options
     from pipelines.settings import Paths
     from pipelines.upscaling import Upscalers
     from pipelines.upscaling.extras import ExtrasSettings, run_extras
-    from tests.pictures import picture
-    from tests.tiny_upscalers import write_tiny_esrgan
+    from tests.fixtures.pictures import picture
+    from tests.fixtures.tiny_upscalers import write_tiny_esrgan
 
     write_tiny_esrgan(tmp_path / "models" / "ESRGAN" / "tiny4x.pth")
     upscalers = Upscalers(Paths.under(tmp_path), device="cpu")

@@ -13,14 +13,14 @@ import requests
 import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
-from pipelines.images.saving import read_infotext
 
 from pipelines.images.infotext import parse_infotext
+from pipelines.images.saving import read_infotext
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from tests.api_helpers import b64_png, decode_png
-from tests.pictures import half_mask, picture
-from tests.tiny_controlnets import write_tiny_controlnets
+from tests.fixtures.api_helpers import b64_png, decode_png
+from tests.fixtures.pictures import half_mask, picture
+from tests.fixtures.tiny_controlnets import write_tiny_controlnets
 
 SD15 = "tiny-sd15.safetensors"
 SINGLE = "tiny-controlnet-sd15"

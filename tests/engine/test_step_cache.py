@@ -14,8 +14,8 @@ from pipelines.models import acceleration
 from pipelines.options import Options
 from pipelines.request import GenerationRequest
 from pipelines.sampling.step_cache import StepCache, unet_runner
-from tests.tiny_controlnets import tiny_controlnet
-from tests.tiny_models import tiny_components
+from tests.fixtures.tiny_controlnets import tiny_controlnet
+from tests.fixtures.tiny_models import tiny_components
 
 SD15 = "tiny-sd15.safetensors"
 SDXL = "tiny-sdxl.safetensors"
@@ -165,8 +165,8 @@ def test_sdxl_and_hires_restart_the_cache(engine):
 
 
 def test_controlnet_job_runs_with_the_cache(tiny_models, engine_factory, tmp_path_factory):
-    from tests.api_helpers import b64_png
-    from tests.tiny_controlnets import write_tiny_controlnets
+    from tests.fixtures.api_helpers import b64_png
+    from tests.fixtures.tiny_controlnets import write_tiny_controlnets
     from webui.extensions import load_extensions
 
     write_tiny_controlnets(tiny_models / "ControlNet")
