@@ -7,8 +7,8 @@ Routes are plain ``def``: FastAPI runs them in its thread pool, and a job blocks
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
-from pipelines.images.saving import encode_base64_png
 
+from pipelines.images.saving import encode_base64_png
 from pipelines.job_control import JobControl
 from webui.api.models import (
     GenerationResponse,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from pipelines.images.saving import embed_infotext
 
+from pipelines.images.saving import embed_infotext
 from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, run_extras
 from webui.context import AppContext
 from webui.job_queue import JobCancelled

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from pipelines.images.saving import embed_infotext
 
+from pipelines.images.saving import embed_infotext
 from pipelines.processing import GenerationResult
 from webui.context import AppContext
 from webui.ui.jobs import Session

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 from PIL import UnidentifiedImageError
+
 from pipelines.images.saving import read_image_metadata, read_infotext
 
 
