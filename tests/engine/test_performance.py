@@ -125,6 +125,7 @@ def test_compile_switches_on_and_off_and_tracks_sizes(engine):
     assert shapes == [(4, 8, 8), (4, 16, 16)]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not acceleration.compile_supported(torch.device("cuda")),
                     reason="torch.compile of the UNet needs a CUDA GPU with Triton")
 def test_compiled_unet_keeps_the_image(tiny_models, tmp_path):

@@ -21,6 +21,8 @@ from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
 from tests.ui.helpers import fill_number, screenshot, start_ui_server
 
+pytestmark = pytest.mark.browser
+
 TINY = "tiny-sd15.safetensors"
 #: The queue line's own text: Gradio keeps an invisible (opacity 0) timer of the status refresh beside it.
 QUEUE_STATUS = "#queue_status .html-container"

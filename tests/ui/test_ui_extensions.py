@@ -17,6 +17,8 @@ from tests.ui.helpers import FAST_DEFAULTS, fill_number, screenshot, start_ui_se
 from tests.ui.test_ui import TINY, choose_checkpoint, generate_and_wait, newest_output, number_value
 from webui.extensions import ROOT
 
+pytestmark = pytest.mark.browser
+
 # A selectable script with a textbox: its value replaces the prompt of the one job it runs.
 REPLACE_PROMPT = """
     import gradio as gr

@@ -10,11 +10,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from tests.ui.helpers import screenshot
+
+pytestmark = pytest.mark.browser
 
 CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"]
 
