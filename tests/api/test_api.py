@@ -22,12 +22,12 @@ from PIL import Image
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
-from tests.fixtures.api_helpers import SD15, ApiServer, b64_image, b64_png, decode_png
+from tests.fixtures.api_helpers import ApiServer, b64_image, b64_png, decode_png
 from tests.fixtures.pictures import half_mask, picture
+from tests.helpers import SD15, SD15_DIFFUSERS, SD21, payload
 
-SD21 = "tiny-sd21-v.safetensors"
-DIFFUSERS = "tiny-sd15-diffusers"
-SMALL = {"steps": 4, "width": 64, "height": 64}
+DIFFUSERS = SD15_DIFFUSERS
+SMALL = payload()
 INFO_KEYS = {
     "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
     "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",

@@ -12,8 +12,8 @@ from diffusers import (
 )
 
 from pipelines.sampling.samplers import build_scheduler
-from tests.engine.test_engine import img2img, pixels, txt2img
 from tests.fixtures.pictures import picture
+from tests.helpers import img2img, pixels, txt2img
 
 
 def _generators(seeds):

@@ -10,24 +10,10 @@ from PIL import Image, ImageDraw
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
-from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.request import GenerationRequest
 from pipelines.sampling.samplers import SAMPLERS
 from tests.fixtures.pictures import half_mask, picture
-
-SD15 = "tiny-sd15.safetensors"
-CHECKPOINTS = ["tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors",
-               "tiny-sd15-inpainting.safetensors", "tiny-sd15-diffusers"]
-
-
-def txt2img(**kw) -> GenerationRequest:
-    base = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, width=64, height=64, seed=1234,
-                checkpoint=SD15, sampler_name="Euler", save_images=False)
-    base.update(kw)
-    return GenerationRequest(**base)
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
+from tests.helpers import CHECKPOINTS, SD15, img2img, pixels, txt2img
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
@@ -220,13 +206,6 @@ def test_infotext_round_trip_rebuilds_the_request(engine):
 
 
 # --- img2img and inpaint -------------------------------------------------------------------------
-
-
-def img2img(**kw) -> Img2ImgRequest:
-    base = dict(prompt="a painting", steps=4, width=64, height=64, seed=3, checkpoint=SD15, sampler_name="Euler",
-                init_images=[picture()], denoising_strength=0.5, save_images=False)
-    base.update(kw)
-    return Img2ImgRequest(**base)
 
 
 def test_img2img_follows_the_init_image(engine):

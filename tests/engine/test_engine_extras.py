@@ -12,8 +12,8 @@ import torch
 
 from pipelines.models.checkpoints import UnsafeCheckpointError
 from pipelines.sampling import latents as latent_ops
-from tests.engine.test_engine import txt2img
 from tests.fixtures.tiny_models import tiny_standalone_vae, write_malicious_ckpt, write_tiny_ckpt
+from tests.helpers import txt2img
 from webui.flags import parse_flags
 
 

@@ -7,7 +7,7 @@ import pytest
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.sampling.hires import hires_steps
-from tests.engine.test_engine import SD15, txt2img
+from tests.helpers import SD15, txt2img
 
 
 def _unet_calls(engine, monkeypatch, request) -> tuple[list[tuple[int, int]], object]:
@@ -231,8 +231,8 @@ def test_unknown_hires_upscaler_fails_before_loading(engine_factory):
 def test_hires_is_refused_for_img2img_and_too_large_targets():
     from pydantic import ValidationError
 
-    from tests.engine.test_engine import img2img
     from tests.fixtures.pictures import picture
+    from tests.helpers import img2img
 
     with pytest.raises(ValidationError, match="enable_hr"):
         img2img(enable_hr=True, init_images=[picture()])

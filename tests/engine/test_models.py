@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines.images.infotext import parse_infotext
-from tests.engine.test_engine import pixels, txt2img
+from tests.helpers import pixels, txt2img
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,21 +11,12 @@ from diffusers import AutoencoderTiny
 
 from pipelines.models import acceleration
 from pipelines.models.taesd import find_taesd, load_taesd
-from pipelines.request import GenerationRequest
 from pipelines.sampling import latents as latent_ops
 from pipelines.sampling.previews import PreviewMaker, preview_maker
+from tests.helpers import SD15, SDXL, txt2img
 
-SD15 = "tiny-sd15.safetensors"
-SDXL = "tiny-sdxl.safetensors"
 #: Mean absolute difference, in 0..255 levels, allowed between an optimised and a plain image (fp32, CPU).
 TOLERANCE = 0.5
-
-
-def txt2img(**kw) -> GenerationRequest:
-    base = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, width=64, height=64, seed=1234,
-                checkpoint=SD15, sampler_name="Euler", save_images=False)
-    base.update(kw)
-    return GenerationRequest(**base)
 
 
 def mean_diff(a, b) -> float:

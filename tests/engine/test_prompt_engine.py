@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from pipelines.images.infotext import parse_infotext
 from pipelines.prompts.styles import Style
-from tests.engine.test_engine import pixels, txt2img
+from tests.helpers import pixels, txt2img
 
 
 def _same(a, b) -> bool:

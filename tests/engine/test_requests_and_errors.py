@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from pipelines.engine import EngineError
 from pipelines.request import GenerationRequest, Img2ImgRequest
-from tests.engine.test_engine import txt2img
 from tests.fixtures.pictures import picture
+from tests.helpers import txt2img
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -14,19 +14,17 @@ from pipelines.models import acceleration
 from pipelines.options import Options
 from pipelines.request import GenerationRequest
 from pipelines.sampling.step_cache import StepCache, unet_runner
+from tests import helpers
 from tests.fixtures.tiny_controlnets import tiny_controlnet
 from tests.fixtures.tiny_models import tiny_components
+from tests.helpers import SD15, SDXL
 
-SD15 = "tiny-sd15.safetensors"
-SDXL = "tiny-sdxl.safetensors"
 #: Mean absolute difference, in 0..255 levels, a cached run may be from the exact one on the tiny models.
 CLOSE = 12.0
 
 
 def txt2img(**kw) -> GenerationRequest:
-    base = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=8, width=64, height=64, seed=1234,
-                checkpoint=SD15, sampler_name="Euler", save_images=False)
-    return GenerationRequest(**{**base, **kw})
+    return helpers.txt2img(**{"steps": 8, **kw})
 
 
 def pixels(result) -> np.ndarray:

@@ -17,12 +17,12 @@ from PIL import Image, ImageDraw
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.plugins.scripts import ScriptError
-from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.request import Img2ImgRequest
 from tests.fixtures.api_helpers import b64_png, decode_png
 from tests.fixtures.pictures import half_mask, picture
 from tests.fixtures.tiny_controlnets import write_tiny_controlnets
+from tests.helpers import SD15, txt2img
 
-SD15 = "tiny-sd15.safetensors"
 SINGLE = "tiny-controlnet-sd15"
 FOLDER = "tiny-controlnet-sd15-diffusers"
 SDXL = "tiny-controlnet-sdxl-diffusers"
@@ -52,12 +52,6 @@ def cn_engine(tiny_models, engine_factory, tmp_path_factory):
 
 def unit(**kw) -> dict:
     return {"module": "none", "model": SINGLE, "image": b64_png(picture()), **kw}
-
-
-def txt2img(**kw) -> GenerationRequest:
-    base = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, width=64, height=64, seed=1234,
-                checkpoint=SD15, sampler_name="Euler", save_images=False)
-    return GenerationRequest(**{**base, **kw})
 
 
 def generate(engine, units=None, **kw) -> tuple[np.ndarray, object]:

@@ -24,14 +24,14 @@ from pipelines.images.infotext import parse_infotext
 from pipelines.job_control import JobControl
 from pipelines.plugins.scripts import AlwaysOnScript
 from pipelines.request import GenerationRequest
+from tests.helpers import SD15, payload
 from webui.app import create_api_app
 from webui.context import AppContext
 from webui.extensions import ROOT, LoadedExtensions, load_extensions
 from webui.flags import Flags
 
 EXAMPLE = ROOT / "extensions" / "example.disabled"
-SD15 = "tiny-sd15.safetensors"
-SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler", "prompt": "a cat"}
+SMALL = payload(steps=3, seed=5, sampler_name="Euler", prompt="a cat")
 FAKE_BUILTIN = "fake_builtin"
 
 BROKEN = {

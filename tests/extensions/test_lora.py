@@ -26,13 +26,13 @@ from pipelines.job_control import JobControl, Progress
 from pipelines.prompts.parser import ExtraNetworkTag
 from pipelines.request import GenerationRequest
 from tests.fixtures.tiny_loras import ALIASES, write_tiny_loras
+from tests.helpers import SD15, SD21, SDXL, txt2img
 from webui.app import create_api_app
 from webui.context import AppContext
 from webui.extension_api import TabUi
 from webui.extensions import load_extensions
 from webui.flags import Flags
 
-SD15, SD21, SDXL = "tiny-sd15.safetensors", "tiny-sd21-v.safetensors", "tiny-sdxl.safetensors"
 KOHYA, PEFT = "tiny-sd15-lora-kohya", "tiny-sd15-lora-peft"
 XL_KOHYA, XL_PEFT = "tiny-sdxl-lora-kohya", "tiny-sdxl-lora-peft"
 PROMPT = "a photo of a cat"
@@ -65,9 +65,7 @@ def fresh(engine_factory):
 
 
 def request(prompt: str = PROMPT, checkpoint: str = SD15, **kw) -> GenerationRequest:
-    base = dict(prompt=prompt, negative_prompt="blurry", steps=2, width=64, height=64, seed=1234,
-                checkpoint=checkpoint, sampler_name="Euler", save_images=False)
-    return GenerationRequest(**{**base, **kw})
+    return txt2img(**{"prompt": prompt, "checkpoint": checkpoint, "steps": 2, **kw})
 
 
 def image(engine, prompt: str = PROMPT, **kw) -> np.ndarray:

@@ -14,9 +14,10 @@ from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import GenerationRequest
+from tests import helpers
 from tests.fixtures.api_helpers import ApiServer, decode_png
+from tests.helpers import SD15, SD21
 
-SD15, SD21 = "tiny-sd15.safetensors", "tiny-sd21-v.safetensors"
 values = importlib.import_module("extensions.xyz_grid.values")
 grids = importlib.import_module("pipelines.images.grids")
 
@@ -35,10 +36,7 @@ def scripts_engine(engine_factory, tmp_path_factory):
 
 
 def txt2img(**kw) -> GenerationRequest:
-    base = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=2, width=64, height=64, seed=1234,
-                checkpoint=SD15, sampler_name="Euler", save_images=False)
-    base.update(kw)
-    return GenerationRequest(**base)
+    return helpers.txt2img(**{"steps": 2, **kw})
 
 
 def plot_args(x=("Nothing", ""), y=("Nothing", ""), z=("Nothing", ""), *, legend=True, images=True, subgrids=False,
