@@ -23,8 +23,8 @@ from pathlib import Path
 import requests
 
 from benchmarks.engine import write_figures
-from tests.api_helpers import ApiServer
-from tests.tiny_models import write_tiny_models
+from tests.fixtures.api_helpers import ApiServer
+from tests.fixtures.tiny_models import write_tiny_models
 
 MODEL = "tiny-sd15.safetensors"
 

@@ -13,7 +13,7 @@ the file and what it wanted. Every other unreadable file raises ``ValueError`` n
   embeddings whose files need not hold a dict;
 - :func:`read_safetensors_header`: metadata and key names of a ``.safetensors`` file, without its tensors.
 
-No other module reads weight files itself (``tests/test_weights.py`` checks that).
+No other module reads weight files itself (``tests/unit/test_weights.py`` checks that).
 """
 
 from __future__ import annotations
