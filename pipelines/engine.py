@@ -101,8 +101,9 @@ class Engine:
         unknown = [name for name, style in zip(request.styles, styles) if style is None]
         if unknown:
             raise RequestError("styles", unknown_styles_message(unknown, self.styles.names()))
+        known = tuple(style for style in styles if style is not None)  # all of them: none is unknown
         return JobPlan(request=request, checkpoint=checkpoint, vae=vae, hires_checkpoint=hires_checkpoint,
-                       hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=tuple(styles))
+                       hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
 
     @staticmethod
     def _resolve(field: str, find: Callable[[], T], prefix: str | None = None) -> T:

@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -30,13 +31,16 @@ from pipelines.models.manager import LoadedModel
 from pipelines.options import Options
 from pipelines.plugins.extra_networks import ExtraNetworkRegistry
 from pipelines.plugins.scripts import AlwaysOnScript, ScriptRun, running_scripts
+from pipelines.prompts.embeddings import EmbeddingDatabase
 from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompts.parser import ExtraNetworkTag, extract_extra_networks
+from pipelines.prompts.styles import StyleDatabase
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling import latents as latent_ops
-from pipelines.sampling.denoise import DenoiseInputs, denoise, txt2img_timesteps
+from pipelines.sampling.denoise import DenoiseInputs, InpaintLatents, denoise, txt2img_timesteps
 from pipelines.sampling.hires import HiresInputs, encode_hires_prompts, run_hires_pass, switches_model
 from pipelines.sampling.img2img import (
+    Img2ImgSource,
     blank_inpaint_conditioning,
     finish_inpaint,
     img2img_infotext_params,
@@ -102,7 +106,7 @@ class PreparedPrompts:
 # --- stage 2: prompts ----------------------------------------------------------------------------
 
 
-def prepare_prompts(request: GenerationRequest, count: int, styles) -> PreparedPrompts:
+def prepare_prompts(request: GenerationRequest, count: int, styles: StyleDatabase) -> PreparedPrompts:
     """Apply styles, then take the ``<name:args>`` tags out of the text the encoder will see."""
     prompt, negative = request.prompt, request.negative_prompt
     if request.styles:
@@ -194,8 +198,8 @@ class JobContext:
     model: LoadedModel
     options: Options
     outputs_dir: Path
-    styles: object
-    embeddings: object | None
+    styles: StyleDatabase
+    embeddings: EmbeddingDatabase | None
     control: JobControl
     extra_networks: ExtraNetworkRegistry
     upscalers: Upscalers
@@ -399,8 +403,8 @@ class BatchLatents:
     latents: torch.Tensor
     timesteps: torch.Tensor
     steps: int
-    source: object | None = None
-    inpaint: object | None = None
+    source: Img2ImgSource | None = None
+    inpaint: InpaintLatents | None = None
 
 
 def prepare_latents(request: GenerationRequest, ctx: JobContext, model: LoadedModel, scheduler,
@@ -457,9 +461,10 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     # 7. hires pass (on the hires checkpoint, if the request names one)
     if request.enable_hr:
         load_hires = None
-        if _switches_model(request, ctx):
+        hires_file = ctx.hires_checkpoint
+        if hires_file is not None and _switches_model(request, ctx):  # switching needs a hires checkpoint
             def load_hires() -> LoadedModel:
-                return _pass_model(ctx, ctx.hires_checkpoint.title, request, prompts.tags, held)
+                return _pass_model(ctx, hires_file.title, request, prompts.tags, held)
         hires = run_hires_pass(HiresInputs(
             request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
             upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
@@ -470,6 +475,8 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
         if hires.images is not None:  # upscale only: the upscaler's pixels are the result
             scripts.after_batch(hires.images)
             return hires.images
+        if hires.latents is None:
+            raise RuntimeError("hires fix: the pass returned neither images nor latents")
         model, latents = hires.model, hires.latents
     control.check()
 
@@ -481,6 +488,9 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     return images
 
 
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]  # torch.nn.Conv2d.padding_mode
+
+
 class _Tiling:
     """Seamless tiling for one job: circular padding in every convolution, undone afterwards."""
 
@@ -488,7 +498,7 @@ class _Tiling:
         self.enabled = enabled
         self.convs = [m for net in (model.unet, model.vae) for m in net.modules()
                       if isinstance(m, torch.nn.Conv2d)] if enabled else []
-        self.saved: list[str] = []
+        self.saved: list[_PaddingMode] = []
 
     def __enter__(self):
         self.saved = [conv.padding_mode for conv in self.convs]

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex, SupportsInt
 
 #: Keys that come first, in this order; every other key follows in insertion order, then "Version".
 STANDARD_KEYS: tuple[str, ...] = (
@@ -71,10 +71,17 @@ def _format_value(value: object) -> str:
     return text
 
 
+def _as_int(value: object) -> int:
+    """``int(value)`` for a value read from an infotext or a request field (a number or a numeric string)."""
+    if isinstance(value, (str, bytes, bytearray, SupportsInt, SupportsIndex)):
+        return int(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}: {value!r}")
+
+
 def _ordered_params(params: Mapping[str, object]) -> list[tuple[str, object]]:
     present = {key: value for key, value in params.items() if value is not None}
     clip_skip = present.get("Clip skip")
-    if clip_skip is not None and int(clip_skip) <= 1:
+    if clip_skip is not None and _as_int(clip_skip) <= 1:
         del present["Clip skip"]
     standard = [(key, present[key]) for key in STANDARD_KEYS if key in present]
     others = [(key, value) for key, value in present.items() if key not in STANDARD_KEYS and key != "Version"]
@@ -279,7 +286,7 @@ def infotext_params_from_fields(fields: Mapping[str, object]) -> dict[str, objec
             continue
         if entry.kind is _SIZE:
             width, height = (fields[name] for name in entry.fields)
-            params[entry.key] = f"{int(width)}x{int(height)}"
+            params[entry.key] = f"{_as_int(width)}x{_as_int(height)}"
         else:
             params[entry.key] = fields[entry.fields[0]]
     extra = fields.get("extra") or {}
@@ -330,8 +337,8 @@ def request_fields_from_infotext(parsed: Mapping[str, object]) -> dict[str, obje
         if entry.kind is _SIZE:
             if f"{entry.key}-1" not in parsed or f"{entry.key}-2" not in parsed:
                 raise ValueError(f"infotext key {entry.key!r}: expected WIDTHxHEIGHT, got {parsed[entry.key]!r}")
-            fields[entry.fields[0]] = int(parsed[f"{entry.key}-1"])  # type: ignore[arg-type]
-            fields[entry.fields[1]] = int(parsed[f"{entry.key}-2"])  # type: ignore[arg-type]
+            fields[entry.fields[0]] = _as_int(parsed[f"{entry.key}-1"])
+            fields[entry.fields[1]] = _as_int(parsed[f"{entry.key}-2"])
         else:
             fields[entry.fields[0]] = _coerce(entry, entry.key, parsed[entry.key])
     fields["enable_hr"] = any(key in parsed for key in _HIRES_KEYS)

@@ -145,7 +145,7 @@ class _Opened:
 
 def _text_chunks(image: Image.Image) -> dict[str, str]:
     # PNG text after the image data is only in `.text` (which reads to the end); `.info` holds the rest.
-    chunks = {key: value for key, value in image.info.items() if isinstance(value, str)}
+    chunks = {key: value for key, value in image.info.items() if isinstance(key, str) and isinstance(value, str)}
     chunks.update(getattr(image, "text", {}) or {})
     return chunks
 

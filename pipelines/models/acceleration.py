@@ -55,13 +55,19 @@ def compile_unet(unet: torch.nn.Module) -> None:
     at the first call of each new input shape."""
     _raise_recompile_limit()
     unet.compile(dynamic=False, fullgraph=False)
-    unet._sd_compiled_shapes = set()
+    _set_seen_shapes(unet, set())
 
 
 def uncompile_unet(unet: torch.nn.Module) -> None:
     """Back to eager execution (the compiled graphs are dropped)."""
     unet._compiled_call_impl = None
-    unet._sd_compiled_shapes = set()
+    _set_seen_shapes(unet, set())
+
+
+def _set_seen_shapes(unet: torch.nn.Module, shapes: set[tuple[int, int, int]]) -> None:
+    # A plain attribute (not a parameter, buffer or sub-module), which torch's typed ``Module.__setattr__``
+    # does not describe.
+    setattr(unet, "_sd_compiled_shapes", shapes)  # noqa: B010 (see above)
 
 
 def new_shapes(unet: torch.nn.Module, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

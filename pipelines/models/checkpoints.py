@@ -256,10 +256,11 @@ def _merged_configs(family: ModelFamily, sidecar: _Sidecar | None) -> dict[str, 
                 configs[f"{tokenizer}/{name}"] = _read_json(base / tokenizer / name)
     if "scheduler" in configs:
         configs["scheduler"]["prediction_type"] = family.prediction_type
-    for component, values in (sidecar.overrides if sidecar is not None else {}).items():
-        if component not in configs:
-            raise ValueError(f"{sidecar.path}: {family.name} models have no {component}")
-        configs[component] = {**configs[component], **values}
+    if sidecar is not None:
+        for component, values in sidecar.overrides.items():
+            if component not in configs:
+                raise ValueError(f"{sidecar.path}: {family.name} models have no {component}")
+            configs[component] = {**configs[component], **values}
     if "unet" in configs:
         configs["unet"]["in_channels"] = 9 if family.inpainting else 4
     return configs

@@ -12,6 +12,7 @@ and modification time; a file that changes is hashed again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ _BLOCK = 1024 * 1024
 _CACHE_FORMAT = 1
 
 
-def _hash_stream(stream: BinaryIO) -> str:
+def _hash_stream(stream: io.BufferedIOBase) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(_BLOCK)
     view = memoryview(buffer)

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from pipelines.models.catalog import ModelFile, ModelRegistry
 from pipelines.models.checkpoints import ModelFamily, load_checkpoint, load_vae
 from pipelines.models.devices import DeviceConfig, device_config, free_memory
 from pipelines.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ class LoadedModel:
 
     file: ModelFile
     family: ModelFamily
-    pipe: object
+    pipe: DiffusionPipeline
     load_seconds: float
     own_vae: torch.nn.Module
     vae_file: ModelFile | None = None
@@ -190,11 +194,12 @@ class ModelManager:
         if vae_file is None:
             vae = model.own_vae
         else:
-            vae = self._vaes.get(vae_file.path)
-            if vae is None:
-                vae = load_vae(vae_file.path, model.family, torch_dtype=self.device.vae_dtype,
-                               cache_dir=self.registry.paths.cache_dir / "configs")
-                self._vaes = {vae_file.path: vae}  # keep one external VAE: they are small but add up
+            cached = self._vaes.get(vae_file.path)
+            if cached is None:
+                cached = load_vae(vae_file.path, model.family, torch_dtype=self.device.vae_dtype,
+                                  cache_dir=self.registry.paths.cache_dir / "configs")
+                self._vaes = {vae_file.path: cached}  # keep one external VAE: they are small but add up
+            vae = cached
         model.pipe.vae = vae
         model.vae_file = vae_file
         model.vae_upcast = False

@@ -338,7 +338,9 @@ class JobRunner(Protocol):
     ``options`` are the job's Options: a script that saves a grid honours ``grid_save`` and passes them to
     ``save_grid`` (folder and format)."""
 
-    options: Options
+    @property
+    def options(self) -> Options:
+        """The Options the jobs run with (read-only)."""
 
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (a GenerationRequest with no script) and return its GenerationResult."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -33,6 +34,9 @@ from pipelines.prompts.parser import (
     get_prompt_schedule,
     parse_prompt_attention,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
@@ -182,7 +186,7 @@ class PromptEncoder:
     def __init__(
         self,
         tokenizers: Sequence,
-        text_encoders: Sequence[torch.nn.Module],
+        text_encoders: Sequence[PreTrainedModel],
         *,
         penultimate: bool = False,
         embedding_keys: Sequence[str] | None = None,
@@ -445,7 +449,12 @@ def _zeros_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _cat_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if tensors[0] is None else torch.cat(tensors)
+    present = [tensor for tensor in tensors if tensor is not None]
+    if not present:
+        return None
+    if len(present) != len(tensors):
+        raise ValueError("pooled prompt embeddings: some prompts of the batch have them and others do not")
+    return torch.cat(present)
 
 
 # --------------------------------------------------------------------------- token counter
@@ -469,4 +478,6 @@ def count_tokens(encoder_or_tokenizer, prompt: str, steps: int = 20) -> tuple[in
         tokenized = tokenize(scheduled)
         if best is None or tokenized.token_count > best.token_count:
             best = tokenized
+    if best is None:
+        raise ValueError(f"prompt {prompt!r}: its schedule holds no text to count")
     return best.token_count, best.token_limit

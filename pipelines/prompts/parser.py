@@ -96,6 +96,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             pos += 1
         else:
             run = _PLAIN_RUN.match(text, pos)
+            assert run is not None  # every character the branches above leave out starts a plain run
             for index, part in enumerate(_BREAK.split(run.group(0))):
                 if index:
                     pieces.append([BREAK_MARKER[0], BREAK_MARKER[1], True])

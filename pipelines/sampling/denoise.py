@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -20,12 +20,21 @@ from pipelines.plugins.scripts import UnetCall, UnetPatch, combined_residuals
 from pipelines.sampling.seeds import step_noise
 from pipelines.sampling.step_cache import unet_runner
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
 
 class StepConditioningLike(Protocol):
-    cond: torch.Tensor
-    uncond: torch.Tensor
-    pooled: torch.Tensor | None
-    uncond_pooled: torch.Tensor | None
+    """The conditioning of one sampling step (read-only: :class:`pipelines.prompts.encoding.StepConditioning`)."""
+
+    @property
+    def cond(self) -> torch.Tensor: ...
+    @property
+    def uncond(self) -> torch.Tensor: ...
+    @property
+    def pooled(self) -> torch.Tensor | None: ...
+    @property
+    def uncond_pooled(self) -> torch.Tensor | None: ...
 
 
 class ConditioningLike(Protocol):
@@ -48,7 +57,7 @@ class DenoiseInputs:
 
     latents: torch.Tensor
     timesteps: torch.Tensor
-    scheduler: object
+    scheduler: SchedulerMixin
     conditioning: ConditioningLike
     cfg_scale: float
     generators: list[torch.Generator]
@@ -69,11 +78,16 @@ class DenoiseInputs:
 StepHook = Callable[[int, torch.Tensor], None]
 
 
-def _unet_conditioning(cond: StepConditioningLike, batch: int, use_cfg: bool, add_time_ids, device, dtype):
+def _unet_conditioning(cond: StepConditioningLike, batch: int, use_cfg: bool, add_time_ids, device,
+                       dtype) -> tuple[torch.Tensor, dict[str, Any]]:
     embeds = torch.cat([cond.uncond, cond.cond]) if use_cfg else cond.cond
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if add_time_ids is not None:
-        pooled = torch.cat([cond.uncond_pooled, cond.pooled]) if use_cfg else cond.pooled
+        wanted = [cond.uncond_pooled, cond.pooled] if use_cfg else [cond.pooled]
+        parts = [tensor for tensor in wanted if tensor is not None]
+        if len(parts) != len(wanted):
+            raise ValueError("SDXL conditioning (add_time_ids) needs the pooled prompt embeddings")
+        pooled = torch.cat(parts) if use_cfg else parts[0]
         time_ids = add_time_ids.to(device=device, dtype=dtype).repeat(embeds.shape[0], 1)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
     return embeds.to(device=device, dtype=dtype), kwargs
@@ -92,10 +106,12 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     batch = latents.shape[0]
     order = getattr(scheduler, "order", 1)
     inpaint = inputs.inpaint
-    step_kwargs = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
+    step_kwargs: dict[str, object] = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
     own_noise = _takes_step_noise(scheduler)
-    current = None
-    embeds = cond_kwargs = None
+    current: StepConditioningLike | None = None
+    # Set at the first step (no conditioning is None), then whenever prompt editing changes it.
+    embeds: torch.Tensor
+    cond_kwargs: dict[str, Any]
     call_unet = unet_runner(unet, inputs.step_cache_interval, len(inputs.timesteps))
     for i, t in enumerate(inputs.timesteps):
         step = min(i // order, inputs.steps - 1)

@@ -24,6 +24,7 @@ from PIL import Image
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.plugins.scripts import UnetPatch
+from pipelines.prompts.embeddings import EmbeddingDatabase
 from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompts.parser import extract_extra_networks
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
@@ -106,6 +107,8 @@ def upscale_first_pass(request: GenerationRequest, model: LoadedModel, latents: 
         factor = model.vae_scale_factor
         return model, upscale_latents(latents, request.hr_upscaler, (height // factor, width // factor),
                                       (cover[1] // factor, cover[0] // factor))
+    if pixels is None:  # decoded above unless latent mode stayed on the first model, which returned
+        raise RuntimeError("hires fix: the first pass was not decoded to pixels")
     if latent_mode:
         resized = upscale_latents(pixels, request.hr_upscaler, (height, width), (cover[1], cover[0])).clamp(-1, 1)
     else:
@@ -160,7 +163,7 @@ def switches_model(request: GenerationRequest, first: ModelFile, hires: ModelFil
 
 
 def encode_hires_prompts(request: GenerationRequest, model: LoadedModel, encode_prompts: list[str],
-                         encode_negative_prompts: list[str], embeddings: object | None) -> Conditioning:
+                         encode_negative_prompts: list[str], embeddings: EmbeddingDatabase | None) -> Conditioning:
     """The hires pass's conditioning (hr_prompt / hr_negative_prompt, else the job's prompts as the encoder
     sees them) by ``model``'s text encoders."""
     encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
@@ -189,7 +192,7 @@ class HiresInputs:
     #: The job's prompts as the text encoder sees them (for encoding on the hires checkpoint).
     encode_prompts: list[str] = field(default_factory=list)
     encode_negative_prompts: list[str] = field(default_factory=list)
-    embeddings: object | None = None
+    embeddings: EmbeddingDatabase | None = None
     #: Loads the hires checkpoint (with the job's extra networks and tiling); None: the pass runs on ``model``.
     load_hires_model: Callable[[], LoadedModel] | None = None
     patches: Sequence[UnetPatch] = ()
@@ -216,21 +219,23 @@ def run_hires_pass(inputs: HiresInputs) -> HiresOutput:
     """
     request, reporter = inputs.request, inputs.reporter
     control = reporter.control
-    tiles = {"tile": inputs.tile, "overlap": inputs.overlap, "should_stop": reporter.check,
-             "on_progress": reporter.tile_progress}
     if upscale_only(request):
         reporter.check()
         control.update(step=0, textinfo="Hires. fix: upscaling")
         decoded, upcast = latent_ops.decode(inputs.model.vae, inputs.latents, allow_upcast=not inputs.model.vae_upcast)
         if upcast:
             inputs.model.vae_upcast = True
-        images = [inputs.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True, **tiles)
+        images = [inputs.upscalers.upscale(image, request.hr_upscaler, size=request.hires_size, crop=True,
+                                           tile=inputs.tile, overlap=inputs.overlap, should_stop=reporter.check,
+                                           on_progress=reporter.tile_progress)
                   for image in latent_ops.tensor_to_pil(decoded)]
         return HiresOutput(model=inputs.model, images=images)
     control.update(step=0, textinfo="Hires. fix")
     # From here on only the hires model is used: with a checkpoint cache of 1 the first one is gone.
     model, init = upscale_first_pass(request, inputs.model, inputs.latents, generators=inputs.generators,
-                                     upscalers=inputs.upscalers, switch_model=inputs.load_hires_model, **tiles)
+                                     upscalers=inputs.upscalers, switch_model=inputs.load_hires_model,
+                                     tile=inputs.tile, overlap=inputs.overlap, should_stop=reporter.check,
+                                     on_progress=reporter.tile_progress)
     conditioning = inputs.conditioning
     if conditioning is None:
         conditioning = encode_hires_prompts(request, model, inputs.encode_prompts, inputs.encode_negative_prompts,

@@ -124,12 +124,15 @@ def finish_inpaint(images: list[Image.Image], source: Img2ImgSource) -> list[Ima
     images = [imageops.composite(im, orig, source.mask) for im, orig in zip(images, source.originals)]
     if source.crop_box is None:
         return images
+    if source.full_images is None or source.full_mask is None:
+        raise ValueError("an \"Only masked\" img2img source (crop_box set) needs full_images and full_mask")
     x1, y1, x2, y2 = source.crop_box
+    full_mask = source.full_mask.crop(source.crop_box)
     pasted = []
     for im, full in zip(images, source.full_images):
         patch = im.resize((x2 - x1, y2 - y1), imageops.LANCZOS)
         canvas = full.copy()
-        canvas.paste(patch, (x1, y1), source.full_mask.crop(source.crop_box))
+        canvas.paste(patch, (x1, y1), full_mask)
         pasted.append(canvas)
     return pasted
 

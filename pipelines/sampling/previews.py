@@ -36,7 +36,7 @@ class PreviewMaker:
         self.family = family
         self.decoder = decoder
         self._pinned: torch.Tensor | None = None
-        self._event = None
+        self._event: torch.cuda.Event | None = None
         self._ready: Image.Image | None = None
 
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,8 @@ class PreviewMaker:
 
     def poll(self) -> Image.Image | None:
         """The newest finished preview not yet returned, or None; never waits for the device."""
-        if self._event is not None and self._event.query():
+        # The pinned buffer exists whenever an event does (submit makes it first).
+        if self._event is not None and self._pinned is not None and self._event.query():
             self._event = None
             self._ready = self._finish(self._pinned.numpy())
         ready, self._ready = self._ready, None

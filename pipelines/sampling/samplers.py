@@ -21,7 +21,7 @@ class Sampler:
     aliases: tuple[str, ...] = ()
 
     @property
-    def cls(self) -> type:
+    def cls(self) -> type[Any]:
         return getattr(diffusers, self.scheduler_class)
 
     @property

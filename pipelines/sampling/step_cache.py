@@ -19,11 +19,14 @@ The partial call is written with diffusers' own sub-modules, in the order of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.models.acceleration import is_compiled
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 #: Intervals the option allows: 0 is off; 1 would make every call full (no gain).
 INTERVALS = (0, 2, 3, 4, 5)
@@ -61,7 +64,7 @@ def supports_step_cache(unet: torch.nn.Module) -> bool:
 class StepCache:
     """Calls one UNet for one denoising run, full every ``interval`` calls and partial in between."""
 
-    def __init__(self, unet: torch.nn.Module, interval: int, calls: int):
+    def __init__(self, unet: UNet2DConditionModel, interval: int, calls: int):
         if interval < 2:
             raise ValueError(f"step cache interval must be 2 or more, got {interval}")
         self.unet = unet
@@ -83,7 +86,7 @@ class StepCache:
     def needs_full(self, index: int, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    kwargs: Mapping[str, Any]) -> bool:
         """Whether call ``index`` runs the whole UNet."""
-        if self.deep is None or index % self.interval == 0 or index >= self.calls - 1:
+        if self.deep is None or self._made_from is None or index % self.interval == 0 or index >= self.calls - 1:
             return True
         if set(kwargs) - _PARTIAL_KWARGS or _adapter_residuals(kwargs):
             return True  # inputs the partial call does not handle: stay exact
@@ -150,7 +153,8 @@ def _adapter_residuals(kwargs: Mapping[str, Any]) -> bool:
     return "down_block_additional_residuals" in kwargs and kwargs.get("mid_block_additional_residual") is None
 
 
-def _embeddings(unet, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+def _embeddings(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The time (+ SDXL added-condition) embedding and the processed text states, as the UNet's forward
     computes them."""

@@ -99,16 +99,20 @@ def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettin
 
     ``tile``/``overlap`` are the model upscalers' tiling (the ``upscaler_tile`` options).
     """
-    if settings.resize_mode == 0:
-        target: dict = {"scale": settings.scale}
-    else:
-        target = {"size": (settings.width, settings.height), "crop": settings.crop}
+    by_scale = settings.resize_mode == 0
     stop = control.check if control is not None else None
-    tiling = {"tile": tile, "overlap": overlap, "should_stop": stop}
-    first = upscalers.upscale(image, settings.upscaler_1, **tiling, **target)
+
+    def run(upscaler: str) -> Image.Image:
+        if by_scale:
+            return upscalers.upscale(image, upscaler, scale=settings.scale, tile=tile, overlap=overlap,
+                                     should_stop=stop)
+        return upscalers.upscale(image, upscaler, size=(settings.width, settings.height), crop=settings.crop,
+                                 tile=tile, overlap=overlap, should_stop=stop)
+
+    first = run(settings.upscaler_1)
     if not settings.uses_second:
         return first
-    second = upscalers.upscale(image, settings.upscaler_2, **tiling, **target)
+    second = run(settings.upscaler_2)
     if second.mode != first.mode:
         second = second.convert(first.mode)
     return Image.blend(first, second, settings.upscaler_2_visibility)

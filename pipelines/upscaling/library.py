@@ -311,6 +311,7 @@ def target_size(
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale: must be a positive number, got {scale}")
         return max(1, round(source[0] * scale)), max(1, round(source[1] * scale))
+    assert size is not None  # exactly one of the two is given (checked above)
     if len(size) != 2 or any(int(side) != side or side < 1 for side in size):
         raise ValueError(f"size: must be (width, height) in whole pixels >= 1, got {size}")
     return int(size[0]), int(size[1])
