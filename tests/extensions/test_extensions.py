@@ -346,8 +346,8 @@ def test_lora_and_controlnet_from_plain_python(tiny_models, tmp_path):
     import subprocess
     import sys
 
-    from tests.tiny_controlnets import write_tiny_controlnets
-    from tests.tiny_loras import write_tiny_loras
+    from tests.fixtures.tiny_controlnets import write_tiny_controlnets
+    from tests.fixtures.tiny_loras import write_tiny_loras
 
     write_tiny_loras(tiny_models / "Lora", "sd1")
     write_tiny_controlnets(tiny_models / "ControlNet")

@@ -17,6 +17,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.images.saving import encode_base64_png
+from pipelines.settings import MODEL_KINDS
 from webui.api.errors import ApiError
 from webui.context import AppContext
 from webui.extension_api import ScriptControls, TabUi
@@ -145,7 +146,8 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     @api.post("/sdapi/v1/interrogate")
     def interrogate(body: InterrogateRequest) -> dict:
         """Caption an image: no interrogator ships with this app, so this answers 422 saying what is missing."""
-        folders = ", ".join(str(folder) for folder in ctx.engine.paths.model_dirs("clip"))
+        # Named, not read: nothing in this version reads models/CLIP yet.
+        folders = str(ctx.engine.paths.models_dir / MODEL_KINDS["clip"].folder)
         raise ApiError(("model",), f"model {body.model!r}: interrogation is not available here: no CLIP/BLIP "
                                    f"interrogator is shipped or supported yet (its model files would go in "
                                    f"{folders}); caption the image with another tool")
