@@ -28,6 +28,7 @@ from pipelines.models.catalog import ModelRegistry
 from pipelines.models.devices import free_memory, is_out_of_memory
 from pipelines.models.manager import ModelManager
 from pipelines.options import Options
+from pipelines.paths import check_writable
 from pipelines.plan import JobPlan, RequestError, ScriptRequestError, script_field, unknown_styles_message
 from pipelines.plugins.extra_networks import ExtraNetworkRegistry
 from pipelines.plugins.scripts import ScriptError, ScriptJobs, ScriptRegistry, SelectableScriptRegistry
@@ -52,6 +53,8 @@ class Engine:
     def __init__(self, settings: EngineSettings, options: Options | None = None):
         self.settings = settings
         self.paths = settings.paths
+        #: Where a folder a user names (``outdir_*`` options, the Extras tab's input folder) must lie.
+        self.roots = self.paths.allowed_roots()
         self.options = options or Options(sd_checkpoint_cache=settings.checkpoint_cache)
         self.registry = ModelRegistry(self.paths)
         self.models = ModelManager(settings, self.registry)
@@ -67,6 +70,30 @@ class Engine:
         self.selectable_scripts = SelectableScriptRegistry()
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
         self._gpu = threading.Lock()
+
+    @property
+    def options(self) -> Options:
+        """The current options, bound to :attr:`roots` (every ``outdir_*`` value is checked against them)."""
+        return self._options
+
+    @options.setter
+    def options(self, value: Options) -> None:
+        self._options = value.bound_to(self.roots)
+
+    def check_output_dirs(self, request: GenerationRequest, options: Options) -> None:
+        """Before any model work: :class:`RequestError` naming the ``outdir_*`` option when a folder the job
+        will save into lies outside :attr:`roots` or cannot be written."""
+        if not request.save_images:
+            return
+        several = request.batch_size * request.n_iter > 1 or request.script_name
+        for grids, saved in ((False, options.samples_save), (True, options.grid_save and several)):
+            if not saved:
+                continue
+            key = f"outdir_{request.mode}_{'grids' if grids else 'samples'}"
+            try:
+                check_writable(options.output_dir(self.paths.outputs_dir, request.mode, grids=grids), field=key)
+            except ValueError as error:
+                raise RequestError(key, str(error)) from None
 
     def hires_upscaler_names(self) -> list[str]:
         """What a request's ``hr_upscaler`` may be: the latent modes, then the image upscalers found now."""
@@ -130,7 +157,8 @@ class Engine:
         """
         plan = request if isinstance(request, JobPlan) else self.plan(request)
         request = plan.request
-        options = options or self.options
+        options = (options or self.options).bound_to(self.roots)
+        self.check_output_dirs(request, options)
         control = control or JobControl(preview_every=options.show_progress_every_n_steps)
         if plan.script is not None:
             # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.

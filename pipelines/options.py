@@ -2,6 +2,11 @@
 
 An :class:`Options` value is passed to each job; an override for one request is a copy with changed
 fields, never a write to a shared object.
+
+Options bound to the engine's folders (:meth:`Options.bound_to`, done by the engine) check every ``outdir_*``
+value against them (:func:`pipelines.paths.confine`) and keep the operator-only options unchanged, in every
+copy made with :meth:`Options.with_overrides`: the Settings tab, ``/sdapi/v1/options`` and
+``override_settings`` all change options that way.
 """
 
 from __future__ import annotations
@@ -10,11 +15,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from pipelines.images.saving import dated_output_dir
+from pipelines.paths import AllowedRoots, confine, confine_writable
+
+#: The options naming a folder images are saved in (all are checked by :func:`pipelines.paths.confine`).
+OUTDIR_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_txt2img_grids",
+                  "outdir_img2img_grids", "outdir_extras_samples")
+#: Options only the operator sets (config.json on disk, or a command-line flag): a change through
+#: :meth:`Options.with_overrides` (the UI, the API) is refused, since the server would fetch that URL.
+OPERATOR_OPTIONS = ("default_model_url",)
 
 
 class Options(BaseModel):
@@ -43,7 +56,7 @@ class Options(BaseModel):
         "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
         "v1-5-pruned-emaonly.safetensors",
         description="Checkpoint the Download button fetches when models/Stable-diffusion is empty (SD 1.5, "
-        "as A1111 offers).",
+        "as A1111 offers). Set only by the server's operator: --default-model-url or config.json.",
     )
     show_progress_every_n_steps: int = Field(
         5, ge=0, le=100, description="Live preview every N sampling steps (0: no preview)."
@@ -79,6 +92,27 @@ class Options(BaseModel):
         1, ge=1, le=12, description="Clip skip used by jobs that name none."
     )
 
+    #: The folders ``outdir_*`` values must lie in; None for options not bound to an engine (see bound_to).
+    _roots: AllowedRoots | None = PrivateAttr(default=None)
+
+    @field_validator(*OUTDIR_OPTIONS)
+    @classmethod
+    def _outdir_inside_roots(cls, value: str, info: ValidationInfo) -> str:
+        roots = (info.context or {}).get("roots")
+        if roots is not None and value.strip():
+            confine_writable(value, roots, field=str(info.field_name))
+        return value
+
+    @field_validator(*OPERATOR_OPTIONS)
+    @classmethod
+    def _operator_only(cls, value: str, info: ValidationInfo) -> str:
+        fixed = (info.context or {}).get("operator_values", {})
+        name = str(info.field_name)
+        if name in fixed and value != fixed[name]:
+            raise ValueError(f"{name} is set only by the server's operator (a command-line flag or config.json "
+                             "on the server), not over the API or the UI")
+        return value
+
     @model_validator(mode="after")
     def _overlap_fits_tile(self) -> Options:
         if self.upscaler_tile and self.upscaler_tile_overlap * 2 > self.upscaler_tile:
@@ -95,19 +129,45 @@ class Options(BaseModel):
             raise ValueError("1 would run the whole UNet at every step anyway: use 0 for off, or 2 to 5")
         return value
 
+    @property
+    def roots(self) -> AllowedRoots | None:
+        """The folders these options are bound to (:meth:`bound_to`), or None."""
+        return self._roots
+
+    def bound_to(self, roots: AllowedRoots) -> Options:
+        """A copy whose ``outdir_*`` values are checked to lie inside ``roots``, now and in every copy made by
+        :meth:`with_overrides`; ValidationError naming the option when one lies outside or is not writable."""
+        if self._roots == roots:
+            return self
+        bound = type(self).model_validate(self.model_dump(), context={"roots": roots})
+        bound._roots = roots
+        return bound
+
     def output_dir(self, outputs_dir: Path, mode: str, *, grids: bool = False) -> Path:
         """Where images (or grids) of ``mode`` (txt2img, img2img, extras) are saved: the ``outdir_*`` option
-        when set, else ``outputs_dir/<mode>-images/YYYY-MM-DD`` (``<mode>-grids``); not created here."""
+        when set (confined to the bound roots; options not bound to an engine use the parent of
+        ``outputs_dir``, the data dir), else ``outputs_dir/<mode>-images/YYYY-MM-DD`` (``<mode>-grids``);
+        not created here. ValueError naming the option for a folder outside the roots."""
         key = f"outdir_{mode}_{'grids' if grids else 'samples'}"
         custom = str(getattr(self, key, "")).strip()
-        return Path(custom).expanduser() if custom else dated_output_dir(outputs_dir, mode, grids=grids)
+        if not custom:
+            return dated_output_dir(outputs_dir, mode, grids=grids)
+        return confine(custom, self._roots or AllowedRoots(Path(outputs_dir).parent), field=key)
 
     def with_overrides(self, overrides: dict) -> Options:
-        """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them."""
+        """A copy with ``overrides`` applied and validated; unknown keys raise KeyError naming them.
+
+        Bound options stay bound: each ``outdir_*`` value is checked against their roots, and an operator
+        option (:data:`OPERATOR_OPTIONS`) that changes is refused (ValidationError naming it)."""
         unknown = set(overrides) - set(type(self).model_fields)
         if unknown:
             raise KeyError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        return self.model_validate({**self.model_dump(), **overrides})
+        context: dict[str, Any] = {"operator_values": {name: getattr(self, name) for name in OPERATOR_OPTIONS}}
+        if self._roots is not None:
+            context["roots"] = self._roots
+        copy = self.model_validate({**self.model_dump(), **overrides}, context=context)
+        copy._roots = self._roots
+        return copy
 
     @classmethod
     def load(cls, path: Path) -> Options:

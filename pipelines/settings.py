@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.paths import AllowedRoots
+
 
 @dataclass(frozen=True)
 class ModelKind:
@@ -110,12 +112,22 @@ class Paths:
     ``extra_dirs`` maps a model kind to folders searched besides ``models_dir/<kind folder>``
     (from ``--ckpt-dir``, ``--vae-dir``, ``--lora-dir`` ...). A nested kind (``ControlNet/annotators``)
     is also looked for in the same place below its parent kind's extra folders.
+
+    ``allowed_dirs`` are further folders the operator lets users read and write (``--allowed-dir``);
+    :meth:`allowed_roots` is where any folder a user names must lie (:func:`pipelines.paths.confine`).
     """
 
     data_dir: Path
     models_dir: Path
     outputs_dir: Path
     extra_dirs: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+    allowed_dirs: tuple[Path, ...] = ()
+
+    def allowed_roots(self) -> AllowedRoots:
+        """The data dir, then the outputs and models dirs, the per-kind folders and ``allowed_dirs``."""
+        extra = (self.outputs_dir, self.models_dir, *(d for dirs in self.extra_dirs.values() for d in dirs),
+                 *self.allowed_dirs)
+        return AllowedRoots(data_dir=self.data_dir, extra=tuple(extra))
 
     @classmethod
     def under(cls, data_dir: Path | str, models_dir: Path | str | None = None) -> Paths:

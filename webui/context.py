@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 from pipelines.engine import Engine
-from pipelines.options import Options
+from pipelines.options import OUTDIR_OPTIONS, Options
+from pipelines.paths import confine_writable
 from pipelines.settings import Paths
 from pipelines.upscaling import Upscalers
 from webui.extensions import LoadedExtensions, load_extensions
@@ -44,6 +45,23 @@ def saved_selection_or_fallback(options: Options, paths: Paths) -> Options:
             log.warning("the saved %s %r (config.json) is no longer in %s; using %s instead", key, saved,
                         ", ".join(map(str, paths.model_dirs(kind))), fallback or "the first checkpoint found")
             changes[key] = fallback
+    return options.model_copy(update=changes) if changes else options
+
+
+def outdirs_inside_roots(options: Options, paths: Paths) -> Options:
+    """``options`` with each saved ``outdir_*`` folder (config.json) that lies outside the allowed folders or
+    cannot be written replaced by the default folder, logged with the reason and how to allow it."""
+    roots = paths.allowed_roots()
+    changes: dict[str, str] = {}
+    for key in OUTDIR_OPTIONS:
+        value = getattr(options, key)
+        if not value.strip():
+            continue
+        try:
+            confine_writable(value, roots, field=key)
+        except ValueError as error:
+            log.warning("config.json: %s; using the default folder (allow a folder with --allowed-dir)", error)
+            changes[key] = ""
     return options.model_copy(update=changes) if changes else options
 
 
@@ -82,6 +100,7 @@ class AppContext:
         create_model_dirs(settings.paths)
         options_path = settings.paths.data_dir / "config.json"
         options = saved_selection_or_fallback(Options.load(options_path), settings.paths)
+        options = outdirs_inside_roots(options, settings.paths)
         settings = flags.engine_settings(checkpoint_cache=options.sd_checkpoint_cache)
         if not flags.ckpt and options.sd_model_checkpoint:
             settings = dataclasses.replace(settings, default_checkpoint=_file_name(options.sd_model_checkpoint))
@@ -94,6 +113,12 @@ class AppContext:
     @property
     def options(self) -> Options:
         return self.engine.options
+
+    @property
+    def default_model_url(self) -> str:
+        """What the Download button fetches: ``--default-model-url``, else the option (config.json on disk;
+        the UI and the API cannot change it)."""
+        return self.flags.default_model_url or self.options.default_model_url
 
     @property
     def upscalers(self) -> Upscalers:

@@ -38,6 +38,8 @@ class Flags:
     lora_dir: str | None = None
     controlnet_dir: str | None = None
     esrgan_models_path: str | None = None
+    allowed_dir: tuple[str, ...] = ()
+    default_model_url: str | None = None
     medvram: bool = False
     lowvram: bool = False
     no_half: bool = False
@@ -88,8 +90,9 @@ class Flags:
             )
             if folder
         }
+        allowed = tuple(Path(folder).expanduser().resolve() for folder in self.allowed_dir)
         return Paths(data_dir=base.data_dir, models_dir=base.models_dir, outputs_dir=base.outputs_dir,
-                     extra_dirs=extra)
+                     extra_dirs=extra, allowed_dirs=allowed)
 
     def engine_settings(self, checkpoint_cache: int = 1) -> EngineSettings:
         """The engine's settings these flags describe."""
@@ -122,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-dir", help="An extra folder of LoRAs.")
     add("--controlnet-dir", help="An extra folder of ControlNet models.")
     add("--esrgan-models-path", help="An extra folder of ESRGAN upscalers.")
+    add("--allowed-dir", action="append", default=[], metavar="PATH",
+        help="A folder users may save images into and read images from (output folder options, Extras' "
+        "Batch from Directory), besides the data dir and the model folders; repeat for several.")
+    add("--default-model-url", help="The checkpoint the UI's Download button fetches when there is none "
+        "(default: SD 1.5 from Hugging Face, or default_model_url in config.json); the UI and the API cannot "
+        "change it.")
     add("--medvram", action="store_true", help="Keep only the running model part on the GPU (model CPU offload).")
     add("--lowvram", action="store_true", help="Move layers to the GPU one at a time (sequential CPU offload).")
     add("--no-half", action="store_true", help="Run models in fp32.")
@@ -154,4 +163,5 @@ def parse_flags(argv: list[str] | None = None, environ: dict[str, str] | None = 
     ns = build_parser().parse_args(args)
     values = {k: v for k, v in vars(ns).items()}
     values["use_cpu"] = tuple(values["use_cpu"])
+    values["allowed_dir"] = tuple(values["allowed_dir"])
     return Flags(**values, test_args=tuple(test_args))

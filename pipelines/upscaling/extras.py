@@ -19,6 +19,7 @@ from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext, save_image
 from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
 from pipelines.options import Options
+from pipelines.paths import AllowedRoots, confine
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE, Upscalers
 
 
@@ -116,6 +117,30 @@ def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettin
     if second.mode != first.mode:
         second = second.convert(first.mode)
     return Image.blend(first, second, settings.upscaler_2_visibility)
+
+
+#: The files "Batch from Directory" picks up.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(folder: str, roots: AllowedRoots, *, field: str = "input_dir") -> list[Path]:
+    """The image files in ``folder`` (Extras' "Batch from Directory"), sorted by name.
+
+    The folder must lie inside ``roots`` (:func:`pipelines.paths.confine`: relative to the data dir, no ``~``),
+    and so must every file after its symbolic links are followed: a link to a file elsewhere is left out.
+    ValueError naming ``field`` otherwise."""
+    root = confine(folder, roots, field=field)
+    if not root.is_dir():
+        raise ValueError(f"{field}: {folder.strip()!r} is not a folder")
+    images = []
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            images.append(confine(str(path), roots, field=field))
+        except ValueError:
+            continue  # a link leading outside the allowed folders
+    return images
 
 
 def open_image(path: str | Path) -> Image.Image:

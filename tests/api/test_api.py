@@ -569,7 +569,7 @@ def test_extras_use_the_tiling_options_and_never_save(url, server, tmp_path):
     calls: list[tuple[int, int]] = []
     hook = server.ctx.upscalers.load(ESRGAN).model.register_forward_hook(
         lambda _module, args, _out: calls.append(tuple(args[0].shape[-2:])))
-    folder = tmp_path / "my-extras"
+    folder = server.ctx.engine.paths.data_dir / tmp_path.name / "my-extras"  # output folders lie in the data dir
     try:
         whole = extras(url, upscaler_1=ESRGAN, upscaling_resize=2)
         assert whole.status_code == 200, whole.text

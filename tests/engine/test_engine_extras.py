@@ -75,12 +75,13 @@ def test_large_images_encode_in_tiles(monkeypatch):
     assert torch.isfinite(tiled).all()
 
 
-def test_grids_go_to_the_grid_folder_options(engine, tmp_path):
-    options = engine.options.with_overrides({"outdir_txt2img_grids": str(tmp_path / "grids"),
-                                             "outdir_txt2img_samples": str(tmp_path / "samples")})
+def test_grids_go_to_the_grid_folder_options(engine):
+    folder = engine.paths.data_dir / "grid-options"  # output folders must lie inside the data dir
+    options = engine.options.with_overrides({"outdir_txt2img_grids": str(folder / "grids"),
+                                             "outdir_txt2img_samples": "grid-options/samples"})
     result = engine.generate(txt2img(batch_size=2, steps=1, save_images=True), options=options)
-    assert result.grid_path is not None and result.grid_path.parent == tmp_path / "grids"
-    assert [path.parent for path in result.paths] == [tmp_path / "samples"] * 2
+    assert result.grid_path is not None and result.grid_path.parent == folder / "grids"
+    assert [path.parent for path in result.paths] == [folder / "samples"] * 2
     default = engine.generate(txt2img(batch_size=2, steps=1, save_images=True))
     assert default.grid_path.parent.parent == engine.paths.outputs_dir / "txt2img-grids"
 

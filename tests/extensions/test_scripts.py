@@ -282,7 +282,7 @@ def test_prompt_matrix_options(scripts_engine):
 ])
 def test_script_grids_follow_the_grid_options(scripts_engine, tmp_path, script, args, prompt):
     request = txt2img(prompt=prompt, save_images=True, script_name=script, script_args=args)
-    folder = tmp_path / "my-grids"
+    folder = scripts_engine.paths.data_dir / tmp_path.name / "my-grids"  # output folders lie in the data dir
     chosen = scripts_engine.options.with_overrides({"samples_save": False, "grid_format": "jpg",
                                                    "outdir_txt2img_grids": str(folder)})
     result = scripts_engine.generate(request, options=chosen)

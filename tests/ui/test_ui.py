@@ -345,8 +345,8 @@ def test_extras_upscales_a_sent_image_x2_and_keeps_its_infotext(page, ui_server)
     assert text.startswith("a red barn") and "Seed: 99" in text and "Postprocess upscale by: 2" in text
 
 
-def test_extras_batch_from_directory_scales_to_size(page, ui_server, tmp_path):
-    folder = tmp_path / "in"
+def test_extras_batch_from_directory_scales_to_size(page, ui_server):
+    folder = ui_server.data_dir / "extras-in"  # inside the data dir: the only folders the tab may read
     folder.mkdir()
     for k, size in enumerate(((40, 30), (24, 24))):
         Image.new("RGB", size, (40 * k, 90, 200)).save(folder / f"{k}.png")

@@ -251,6 +251,10 @@ class FileData(BaseModel):
 
 class ExtrasBatchImagesRequest(ExtrasBaseRequest):
     imageList: list[FileData] = Field(min_length=1, description="The images to process.")  # noqa: N815
+    input_dir: str | None = Field(None, description="Not supported (as in A1111): the API reads no folder on "
+                                                    "the server; send the images in imageList. Refused when set.")
+    output_dir: str | None = Field(None, description="Not supported (as in A1111): the API writes no file; the "
+                                                     "images come back in the answer. Refused when set.")
 
 
 class ExtrasSingleImageResponse(BaseModel):

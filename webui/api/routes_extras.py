@@ -80,6 +80,10 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     @api.post("/sdapi/v1/extra-batch-images", response_model=ExtrasBatchImagesResponse)
     def extra_batch_images(body: ExtrasBatchImagesRequest) -> dict:
         """Upscale several images with the same settings."""
+        for field, what in (("input_dir", "send the images in imageList"),
+                            ("output_dir", "the images come back in the answer")):
+            if getattr(body, field):  # folders on the server are the Extras tab's, inside the allowed folders
+                raise ApiError((field,), f"{field}: the API reads and writes no folder on the server; {what}")
         settings = _settings(ctx, body)
         images = [_decode(item.data, ("imageList", index, "data")) for index, item in enumerate(body.imageList)]
         results = _run(ctx, images, settings)

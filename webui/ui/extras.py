@@ -10,13 +10,12 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.images.saving import embed_infotext
-from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, run_extras
+from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, folder_images, run_extras
 from webui.context import AppContext
 from webui.job_queue import JobCancelled
 from webui.ui.output import infotext_html
 
 SOURCES = ("single", "batch", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -28,11 +27,12 @@ class ExtrasTab:
     info: gr.HTML
 
 
-def _folder_images(folder: str) -> list[Path]:
-    root = Path(folder.strip()).expanduser()
-    if not folder.strip() or not root.is_dir():
-        raise gr.Error(f"Input directory {folder!r} is not a folder.")
-    return sorted(path for path in root.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+def _folder_images(ctx: AppContext, folder: str) -> list[Path]:
+    """The images of a folder inside the data dir or the folders the operator allowed (--allowed-dir)."""
+    try:
+        return folder_images(folder or "", ctx.engine.roots, field="Input directory")
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
 
 
 def _gallery_files(results: list[ExtrasResult]) -> list[str]:
@@ -117,7 +117,7 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
         elif mode == "batch":
             paths = [getattr(item, "name", item) for item in batch or []]
         else:
-            paths = _folder_images(directory)
+            paths = _folder_images(ctx, directory)
         if not paths:
             raise gr.Error("No images to process.")
         settings = ExtrasSettings(resize_mode=resize, scale=by, width=int(w or 0), height=int(h or 0), crop=fit,

@@ -8,7 +8,7 @@ import typing
 import gradio as gr
 from pydantic import ValidationError
 
-from pipelines.options import Options
+from pipelines.options import OPERATOR_OPTIONS, Options
 from pipelines.sampling.samplers import SAMPLERS
 from webui.context import AppContext
 from webui.ui import fields as f
@@ -53,6 +53,8 @@ def option_control(name: str, value: object) -> gr.components.Component:
     info = Options.model_fields[name]
     label = info.description or name
     elem_id = f"setting_{name}"
+    if name in OPERATOR_OPTIONS:  # shown, never changed here (a flag or config.json on the server)
+        return gr.Textbox(value=value, label=label, elem_id=elem_id, interactive=False)
     if name in _CHOICES:
         return gr.Dropdown(_CHOICES[name](), value=value, label=label, elem_id=elem_id)
     if typing.get_origin(info.annotation) is typing.Literal:
@@ -65,6 +67,14 @@ def option_control(name: str, value: object) -> gr.components.Component:
             return gr.Slider(low, high, step=1, value=value, label=label, elem_id=elem_id)
         return gr.Number(value=value, precision=0, label=label, elem_id=elem_id)
     return gr.Textbox(value=value, label=label, elem_id=elem_id)
+
+
+def _reason(item: typing.Any) -> str:
+    """One validation error as "option: what is wrong" (the option named once)."""
+    name = ".".join(map(str, item["loc"]))
+    message = str(item["msg"]).removeprefix("Value error, ")
+    return message if not name or message.startswith(f"{name}:") or message.startswith(f"{name} ") \
+        else f"{name}: {message}"
 
 
 def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
@@ -86,13 +96,17 @@ def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
 
     def apply_settings(*values: object) -> str:
         old = ctx.options
-        changes = {name: value for name, value in zip(names, values) if getattr(old, name) != value}
+        changes = {name: value for name, value in zip(names, values)
+                   if getattr(old, name) != value and name not in OPERATOR_OPTIONS}
         if not changes:
             return "<p>Nothing changed.</p>"
         try:
             ctx.update_options(changes)
-        except (KeyError, ValidationError) as error:
+        except KeyError as error:
             return f"<p class='sdui-error'>Not saved: {html.escape(str(error))}</p>"
+        except ValidationError as error:  # e.g. an output folder outside the allowed folders: nothing is saved
+            reasons = "; ".join(_reason(item) for item in error.errors())
+            return f"<p class='sdui-error'>Not saved: {html.escape(reasons)}</p>"
         return (f"<p>{len(changes)} setting(s) changed and saved to {html.escape(str(ctx.options_path))}: "
                 f"{html.escape(', '.join(changes))}.</p>")
 

@@ -55,8 +55,8 @@ def no_model_notice(ctx: AppContext) -> str:
     folder = ctx.engine.registry.paths.model_dirs("checkpoint")[0]
     return (f"**No checkpoint found.** Put a Stable Diffusion checkpoint (a `.safetensors` or `.ckpt` file, or a "
             f"diffusers folder) into `{folder}` and press 🔄 next to the checkpoint list, "
-            f"or download the default model (`{Path(urlparse(ctx.options.default_model_url).path).name}`; the "
-            "URL is a setting).")
+            f"or download the default model (`{Path(urlparse(ctx.default_model_url).path).name}`; the server's "
+            "operator sets the URL with --default-model-url).")
 
 
 def initial_vae(ctx: AppContext) -> str:
@@ -129,7 +129,14 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
                         queue=False)
 
     def download(current: str | None):
-        url = ctx.options.default_model_url
+        # Only for a fresh install, as the notice shows it: never a second checkpoint, nor a probe of the
+        # network, once one is there.
+        ctx.engine.registry.refresh()
+        if ctx.engine.registry.checkpoints:
+            yield ("<p class='sdui-error'>A checkpoint is already there; the default model is downloaded only "
+                   "when there is none.</p>", gr.update(), gr.update())
+            return
+        url = ctx.default_model_url  # the operator's (flag or config.json), never a request's
         problem = network_problem(url)
         if problem:
             yield (f"<p class='sdui-error'>Cannot download the default model: {html.escape(problem)} Download "
