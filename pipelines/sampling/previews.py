@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from pipelines.models.taesd import taesd_decoder
+from pipelines.sampling.latents import approx_preview_pixels
 
 log = logging.getLogger(__name__)
-from pipelines.sampling.latents import approx_preview_pixels
 
 #: Latents (B, C, h, w) -> RGB pixels (3, H, W) in [0, 1] on the latents' device, for the first image.
 PreviewDecoder = Callable[[torch.Tensor], torch.Tensor]
