@@ -18,7 +18,7 @@ from webui.api.auth import parse_credentials
 from webui.context import AppContext
 from webui.cors import add_cors
 from webui.flags import Flags
-from webui.security import Guard, Policy
+from webui.security import Guard, Policy, hide_api_info_before_login
 from webui.server import RunningServer, ServerStartError, keep_loopback_off_proxies, run_in_background
 
 log = logging.getLogger("webui")
@@ -85,15 +85,17 @@ def _share_ui_login(app: FastAPI, ctx: AppContext, blocks) -> None:
     if not logins:
         return
     policy.login_paths = ("/login", "/login/")
+    gradio_app = blocks.app
+
+    def ui_session(cookies: dict[str, str]) -> bool:
+        cookie_id = gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return bool(token) and token in gradio_app.tokens
+
+    policy.ui_logged_in = ui_session
+    hide_api_info_before_login(gradio_app)
     if ctx.flags.api and not ctx.flags.api_auth:
-        gradio_app = blocks.app
         policy.api_credentials = [(user.encode(), password.encode()) for user, password in logins]
-
-        def ui_session(cookies: dict[str, str]) -> bool:
-            cookie_id = gradio_app.cookie_id
-            token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
-            return bool(token) and token in gradio_app.tokens
-
         policy.ui_session = ui_session
         log.info("the API (--api) uses the UI's logins (--gradio-auth): HTTP Basic with a UI user:password, or "
                  "the cookie of a logged-in UI session; set --api-auth for separate API credentials")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import hashlib
 import json
 import re
@@ -46,6 +47,28 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 #: Bodies a browser sends cross-site without a CORS preflight.
 SIMPLE_TYPES = {"", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+#: True while the guard serves a request without a live UI session on a server with a UI login.
+_ANONYMOUS: contextvars.ContextVar[bool] = contextvars.ContextVar("ui_anonymous", default=False)
+_NO_API_INFO: dict = {"named_endpoints": {}, "unnamed_endpoints": {}}
+
+
+class _ApiInfoAfterLogin(dict):
+    """Gradio's cache of the page's API description (which lists every dropdown's choices: checkpoint, VAE
+    and upscaler names), answering an empty description while the request has no UI session."""
+
+    def __getitem__(self, key):
+        return _NO_API_INFO if _ANONYMOUS.get() else super().__getitem__(key)
+
+
+def hide_api_info_before_login(gradio_app) -> None:
+    """With a UI login, the login page Gradio serves carries no API description: its dropdown choices
+    would name the models. (Gradio's own ``/gradio_api/info`` already needs the login; the description of
+    all endpoints, which Gradio caches for every caller, is left empty.)"""
+    gradio_app.page_api_info = _ApiInfoAfterLogin(gradio_app.page_api_info)
+    gradio_app.api_info = dict(_NO_API_INFO)
+    gradio_app.all_app_info = dict(_NO_API_INFO)
 
 
 class BodyTooLarge(HTTPException):
@@ -177,6 +200,8 @@ class Policy:
     #: With the UI's logins on the API: True when the request's cookies hold a live UI session.
     ui_session: Callable[[dict[str, str]], bool] | None = None
     api_prefixes: set[str] = field(default_factory=lambda: set(API_PREFIXES))
+    #: With a UI login: True when the request's cookies hold a live UI session.
+    ui_logged_in: Callable[[dict[str, str]], bool] | None = None
     #: The UI's login route (Gradio's), whose failures are counted.
     login_paths: tuple[str, ...] = ()
     failures: FailureCounter = field(default_factory=FailureCounter)
@@ -255,6 +280,8 @@ class Guard:
             await _answer(send, 400, f"Host {host_header!r} is not a name of this server; add it with "
                                      "--allowed-hosts")
             return
+        if policy.ui_logged_in is not None:
+            _ANONYMOUS.set(not policy.ui_logged_in(_cookies(headers.get("cookie", ""))))
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
