@@ -327,6 +327,8 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         # 5.-10. batch after batch: latents -> denoise -> hires pass -> decode -> infotext -> save
         _run_batches(request, ctx, seeds, prompts, conditionings, result, scripts)
         result.extra_images.extend(scripts.extra_images)
+        if ctx.options.show_progress_type == "TAESD" and model.taesd_error:
+            result.warnings.append(model.taesd_error)
     # 11. the grid
     save_grid(request, ctx, result)
     result.seconds = time.perf_counter() - started

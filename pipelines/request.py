@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.prompts.parser import check_nesting
 from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, fitting_schedule
 
 MAX_SEED = 4294967294
@@ -88,6 +89,11 @@ class GenerationRequest(BaseModel):
     alwayson_scripts: dict[str, list[Any]] = Field(
         default_factory=dict, description="Always-on scripts (extensions) to run, by name, with their arguments.")
 
+    @field_validator("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+    @classmethod
+    def _not_too_deep(cls, value: str, info) -> str:
+        return check_nesting(value, info.field_name)
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int, info) -> int:
@@ -129,9 +135,15 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"hr_{error}") from None
         if self.enable_hr:
             width, height = self.hires_size
+            field = "hr_resize_x" if self.hr_resize_x or self.hr_resize_y else "hr_scale"
             if max(width, height) > MAX_SIZE:
-                raise ValueError(f"hires fix: the target size {width}x{height} is larger than {MAX_SIZE}; "
+                raise ValueError(f"{field}: the hires fix target size {width}x{height} is larger than {MAX_SIZE}; "
                                  "lower hr_scale or hr_resize_x/hr_resize_y")
+            # The process-wide pixel limit of decoded images (Pillow's, set from --max-image-pixels).
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise ValueError(f"{field}: the hires fix output would be {width}x{height} = {width * height} "
+                                 f"pixels, more than the limit of {limit}")
         return self
 
     @property

@@ -85,7 +85,7 @@ class AppContext:
         self.engine = engine
         #: What the extensions registered for the UI and the API (their engine parts live in the engine).
         self.extensions = extensions or LoadedExtensions()
-        self.queue = JobQueue()
+        self.queue = JobQueue(max_waiting=flags.queue_size)
         self.options_path = options_path
         self._lock = threading.Lock()
 

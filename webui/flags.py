@@ -56,6 +56,10 @@ class Flags:
     cors_allow_origins_regex: str | None = None
     tls_keyfile: str | None = None
     tls_certfile: str | None = None
+    max_body_size: int = 64
+    max_image_pixels: int = 16384 * 16384
+    queue_size: int = 64
+    allowed_hosts: str | None = None
     skip_install: bool = False
     test: bool = False
     test_args: tuple[str, ...] = field(default_factory=tuple)
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cors-allow-origins-regex", help="Regular expression of origins allowed by CORS.")
     add("--tls-keyfile", help="TLS key file for HTTPS.")
     add("--tls-certfile", help="TLS certificate file for HTTPS.")
+    add("--max-body-size", type=int, default=64, help="Largest request body (and UI upload) in MiB; more gets 413.")
+    add("--max-image-pixels", type=int, default=16384 * 16384,
+        help="Most pixels of an image the server decodes or makes (width x height); more gets 422.")
+    add("--queue-size", type=int, default=64, help="Most jobs that may wait in the queue; more get 503.")
+    add("--allowed-hosts", help="With --listen: more host names (comma-separated, *.example.com allowed) the "
+        "Host header may carry besides this machine's names and addresses.")
     add("--skip-install", action="store_true", help="Do not create or update the virtual environment.")
     add("--test", action="store_true", help="Run the test suite (arguments after it go to pytest).")
     return p

@@ -1,18 +1,25 @@
 """The one job queue that the UI and the API share: first come, first served, one job on the device at a time.
 
-A job runs in the thread of whoever queued it; the queue only decides when. Interrupt, skip and progress
-reach the running job through its :class:`~pipelines.job_control.JobControl`.
+A job runs in the thread of whoever queued it (:meth:`JobQueue.run`), or, for a caller on the event loop
+(the API), waits without holding any thread and runs in a worker thread only once its turn comes
+(:meth:`JobQueue.run_async`); the queue only decides when. At most ``max_waiting`` jobs wait: one more is
+refused with :class:`QueueFull`. Interrupt, skip and progress reach the running job through its
+:class:`~pipelines.job_control.JobControl`.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import anyio
+import anyio.to_thread
 
 from pipelines.job_control import JobControl, Progress
 
@@ -21,6 +28,14 @@ T = TypeVar("T")
 
 class JobCancelled(Exception):
     """A queued job was cancelled before it started."""
+
+
+class QueueFull(Exception):
+    """The queue already holds its most waiting jobs; ``retry_after`` estimates when a place frees."""
+
+    def __init__(self, waiting: int, retry_after: int):
+        super().__init__(f"the queue is full: {waiting} jobs are waiting (--queue-size); try again later")
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -44,12 +59,17 @@ class Ticket:
 
 #: How many finished task ids the queue remembers (for ``POST /internal/progress``'s ``completed``).
 FINISHED_TASKS_KEPT = 1000
+#: How often a job waiting on the event loop looks whether its turn has come.
+ASYNC_POLL_S = 0.02
 
 
 class JobQueue:
     """First come, first served; one job runs at a time. The job runs in the caller's thread."""
 
-    def __init__(self):
+    def __init__(self, max_waiting: int | None = None):
+        #: Most jobs that may wait (None: no limit).
+        self.max_waiting = max_waiting
+        self._durations: deque[float] = deque(maxlen=20)
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._running: Ticket | None = None
@@ -57,33 +77,91 @@ class JobQueue:
         self.finished_jobs = 0
         self._finished_tasks: deque[str] = deque(maxlen=FINISHED_TASKS_KEPT)
 
+    def _enqueue(self, source: str, description: str, control: JobControl | None, task_id: str | None,
+                 on_ticket: Callable[[Ticket], None] | None) -> Ticket:
+        ticket = Ticket(next(self._ids), source, description, control or JobControl(), task_id=task_id or "")
+        with self._cond:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(len(self._waiting), self._retry_after())
+            self._waiting.append(ticket)
+        if on_ticket is not None:
+            on_ticket(ticket)
+        return ticket
+
+    def _retry_after(self) -> int:
+        """Seconds until a place in line is likely to free: the mean duration of recent jobs (1 s at least)."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return max(1, min(600, math.ceil(mean)))
+
+    def _try_start(self, ticket: Ticket) -> bool:
+        """Under the lock: start ``ticket`` if its turn has come; JobCancelled if it was cancelled."""
+        if ticket.cancelled:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            self._cond.notify_all()
+            raise JobCancelled(f"job {ticket.id} was cancelled before it started")
+        if self._running is not None or self._waiting[0] is not ticket:
+            return False
+        self._waiting.popleft()
+        self._running = ticket
+        ticket.started_at = time.time()
+        return True
+
+    def _leave(self, ticket: Ticket) -> None:
+        """A waiting job gives up its place (its caller went away)."""
+        with self._cond:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def _finish(self, ticket: Ticket) -> None:
+        with self._cond:
+            self._running = None
+            self.finished_jobs += 1
+            self._finished_tasks.append(ticket.task_id)
+            if ticket.started_at is not None:
+                self._durations.append(time.time() - ticket.started_at)
+            self._cond.notify_all()
+
     def run(self, job: Callable[[JobControl], T], *, source: str, description: str = "",
             control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None,
             task_id: str | None = None) -> T:
-        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting.
+        """Wait for our turn, then run ``job(control)``. Raises JobCancelled if cancelled while waiting,
+        QueueFull when ``max_waiting`` jobs already wait.
 
         ``task_id`` names the job as A1111's ``id_task`` does (default: made from the ticket number)."""
-        ticket = Ticket(next(self._ids), source, description, control or JobControl(), task_id=task_id or "")
-        if on_ticket is not None:
-            on_ticket(ticket)
-        with self._cond:
-            self._waiting.append(ticket)
-            while not ticket.cancelled and (self._running is not None or self._waiting[0] is not ticket):
-                self._cond.wait()
-            self._waiting.remove(ticket)
-            if ticket.cancelled:
-                self._cond.notify_all()
-                raise JobCancelled(f"job {ticket.id} was cancelled before it started")
-            self._running = ticket
-            ticket.started_at = time.time()
+        ticket = self._enqueue(source, description, control, task_id, on_ticket)
+        try:
+            with self._cond:
+                while not self._try_start(ticket):
+                    self._cond.wait()
+        except BaseException:
+            self._leave(ticket)
+            raise
         try:
             return job(ticket.control)
         finally:
-            with self._cond:
-                self._running = None
-                self.finished_jobs += 1
-                self._finished_tasks.append(ticket.task_id)
-                self._cond.notify_all()
+            self._finish(ticket)
+
+    async def run_async(self, job: Callable[[JobControl], T], *, source: str, description: str = "",
+                        control: JobControl | None = None, on_ticket: Callable[[Ticket], None] | None = None,
+                        task_id: str | None = None) -> T:
+        """:meth:`run` for a caller on the event loop: waiting holds no thread; ``job`` runs in a worker
+        thread once its turn comes (and runs to its end even if the caller goes away meanwhile)."""
+        ticket = self._enqueue(source, description, control, task_id, on_ticket)
+        try:
+            while True:
+                with self._cond:
+                    if self._try_start(ticket):
+                        break
+                await anyio.sleep(ASYNC_POLL_S)
+        except BaseException:
+            self._leave(ticket)
+            raise
+        try:
+            return await anyio.to_thread.run_sync(job, ticket.control)
+        finally:
+            self._finish(ticket)
 
     def position(self, ticket: Ticket) -> int:
         """0 while running, 1 for next in line, ...; -1 when not in the queue."""

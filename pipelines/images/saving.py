@@ -15,6 +15,7 @@ import re
 import struct
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -308,9 +309,18 @@ def decode_base64_image(data: str) -> Image.Image:
         raw = base64.b64decode(text, validate=True)
     except binascii.Error as error:
         raise ValueError(f"image data is not valid base64 ({error})") from None
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; here any image above the limit is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if limit and image.width * image.height > limit:
+                raise ValueError(f"the image is {image.width}x{image.height} = {image.width * image.height} "
+                                 f"pixels, more than the limit of {limit}")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"the image has more pixels than the limit of {limit} ({error})") from None
     except UnidentifiedImageError:
         raise ValueError("base64 data is not an image format Pillow can read") from None
     except OSError as error:

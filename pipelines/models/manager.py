@@ -47,6 +47,8 @@ class LoadedModel:
     taesd_dirs: tuple[Path, ...] = ()
     #: The tiny preview VAE, once a TAESD preview loaded it.
     taesd: torch.nn.Module | None = None
+    #: Why the TAESD file could not be used for previews (then they are the cheap ones), or None.
+    taesd_error: str | None = None
 
     @property
     def is_sdxl(self) -> bool:

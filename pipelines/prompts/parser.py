@@ -169,6 +169,30 @@ class _NoMatch(Exception):
     """A bracket group that is not well formed; at the top level it is kept as literal text."""
 
 
+#: How deep brackets may nest in a prompt; deeper is refused (a parser recursing that deep would fail).
+MAX_NESTING = 100
+
+
+def check_nesting(text: str, field: str = "prompt") -> str:
+    """``text`` unchanged, or ValueError naming ``field`` when its brackets ``( [ {`` nest deeper than
+    :data:`MAX_NESTING` (escaped brackets do not count)."""
+    depth = deepest = 0
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")]}" and depth:
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise ValueError(f"{field}: brackets are nested {deepest} deep, more than the limit of {MAX_NESTING}")
+    return text
+
+
 class _SyntaxError(Exception):
     """A prompt that A1111's schedule grammar rejects; such a prompt is used as written."""
 
@@ -332,6 +356,7 @@ def get_prompt_schedule(prompt: str, steps: int, hires_base_steps: int | None = 
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    check_nesting(prompt)
     try:
         tree = _ScheduleParser(prompt).parse()
     except _SyntaxError:

@@ -9,6 +9,7 @@ the copy has landed. On the CPU (and other devices) the image is made at once, a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,8 @@ from PIL import Image
 
 from pipelines.models.taesd import taesd_decoder
 from pipelines.sampling.latents import approx_preview_pixels
+
+log = logging.getLogger(__name__)
 
 #: Latents (B, C, h, w) -> RGB pixels (3, H, W) in [0, 1] on the latents' device, for the first image.
 PreviewDecoder = Callable[[torch.Tensor], torch.Tensor]
@@ -88,8 +91,12 @@ def preview_maker(model, method: str = "Approx cheap") -> PreviewMaker:
     """The preview maker for a job on ``model`` (a LoadedModel): TAESD when asked for and its weights are
     in ``models/VAE-taesd``, else the cheap approximation."""
     decoder = None
-    if method == "TAESD":
-        decoder = taesd_decoder(model)
+    if method == "TAESD" and getattr(model, "taesd_error", None) is None:
+        try:
+            decoder = taesd_decoder(model)
+        except Exception as error:  # a broken or unsafe file must not fail the job: previews only
+            model.taesd_error = f"TAESD previews: {error}; using Approx cheap previews instead"
+            log.warning("%s", model.taesd_error)
     return PreviewMaker(model.family.name, decoder)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from pipelines.engine import EngineError
 from pipelines.plan import RequestError
 from pipelines.plugins.scripts import ScriptError
-from webui.job_queue import JobCancelled
+from webui.job_queue import JobCancelled, QueueFull
 
 log = logging.getLogger("webui.api")
 
@@ -151,6 +151,9 @@ class ApiRoute(APIRoute):
                 return unprocessable([{"loc": ["body", "script_args"], "msg": str(error), "type": "value_error"}])
             except LookupError as error:  # a model that was there when the job was queued is gone
                 return unprocessable([{"loc": ["body"], "msg": str(error).strip("'\""), "type": "value_error"}])
+            except QueueFull as error:
+                return JSONResponse({"error": "QueueFull", "detail": str(error)}, status_code=503,
+                                    headers={"Retry-After": str(error.retry_after)})
             except JobCancelled as error:
                 return JSONResponse({"error": "JobCancelled", "detail": str(error)}, status_code=409)
             except EngineError as error:

@@ -11,7 +11,7 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -19,7 +19,6 @@ from fastapi.routing import APIRoute
 
 import pipelines
 from webui.api import routes_compat, routes_extras, routes_generation, routes_info, routes_models
-from webui.api.auth import basic_auth_dependency
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
 from webui.context import AppContext
@@ -35,12 +34,24 @@ DOCS_ASSETS_DIR = Path(str(resources.files("fastapi_swagger") / "resources"))
 DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
                "favicon-32x32.png": "image/png"}
 
+#: The error answers every API route may give, in its schema (the guard's and the route class's).
+_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"detail": {}}}}}}
+COMMON_RESPONSES: dict[int | str, dict] = {
+    401: {"description": "Missing or wrong credentials (with --api-auth, or the UI's logins).", **_ERROR},
+    413: {"description": "The request body is larger than --max-body-size.", **_ERROR},
+    422: {"description": "A field is invalid; the answer names it and the allowed values.", **_ERROR},
+    429: {"description": "Too many failed logins from this client; see Retry-After.", **_ERROR},
+}
+
 
 def mount_api(app: FastAPI, ctx: AppContext) -> None:
-    """Add every API route to ``app``, with its OpenAPI schema and Swagger UI; with ``--api-auth`` each one,
-    the schema and the docs included, needs HTTP Basic credentials."""
+    """Add every API route to ``app``, with its OpenAPI schema and Swagger UI.
+
+    The API's login (HTTP Basic of ``--api-auth``, or the UI's logins) is checked before any route, the body
+    not yet read, by :class:`webui.security.Guard` on our app; every route's schema documents its 401, 413
+    and 422 answers."""
     selection = ApiSelection(ctx)
-    dependencies = [Depends(basic_auth_dependency(ctx.flags.api_auth))] if ctx.flags.api_auth else []
+    dependencies: list = []
     before = set(map(id, app.routes))
     for router in (
         routes_generation.router(ctx, selection, ApiRoute),
@@ -49,7 +60,7 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_extras.router(ctx, ApiRoute),
         routes_compat.router(ctx, ApiRoute),
     ):
-        app.include_router(router, dependencies=dependencies)
+        app.include_router(router, dependencies=dependencies, responses=COMMON_RESPONSES)
     _mount_extension_routes(app, ctx, dependencies)
     ours = [route for route in app.routes if id(route) not in before]
     _mount_docs(app, ours, dependencies)
@@ -103,4 +114,4 @@ def _mount_extension_routes(app: FastAPI, ctx: AppContext, dependencies: list) -
             record.error = f"its API routes clash with existing ones: {clashes}"
             log.error("extension %s: %s; its routes are not served", record.name, record.error)
             continue
-        app.include_router(router, dependencies=dependencies)
+        app.include_router(router, dependencies=dependencies, responses=COMMON_RESPONSES)

@@ -1,12 +1,15 @@
 """txt2img, img2img, and watching or stopping the running job (progress, interrupt, skip).
 
 Every job goes through the shared queue (``ctx.queue``), so an API job never runs beside a UI job.
-Routes are plain ``def``: FastAPI runs them in its thread pool, and a job blocks only its own thread.
+The generation routes are ``async``: a job waits for its turn on the event loop, holding no thread, and
+runs in a worker thread only once its turn comes; so however many jobs wait, the server's threads stay
+free and progress, interrupt and skip answer at once. A full queue answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
 
 from pipelines.images.saving import encode_base64_png
 from pipelines.job_control import JobControl
@@ -21,8 +24,14 @@ from webui.api.state import ApiSelection
 from webui.api.translate import PreparedJob, build_response, job_timestamp, prepare
 from webui.context import AppContext
 
+#: The answers of a queued job besides its result and the common errors.
+QUEUED: dict[int | str, dict] = {
+    409: {"description": "The job was cancelled before it started."},
+    503: {"description": "The queue is full (--queue-size); try again after Retry-After seconds."},
+}
 
-def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJob) -> dict:
+
+async def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJob) -> dict:
     """Queue the job, run it on the engine when its turn comes, and build the A1111 answer."""
     engine = ctx.engine
     control = JobControl(preview_every=job.options(ctx.options).show_progress_every_n_steps)
@@ -40,24 +49,26 @@ def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJob) -> 
         return result, model
 
     description = f"{job.request.mode}: {job.request.prompt[:60]}"
-    result, model = ctx.queue.run(work, source="api", description=description, control=control,
-                                  task_id=job.parameters.get("force_task_id"))
-    return build_response(job, result, model)
+    result, model = await ctx.queue.run_async(work, source="api", description=description, control=control,
+                                              task_id=job.parameters.get("force_task_id"))
+    return await run_in_threadpool(build_response, job, result, model)
 
 
 def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRouter:
     """The generation routes on ``ctx``."""
     api = APIRouter(route_class=route_class)
 
-    @api.post("/sdapi/v1/txt2img", response_model=GenerationResponse, tags=["generation"])
-    def txt2img(body: StableDiffusionTxt2ImgProcessingAPI) -> dict:
+    @api.post("/sdapi/v1/txt2img", response_model=GenerationResponse, tags=["generation"], responses=QUEUED)
+    async def txt2img(body: StableDiffusionTxt2ImgProcessingAPI) -> dict:
         """Make images from a prompt."""
-        return run_prepared(ctx, selection, prepare(body, ctx.engine, selection, ctx.options))
+        job = await run_in_threadpool(prepare, body, ctx.engine, selection, ctx.options)
+        return await run_prepared(ctx, selection, job)
 
-    @api.post("/sdapi/v1/img2img", response_model=GenerationResponse, tags=["generation"])
-    def img2img(body: StableDiffusionImg2ImgProcessingAPI) -> dict:
+    @api.post("/sdapi/v1/img2img", response_model=GenerationResponse, tags=["generation"], responses=QUEUED)
+    async def img2img(body: StableDiffusionImg2ImgProcessingAPI) -> dict:
         """Redraw images; with ``mask``, only the white part of the mask (inpaint)."""
-        return run_prepared(ctx, selection, prepare(body, ctx.engine, selection, ctx.options))
+        job = await run_in_threadpool(prepare, body, ctx.engine, selection, ctx.options)
+        return await run_prepared(ctx, selection, job)
 
     @api.get("/sdapi/v1/progress", response_model=ProgressResponse, tags=["jobs"])
     def progress(skip_current_image: bool = Query(False, description="Leave out the live preview.")) -> dict:
@@ -80,13 +91,13 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
                 "current_image": preview, "textinfo": p.textinfo or None, "current_task": ticket.task_id}
 
     @api.post("/sdapi/v1/interrupt", tags=["jobs"])
-    def interrupt() -> dict:
+    async def interrupt() -> dict:
         """Stop the running job after its current step; finished images are kept."""
         ctx.queue.interrupt()
         return {}
 
     @api.post("/sdapi/v1/skip", tags=["jobs"])
-    def skip() -> dict:
+    async def skip() -> dict:
         """Drop the running job's current batch and go on with the next one."""
         ctx.queue.skip()
         return {}
