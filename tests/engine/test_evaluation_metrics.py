@@ -109,7 +109,8 @@ def test_clip_score_equals_the_definition_on_transformers_clip(tmp_path):
             pixels = processor(images=[m.to_uint8([image])[0]], return_tensors="pt")["pixel_values"]
             text = processor(text=[prompt], return_tensors="pt", padding=True)
             a = model.get_image_features(pixel_values=pixels).pooler_output
-            b = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
+            b = model.get_text_features(input_ids=text["input_ids"],
+                                        attention_mask=text["attention_mask"]).pooler_output
         expected = float(100 * max(torch.nn.functional.cosine_similarity(a, b).item(), 0.0))
         ours = scorer.score(image, prompt)
         assert close(ours, expected)
