@@ -77,11 +77,12 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
     ModelKind("unet", "unet", "diffusion models",
               "Diffusion-model-only files (the UNet or transformer without text encoders or VAE).",
               (".safetensors",), in_use=False),
-    ModelKind("clip", "CLIP", "CLIP models", "CLIP image-text models (interrogation, CLIP score).",
-              (".safetensors", ".pt", ".bin"), in_use=False),
+    ModelKind("clip", "CLIP", "CLIP models",
+              "CLIP image-text models for the Evaluate tab's CLIP score: transformers CLIP folders (config.json, "
+              "weights, preprocessor and tokenizer files), one folder per model.", (".safetensors", ".bin")),
     ModelKind("evaluation", "evaluation", "evaluation weights",
-              "Weights of image-quality metrics (aesthetic predictors and the like).",
-              (".safetensors", ".pth", ".pt"), in_use=False),
+              "Weights of image-quality metrics: the Inception network of FID, KID and Inception Score "
+              "(weights-inception-2015-12-05-6726825d.pth, as torch-fidelity uses).", (".pth",)),
     ModelKind("gfpgan", "GFPGAN", "GFPGAN models", "GFPGAN face restoration models.", (".pth",),
               in_use=False),
     ModelKind("codeformer", "Codeformer", "CodeFormer models", "CodeFormer face restoration models.", (".pth",),
