@@ -67,6 +67,11 @@ def remove_adapter(module: torch.nn.Module) -> None:
             layer.delete_adapter(ADAPTER)
     if all(not getattr(layer, "lora_A", {}) for layer in layers):
         _unwrap(module)
+    config = getattr(module, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(ADAPTER, None)
+        if not config:
+            del module.peft_config
 
 
 def _unwrap(module: torch.nn.Module) -> None:
