@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +102,7 @@ class _Run:
         self.engine, self.s, self.dataset, self.control, self.on_step = engine, settings, dataset, control, on_step
         self.state = TrainingState(settings)
         self.folder = run_folder(engine, settings.name)
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
 
     # --- set-up --------------------------------------------------------------------------------------
 
@@ -399,7 +399,10 @@ class _Run:
 
     def _save(self, step: int, optimizer, lr_scheduler, *, intermediate: bool) -> None:
         """The LoRA file(s), the settings beside it, and the resume state; every file written atomically."""
-        tensors = lora.kohya_state_dict(self._parts(), self.s.alpha)
+        # kohya names text encoder layers after CLIPTextModel's full path (text_model.encoder.layers...).
+        parts = {prefix: {(k if prefix == "lora_unet_" or k.startswith("text_model.") else "text_model." + k): v
+                          for k, v in weights.items()} for prefix, weights in self._parts().items()}
+        tensors = lora.kohya_state_dict(parts, self.s.alpha)
         metadata = self._metadata(step)
         final = lora_path(self.engine, self.s.name)
         paths = [lora_path(self.engine, self.s.name, step)] if intermediate else []
