@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 import pipelines
-from webui.api import routes_compat, routes_extras, routes_generation, routes_info, routes_models
+from webui.api import routes_compat, routes_extras, routes_generation, routes_info, routes_models, routes_train
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
 from webui.context import AppContext
@@ -59,6 +59,7 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_info.router(ctx, ApiRoute),
         routes_extras.router(ctx, ApiRoute),
         routes_compat.router(ctx, ApiRoute),
+        routes_train.router(ctx, ApiRoute),
     ):
         app.include_router(router, dependencies=dependencies, responses=COMMON_RESPONSES)
     _mount_extension_routes(app, ctx, dependencies)
