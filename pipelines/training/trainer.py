@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 
 from pipelines.images.saving import embed_infotext
 from pipelines.job_control import JobControl, JobInterrupted
+from pipelines.models.weights import read_weights_raw
 from pipelines.prompts.encoding import PromptEncoder
 from pipelines.request import GenerationRequest
 from pipelines.sampling.latents import encode, pil_to_tensor
@@ -426,7 +427,9 @@ class _Run:
         path = self.folder / "train-state.pt"
         if not path.is_file():
             raise ValueError(f"resume: no saved state for {self.s.name!r} (looked for {path})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_raw(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"resume: {path} does not hold a saved training state")
         saved = state.get("settings", {})
         changed = [name for name in SHAPE_FIELDS if saved.get(name) != getattr(self.s, name)]
         if changed:
