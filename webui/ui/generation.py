@@ -111,6 +111,7 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
                 return
             result = update.result
             session.images, session.infotexts, session.seeds, session.subseeds = gallery_entries(result, scratch)
+            session.first_image = len(session.images) - len(result.images)
             session.selected = 0
             session.job_timestamp = result.job_timestamp
             yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None,

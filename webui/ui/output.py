@@ -129,7 +129,7 @@ def _wire(ctx: AppContext, panel: OutputPanel, tab: str) -> None:
             raise gr.Error("Nothing to zip yet: generate an image first.")
         target = Path(tempfile.mkdtemp(prefix="sdui-zip-")) / f"images-{session.job_timestamp or 'job'}.zip"
         with zipfile.ZipFile(target, "w") as archive:
-            for path in session.images:
+            for path in session.images[session.first_image:]:  # the images, not the grid shown first
                 archive.write(path, Path(path).name)
         return gr.update(value=[str(target)], visible=True)
 
