@@ -93,10 +93,14 @@ def _quiet_adapter_loading() -> Iterator[None]:
     # transformers also draws a "Loading weights" bar per text encoder for the few adapter tensors.
     from transformers.utils import logging as transformers_logging
 
+    # diffusers logs an ERROR listing every unmatched module of a LoRA for another base model: the caller
+    # reports that in one line (and logs the details at INFO).
     logger = logging.getLogger("transformers.integrations.peft")
-    level = logger.level
+    diffusers_logger = logging.getLogger("diffusers.loaders.peft")
+    level, diffusers_level = logger.level, diffusers_logger.level
     bars = transformers_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    diffusers_logger.setLevel(logging.CRITICAL)
     transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -104,6 +108,7 @@ def _quiet_adapter_loading() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+        diffusers_logger.setLevel(diffusers_level)
         if bars:
             transformers_logging.enable_progress_bar()
 
@@ -115,6 +120,8 @@ class LoraNetwork:
         self.library = library
         #: Adapter names we loaded, by the id of the pipeline they live in.
         self._loaded: dict[int, list[str]] = {}
+        #: Warnings of the last activation (LoRAs skipped), by the id of the pipeline, until read.
+        self._warnings: dict[int, list[str]] = {}
 
     def activate(self, model: LoadedModel, tags: Sequence[ExtraNetworkTag]) -> Mapping[str, object]:
         """Load the tags' LoRAs into ``model.pipe`` with their weights; returns ``{"Lora hashes": ...}``."""
@@ -122,37 +129,57 @@ class LoraNetwork:
         if not uses:
             return {}
         params = {"Lora hashes": hashes_param(self.library, uses)}
+        self._warnings.pop(id(model.pipe), None)
         # Loaded in file order, so that the same LoRAs give the same pixels whatever the order of their tags.
         active = sorted((use for use in uses if not use.off), key=lambda use: str(use.file.path))
         if not active:
             return params
         pipe: Any = model.pipe  # a diffusers pipeline with the LoRA loader mix-in
         names: list[str] = []
+        loaded: list[LoraUse] = []
         self._loaded[id(pipe)] = names
+        self._warnings[id(pipe)] = skipped = []
         try:
-            for index, use in enumerate(active):
-                names.append(f"{ADAPTER_PREFIX}{index}")  # before loading: a half-loaded adapter is removed too
-                self._load(pipe, use, names[-1], model)
-            present = pipe.get_list_adapters()
-            pipe.set_adapters(names, [_part_weights(present, name, use) for name, use in zip(names, active)])
+            for use in active:
+                names.append(f"{ADAPTER_PREFIX}{len(names)}")  # before loading: a half-loaded adapter is removed too
+                problem = self._load(pipe, use, names[-1], model)
+                if problem is None:
+                    loaded.append(use)
+                    continue
+                # As A1111 does: a LoRA that does not fit the model is left out, the job goes on without it.
+                _drop_adapters(pipe, [names.pop()])
+                skipped.append(problem)
+            applied = [use for use in uses if use.off or use in loaded]
+            params = {"Lora hashes": hashes_param(self.library, applied)} if applied else {}
+            if names:
+                present = pipe.get_list_adapters()
+                pipe.set_adapters(names, [_part_weights(present, name, use) for name, use in zip(names, loaded)])
         except BaseException:
             # The engine only calls deactivate after activate returned: undo a half-done activation here.
             self.deactivate(model)
             raise
         return params
 
-    def _load(self, pipe, use: LoraUse, adapter: str, model: LoadedModel) -> None:
+    def warnings(self, model: LoadedModel) -> list[str]:
+        """One line per LoRA of the last activation that was skipped because it does not fit ``model``."""
+        return self._warnings.pop(id(model.pipe), [])
+
+    def _load(self, pipe, use: LoraUse, adapter: str, model: LoadedModel) -> str | None:
+        """Load one LoRA as ``adapter``; the warning line when it does not fit the model (then it is skipped)."""
         weights = self.library.weights(use.file)
         family = getattr(getattr(model, "family", None), "name", "this")
+        problem = (f"<lora:{use.mentioned}>: skipped, {use.file.path.name} does not fit the {family} model "
+                   "(a LoRA for another base model?)")
         try:
             with _quiet_adapter_loading():
                 pipe.load_lora_weights(weights, adapter_name=adapter)
         except (ValueError, KeyError, RuntimeError, IndexError) as error:
-            raise LoraTagError(f"<lora:{use.mentioned}>: {use.file.path.name} does not fit the {family} model "
-                               f"(a LoRA for another base model?): {error}") from error
+            # diffusers' message lists every module that did not match: the log keeps it, the user gets one line.
+            log.info("%s: %s", problem, error)
+            return problem
         if not any(adapter in adapters for adapters in pipe.get_list_adapters().values()):
-            raise LoraTagError(f"<lora:{use.mentioned}>: none of the weights in {use.file.path.name} fit the {family} "
-                               "model (a LoRA for another base model?)")
+            return problem
+        return None
 
     def deactivate(self, model: LoadedModel) -> None:
         """Delete the adapters this handler loaded; with none left, restore the plain modules."""
@@ -160,12 +187,17 @@ class LoraNetwork:
         names = self._loaded.pop(id(pipe), [])
         if not names:
             return
-        present = pipe.get_list_adapters()
-        ours = [name for name in names if any(name in adapters for adapters in present.values())]
-        if ours:
-            pipe.delete_adapters(ours)
-        if not any(pipe.get_list_adapters().values()):
-            pipe.unload_lora_weights()
+        _drop_adapters(pipe, names)
+
+
+def _drop_adapters(pipe: Any, names: Sequence[str]) -> None:
+    """Delete the adapters ``names`` that are present; with none left, restore the plain modules."""
+    present = pipe.get_list_adapters()
+    ours = [name for name in names if any(name in adapters for adapters in present.values())]
+    if ours:
+        pipe.delete_adapters(ours)
+    if not any(pipe.get_list_adapters().values()):
+        pipe.unload_lora_weights()
 
 
 def _part_weights(present: Mapping[str, Sequence[str]], adapter: str, use: LoraUse) -> dict[str, float]:

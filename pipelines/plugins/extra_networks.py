@@ -33,6 +33,9 @@ class ExtraNetworkHandler(Protocol):
     def deactivate(self, model: LoadedModel) -> None:
         """Undo everything :meth:`activate` did. Called after every job that activated, whatever happened."""
 
+    # Optional: ``warnings(model) -> Sequence[str]``, read right after activate, for lines the job's result
+    # shows (e.g. a tag that was skipped because it does not fit the model, which A1111 does not fail on).
+
 
 class ExtraNetworkRegistry:
     """Names to handlers. Built-in names cannot be replaced by a plug-in."""
@@ -72,4 +75,7 @@ class ExtraNetworkRegistry:
                     continue
                 params.update(handler.activate(model, group))
                 stack.callback(handler.deactivate, model)
+                handler_warnings = getattr(handler, "warnings", None)
+                if callable(handler_warnings):
+                    warnings.extend(str(line) for line in handler_warnings(model))
             yield params, warnings

@@ -57,9 +57,10 @@ def build_sampling_controls(ctx: AppContext, tab: str, defaults: UiDefaults,
 
     sampler = start("Sampling method", ctx.options.default_sampler)
     with gr.Row():
+        # Evaluated at every page load: a new default sampler (a setting) shows without a restart.
         keep("sampler_name", "Sampling method", gr.Dropdown(
-            list(SAMPLERS), value=sampler, label="Sampling method", elem_id=f"{tab}_sampling",
-            info=None))
+            list(SAMPLERS), value=lambda: start("Sampling method", ctx.options.default_sampler),
+            label="Sampling method", elem_id=f"{tab}_sampling", info=None))
         keep("scheduler", "Schedule type", gr.Dropdown(
             schedule_choices(sampler), value=start("Schedule type", "Automatic"), label="Schedule type",
             elem_id=f"{tab}_scheduler"))

@@ -13,6 +13,7 @@ from pipelines.images.saving import embed_infotext
 from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, folder_images, run_extras
 from webui.context import AppContext
 from webui.job_queue import JobCancelled
+from webui.ui.images import ImageInput, NotAnImage
 from webui.ui.output import infotext_html
 
 SOURCES = ("single", "batch", "folder")
@@ -67,7 +68,7 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
             with gr.Tabs(elem_id="mode_extras") as tabs:
                 with gr.Tab("Single Image", id="single", elem_id="extras_single_tab") as single_tab:
                     # A file path, not a decoded image, so the source's infotext can be carried over.
-                    image = gr.Image(label="Source", type="filepath", image_mode=None, elem_id="extras_image",
+                    image = ImageInput(label="Source", type="filepath", image_mode=None, elem_id="extras_image",
                                      sources=["upload", "clipboard"], height=360)
                 with gr.Tab("Batch Process", id="batch", elem_id="extras_batch_process_tab") as batch_tab:
                     files = gr.File(label="Batch Process", file_count="multiple", file_types=["image"],
@@ -97,7 +98,8 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
                                    elem_id="extras_upscaler_2_visibility")
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
-            gallery = gr.Gallery(label="Output", show_label=False, elem_id="extras_gallery", columns=4, height=420,
+            # "auto": the box grows to the result (a fixed height cut a 512 px result off).
+            gallery = gr.Gallery(label="Output", show_label=False, elem_id="extras_gallery", columns=4, height="auto",
                                  object_fit="contain", preview=True, interactive=False)
             info = gr.HTML("", elem_id="html_info_extras")
 
@@ -108,9 +110,11 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
 
     upscaler_1.focus(refresh_names, outputs=[upscaler_1, upscaler_2], show_progress="hidden")
 
-    def process(mode: str, single: str | None, batch: list[str] | None, directory: str, resize: int,
+    def process(mode: str, single: str | NotAnImage | None, batch: list[str] | None, directory: str, resize: int,
                 by: float, w: float, h: float, fit: bool, first: str, second: str, weight: float):
         if mode == "single":
+            if isinstance(single, NotAnImage):
+                raise gr.Error(single.message)
             if not single:
                 raise gr.Error("Drop an image first.")
             paths = [single]

@@ -17,7 +17,7 @@ from webui.context import AppContext
 from webui.job_queue import JobCancelled
 from webui.ui.controls import GenerationControls
 from webui.ui.jobs import Session, run_job
-from webui.ui.output import OutputPanel, gallery_files, infotext_html
+from webui.ui.output import OutputPanel, gallery_entries, infotext_html
 from webui.ui.prompts import PromptArea
 from webui.ui.topbar import TopBar
 
@@ -37,6 +37,18 @@ def _log_html(lines: list[str], error: bool = False) -> str:
         return ""
     css = "sdui-error" if error else "sdui-log"
     return "".join(f"<p class='{css}'>{html.escape(line)}</p>" for line in lines)
+
+
+def error_line(message: str) -> str:
+    """The red line under Generate."""
+    return f"<p class='sdui-error' role='alert'>{html.escape(message)}</p>"
+
+
+def stale_infotext(text: str) -> str:
+    """The previous job's infotext, dimmed, under a note that it is not from the refused request."""
+    note = ("<p class='sdui-stale-note'>This request was refused (see the message under Generate); the image "
+            "and parameters below are from the previous job.</p>")
+    return note + (f"<div class='sdui-stale'>{infotext_html(text)}</div>" if text else "")
 
 
 def result_notes(request: GenerationRequest, result: GenerationResult) -> list[str]:
@@ -59,7 +71,7 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
     inputs = [panel.session, topbar.checkpoint, topbar.vae, topbar.clip_skip, area.prompt, area.negative_prompt,
               area.styles, *controls.fields.values(), *extra_inputs]
     running = {area.generate: gr.update(visible=False), area.interrupt: gr.update(visible=True),
-               area.skip: gr.update(visible=True)}
+               area.skip: gr.update(visible=True), area.error: ""}
     idle = {area.generate: gr.update(visible=True), area.interrupt: gr.update(visible=False),
             area.skip: gr.update(visible=False), panel.preview: gr.update(visible=False, value=None),
             panel.progress: ""}
@@ -69,10 +81,17 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
         common = dict(zip(names, values[:len(names)]))
         common.update(prompt=prompt or "", negative_prompt=negative or "", styles=styles or [],
                       checkpoint=checkpoint or None, vae=vae or "Automatic", clip_skip=int(clip_skip or 1))
+        def refused(message: str) -> dict:
+            # A toast, a red line right under Generate, and the old result marked as not being this request's.
+            gr.Warning(message)
+            return {**idle, area.error: error_line(message), panel.log: _log_html([message], error=True),
+                    panel.gallery: gr.update(elem_classes=["sdui-stale"]),
+                    panel.infotext: stale_infotext(session.selected_infotext) if session.images else ""}
+
         try:
             request = build_request(common, list(values[len(names):]))
         except (ValidationError, ValueError, LookupError) as error:
-            yield {**idle, panel.log: _log_html([describe_error(error)], error=True)}
+            yield refused(describe_error(error))
             return
         yield {**running, panel.log: "", panel.preview: gr.update(visible=True, value=None)}
         shown_preview = None
@@ -84,24 +103,24 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
                     changes[panel.preview] = gr.update(value=update.preview)
                 yield changes
                 continue
+            if isinstance(update.error, JobCancelled):
+                yield {**idle, panel.log: _log_html(["Cancelled before it started."], error=True)}
+                return
             if update.error is not None:
-                message = "Cancelled before it started." if isinstance(update.error, JobCancelled) \
-                    else f"Error: {describe_error(update.error)}"
-                yield {**idle, panel.log: _log_html([message], error=True)}
+                yield refused(f"Error: {describe_error(update.error)}")
                 return
             result = update.result
-            session.images = gallery_files(result, scratch)
-            session.infotexts = list(result.infotexts)
-            session.seeds = list(result.seeds)
-            session.subseeds = list(result.subseeds)
+            session.images, session.infotexts, session.seeds, session.subseeds = gallery_entries(result, scratch)
+            session.first_image = len(session.images) - len(result.images)
             session.selected = 0
             session.job_timestamp = result.job_timestamp
-            yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None),
+            yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None,
+                                                    elem_classes=[]),
                    panel.infotext: infotext_html(session.selected_infotext),
                    panel.log: _log_html(result_notes(request, result))}
 
     outputs = [panel.gallery, panel.preview, panel.progress, panel.infotext, panel.log, area.generate,
-               area.interrupt, area.skip]
+               area.interrupt, area.skip, area.error]
     # No Gradio-side limit: the engine's JobQueue orders UI and API jobs and tells each its position.
     area.generate.click(generate, inputs=inputs, outputs=outputs, concurrency_limit=None,
                         show_progress="hidden")

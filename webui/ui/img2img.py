@@ -16,6 +16,7 @@ from webui.ui import fields as f
 from webui.ui.controls import GenerationControls, build_sampling_controls
 from webui.ui.extension_ui import ExtensionControls, build_extension_controls, build_prompt_panels
 from webui.ui.generation import wire_generation
+from webui.ui.images import ImageInput, check_image
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
 from webui.ui.prompts import PromptArea, build_prompt_area
@@ -45,6 +46,12 @@ class Img2ImgTab:
     extensions: ExtensionControls
 
 
+def mask_brush(width: int, height: int) -> gr.Brush:
+    """The inpaint brush for an image of this size: a radius of 1/16 of its shorter side (at least 2 px),
+    so a mask is painted in a few strokes whatever the image's size."""
+    return gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=max(2, min(width, height) // 16))
+
+
 def mask_from_layers(editor: dict | None) -> Image.Image | None:
     """A black/white mask (white = redraw) from what was painted on the editor's layers, or None."""
     layers = [layer for layer in (editor or {}).get("layers") or [] if layer is not None]
@@ -59,7 +66,8 @@ def mask_from_layers(editor: dict | None) -> Image.Image | None:
 
 
 def source_images(mode: str, image, sketch, inpaint, base, mask) -> tuple[Image.Image, Image.Image | None]:
-    """The init image and mask of the active sub-tab; ValueError says what is missing."""
+    """The init image and mask of the active sub-tab; ValueError says what is missing (or not an image)."""
+    image, base, mask = check_image(image), check_image(base), check_image(mask)
     if mode == "sketch":
         if not sketch or sketch.get("composite") is None:
             raise ValueError("init_images: draw or upload an image in the Sketch tab first")
@@ -89,7 +97,7 @@ def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
         with gr.Column(scale=1, elem_id="img2img_settings"):
             with gr.Tabs(elem_id="mode_img2img") as tabs:
                 with gr.Tab("img2img", id="img2img", elem_id="img2img_img2img_tab") as tab_img2img:
-                    image = gr.Image(label="Image for img2img", type="pil", elem_id="img2img_image",
+                    image = ImageInput(label="Image for img2img", type="pil", elem_id="img2img_image",
                                      sources=["upload", "clipboard"], height=400, image_mode="RGBA")
                 with gr.Tab("Sketch", id="sketch", elem_id="img2img_img2img_sketch_tab") as tab_sketch:
                     sketch = gr.ImageEditor(label="Sketch", type="pil", elem_id="img2img_sketch", height=400,
@@ -102,8 +110,8 @@ def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
                                              format="png", transforms=())
                 with gr.Tab("Inpaint upload", id="inpaint_upload", elem_id="img2img_inpaint_upload_tab") as tab_up:
                     with gr.Row():
-                        inpaint_base = gr.Image(label="Image", type="pil", elem_id="img_inpaint_base", height=300)
-                        inpaint_mask = gr.Image(label="Mask", type="pil", elem_id="img_inpaint_mask", height=300,
+                        inpaint_base = ImageInput(label="Image", type="pil", elem_id="img_inpaint_base", height=300)
+                        inpaint_mask = ImageInput(label="Mask", type="pil", elem_id="img_inpaint_mask", height=300,
                                                 image_mode="L")
             resize_mode = gr.Radio(list(RESIZE_MODES.values()), value=RESIZE_MODES[0], label="Resize mode",
                                    type="index", elem_id="resize_mode",

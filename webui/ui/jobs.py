@@ -35,6 +35,9 @@ class Session:
     subseeds: list[int] = field(default_factory=list)
     selected: int = 0
     job_timestamp: str = ""
+    #: Index of the first image in ``images`` (1 when the batch's grid is shown first, as A1111's
+    #: index_of_first_image).
+    first_image: int = 0
 
     def stop(self, queue: JobQueue) -> None:
         """Interrupt this user's job if it runs, or take it out of the queue if it waits."""

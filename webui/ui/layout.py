@@ -34,7 +34,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 pnginfo = build_pnginfo()
             # Last: its "Save UI defaults" button reads every control registered above.
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
-                build_settings(ctx, defaults)
+                build_settings(ctx, defaults, blocks)
         wire_send_buttons(ctx, main_tabs, txt2img, img2img, pnginfo, extras)
         _wire_queue_status(ctx, topbar.queue_status, [txt2img.panel.session, img2img.panel.session])
     return blocks

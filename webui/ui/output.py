@@ -83,6 +83,25 @@ def gallery_files(result: GenerationResult, scratch: Path) -> list[str]:
     return files
 
 
+def gallery_entries(result: GenerationResult, scratch: Path) -> tuple[list[str], list[str], list[int], list[int]]:
+    """(files, infotexts, seeds, subseeds) of the gallery, one per entry: as A1111 shows a batch, the grid
+    first (with the first image's infotext and seeds) when the job made one, then the images."""
+    files = gallery_files(result, scratch)
+    infotexts, seeds, subseeds = list(result.infotexts), list(result.seeds), list(result.subseeds)
+    grid = result.grid
+    if grid is None or not result.images or any(image is grid for image in result.images):
+        return files, infotexts, seeds, subseeds
+    if result.grid_path is not None:
+        grid_file = str(result.grid_path)
+    else:
+        scratch.mkdir(parents=True, exist_ok=True)
+        path = scratch / f"{result.job_timestamp}-grid-{result.seeds[0]}.png"
+        path.write_bytes(embed_infotext(grid, result.infotexts[0], "png"))
+        grid_file = str(path)
+    return ([grid_file, *files], [infotexts[0], *infotexts], [seeds[0], *seeds],
+            [subseeds[0], *subseeds] if subseeds else subseeds)
+
+
 def _wire(ctx: AppContext, panel: OutputPanel, tab: str) -> None:
     def select(session: Session, event: gr.SelectData):
         session.selected = event.index if isinstance(event.index, int) else 0
@@ -110,7 +129,7 @@ def _wire(ctx: AppContext, panel: OutputPanel, tab: str) -> None:
             raise gr.Error("Nothing to zip yet: generate an image first.")
         target = Path(tempfile.mkdtemp(prefix="sdui-zip-")) / f"images-{session.job_timestamp or 'job'}.zip"
         with zipfile.ZipFile(target, "w") as archive:
-            for path in session.images:
+            for path in session.images[session.first_image:]:  # the images, not the grid shown first
                 archive.write(path, Path(path).name)
         return gr.update(value=[str(target)], visible=True)
 

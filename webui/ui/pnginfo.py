@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from PIL import UnidentifiedImageError
 
 from pipelines.images.saving import read_image_metadata, read_infotext
+from webui.ui.images import ImageInput, NotAnImage
 
 
 @dataclass
@@ -20,15 +22,19 @@ class PngInfoTab:
     send_inpaint: gr.Button
 
 
-def metadata_html(path: str | None) -> tuple[str, str]:
+def metadata_html(path: str | NotAnImage | None) -> tuple[str, str]:
     """(infotext, HTML of every metadata field) of the image file at ``path``."""
     if not path:
         return "", ""
+    if isinstance(path, NotAnImage):
+        return "", f"<p class='sdui-error'>{html.escape(path.message)}</p>"
     try:
         infotext = read_infotext(path) or ""
         metadata = read_image_metadata(path)
     except (OSError, UnidentifiedImageError) as error:
-        return "", f"<p class='sdui-error'>Cannot read the image: {html.escape(str(error))}</p>"
+        # One sentence: the error's text would name server paths.
+        name = html.escape(Path(path).name)
+        return "", f"<p class='sdui-error'>Cannot read the image {name!r}: {type(error).__name__}.</p>"
     parts = []
     if infotext:
         parts.append("<h4>parameters</h4><div class='sdui-infotext' id='pnginfo_parameters'>"
@@ -46,7 +52,7 @@ def build_pnginfo() -> PngInfoTab:
     with gr.Row(equal_height=False):
         with gr.Column():
             # A file path, not a decoded image: decoding would drop the text chunks we want to read.
-            image = gr.Image(label="Source", type="filepath", image_mode=None, elem_id="pnginfo_image",
+            image = ImageInput(label="Source", type="filepath", image_mode=None, elem_id="pnginfo_image",
                              sources=["upload", "clipboard"], height=480)
         with gr.Column():
             info = gr.HTML("", elem_id="pnginfo_html")

@@ -29,6 +29,8 @@ class PromptArea:
     generate: gr.Button
     interrupt: gr.Button
     skip: gr.Button
+    #: The red line right under Generate when a request is refused.
+    error: gr.HTML
 
 
 def build_prompt_area(ctx: AppContext, tab: str, defaults: UiDefaults, counter: TokenCounter) -> PromptArea:
@@ -56,6 +58,7 @@ def build_prompt_area(ctx: AppContext, tab: str, defaults: UiDefaults, counter: 
             with gr.Row():
                 interrupt = gr.Button("Interrupt", visible=False, elem_id=f"{tab}_interrupt", variant="stop")
                 skip = gr.Button("Skip", visible=False, elem_id=f"{tab}_skip")
+            error = gr.HTML("", elem_id=f"{tab}_error", elem_classes="sdui-generate-error")
             styles = gr.Dropdown(ctx.engine.styles.names(), multiselect=True, label="Styles",
                                  elem_id=f"{tab}_styles", info=description(GenerationRequest, "styles"))
             with gr.Row():
@@ -65,7 +68,7 @@ def build_prompt_area(ctx: AppContext, tab: str, defaults: UiDefaults, counter: 
                 save_style = gr.Button("Save style", size="sm", elem_id=f"{tab}_style_save")
 
     area = PromptArea(prompt, negative, prompt_tokens, negative_tokens, styles, apply_styles, style_name,
-                      save_style, generate, interrupt, skip)
+                      save_style, generate, interrupt, skip, error)
     _wire(ctx, area, counter)
     return area
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from webui.context import AppContext
 from webui.ui.extras import ExtrasTab
-from webui.ui.img2img import Img2ImgTab
+from webui.ui.images import NotAnImage
+from webui.ui.img2img import Img2ImgTab, mask_brush
 from webui.ui.paste import paste_updates
 from webui.ui.pnginfo import PngInfoTab
 from webui.ui.txt2img import Txt2ImgTab
@@ -20,14 +22,20 @@ def wire_send_buttons(ctx: AppContext, main_tabs: gr.Tabs, txt2img: Txt2ImgTab, 
     to_img2img = [img2img.image, img2img.inpaint, img2img.mode, img2img.tabs, img2img.inpaint_options, main_tabs,
                   *img2img.paste.outputs]
 
-    def send_to_img2img(text: str, image: str | None, sub: str) -> dict[gr.components.Component, Any]:
+    def send_to_img2img(text: str, image: str | NotAnImage | None, sub: str) -> dict[gr.components.Component, Any]:
         if image is None:
             raise gr.Error("No image to send: generate or drop one first.")
+        if isinstance(image, NotAnImage):
+            raise gr.Error(image.message)
         updates = paste_updates(ctx, text, img2img.paste) if text else {}
         editor = img2img.inpaint if sub == "inpaint" else img2img.image
         # Fresh editor value: any mask painted for a previous image does not fit the new one.
-        updates[editor] = gr.update(value={"background": image, "layers": [], "composite": image}) \
-            if sub == "inpaint" else gr.update(value=image)
+        if sub == "inpaint":
+            with Image.open(image) as opened:
+                brush = mask_brush(*opened.size)
+            updates[editor] = gr.update(value={"background": image, "layers": [], "composite": image}, brush=brush)
+        else:
+            updates[editor] = gr.update(value=image)
         updates[img2img.mode] = sub
         updates[img2img.tabs] = gr.Tabs(selected=sub)
         updates[img2img.inpaint_options] = gr.update(visible=sub == "inpaint")
@@ -55,6 +63,8 @@ def wire_send_buttons(ctx: AppContext, main_tabs: gr.Tabs, txt2img: Txt2ImgTab, 
     def send_to_extras(image: str | None) -> dict[gr.components.Component, Any]:
         if image is None:
             raise gr.Error("No image to send: generate or drop one first.")
+        if isinstance(image, NotAnImage):
+            raise gr.Error(image.message)
         # The gallery file carries the infotext, which the Extras output keeps.
         return {extras.image: gr.update(value=image), extras.source: "single",
                 extras.tabs: gr.Tabs(selected="single"), main_tabs: gr.Tabs(selected="extras")}

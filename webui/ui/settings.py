@@ -77,15 +77,37 @@ def _reason(item: typing.Any) -> str:
         else f"{name}: {message}"
 
 
-def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
-    """One control per option, an Apply button, and a button that saves the current UI values as defaults."""
+#: UI-default keys of the controls that start with the default_sampler setting; Apply of a new default
+#: sampler drops them from ui-config.json, so the setting is what the next page load shows.
+SAMPLER_DEFAULT_KEYS = ("txt2img/Sampling method/value", "img2img/Sampling method/value")
+
+
+def current_values(ctx: AppContext, names: list[str]) -> dict[str, object]:
+    """The saved values of ``names`` now (what a page load shows)."""
+    options = ctx.options
+    return {name: getattr(options, name) for name in names}
+
+
+def settings_changes(names: list[str], loaded: dict[str, object], values: tuple) -> dict[str, object]:
+    """The options the user changed on the page: compared with what the page was loaded with, not with the
+    saved options, so that a page opened before another tab's Apply never writes its stale values back."""
+    return {name: value for name, value in zip(names, values) if name in loaded and loaded[name] != value}
+
+
+def build_settings(ctx: AppContext, defaults: UiDefaults, blocks: gr.Blocks) -> None:
+    """A search box, one control per option, an Apply button, and a button that saves the current UI values
+    as defaults. Every page load fills the controls from the saved options (not the start-up ones)."""
     current = ctx.options
     sections = option_sections()
     names = [name for _, section in sections for name in section]
     with gr.Row():
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         save_defaults = gr.Button("Save current UI values as defaults", elem_id="ui_defaults_submit")
+    # Filtered in the browser (script.js): the settings whose label lacks the text are hidden.
+    gr.Textbox(label="Search", placeholder="Search settings", elem_id="settings_search", max_lines=1)
     result = gr.HTML("", elem_id="settings_result")
+    #: The values this page was loaded with (per browser tab): Apply saves only what differs from them.
+    loaded = gr.State({})
     controls = []
     with gr.Column(elem_id="settings"):
         for title, section in sections:
@@ -94,23 +116,30 @@ def build_settings(ctx: AppContext, defaults: UiDefaults) -> None:
                 gr.Markdown(f"### {title}")
                 controls += [option_control(name, getattr(current, name)) for name in section]
 
-    def apply_settings(*values: object) -> str:
-        old = ctx.options
-        changes = {name: value for name, value in zip(names, values)
-                   if getattr(old, name) != value and name not in OPERATOR_OPTIONS}
+    def on_load():
+        values = current_values(ctx, names)
+        return [values, *values.values()]
+
+    blocks.load(on_load, outputs=[loaded, *controls], show_progress="hidden", queue=False)
+
+    def apply_settings(page: dict[str, object], *values: object):
+        changes = {name: value for name, value in settings_changes(names, page, values).items()
+                   if name not in OPERATOR_OPTIONS}
         if not changes:
-            return "<p>Nothing changed.</p>"
+            return "<p>Nothing changed.</p>", page
         try:
             ctx.update_options(changes)
         except KeyError as error:
-            return f"<p class='sdui-error'>Not saved: {html.escape(str(error))}</p>"
+            return f"<p class='sdui-error'>Not saved: {html.escape(str(error))}</p>", page
         except ValidationError as error:  # e.g. an output folder outside the allowed folders: nothing is saved
             reasons = "; ".join(_reason(item) for item in error.errors())
-            return f"<p class='sdui-error'>Not saved: {html.escape(reasons)}</p>"
+            return f"<p class='sdui-error'>Not saved: {html.escape(reasons)}</p>", page
+        if "default_sampler" in changes:
+            defaults.forget(SAMPLER_DEFAULT_KEYS)
         return (f"<p>{len(changes)} setting(s) changed and saved to {html.escape(str(ctx.options_path))}: "
-                f"{html.escape(', '.join(changes))}.</p>")
+                f"{html.escape(', '.join(changes))}.</p>", {**page, **changes})
 
-    apply.click(apply_settings, inputs=controls, outputs=[result])
+    apply.click(apply_settings, inputs=[loaded, *controls], outputs=[result, loaded])
 
     keys = list(defaults.components)
 

@@ -41,9 +41,16 @@ class UiDefaults:
         self.components[key] = component
         return component
 
+    def forget(self, keys: tuple[str, ...]) -> None:
+        """Drop ``keys`` from the file (their controls then start with their built-in default)."""
+        if any(key in self.values for key in keys):
+            self._write({key: value for key, value in self.values.items() if key not in keys})
+
     def save(self, values: dict[str, Any]) -> None:
         """Write ``values`` merged over what the file holds, atomically."""
-        merged = {**self.values, **values}
+        self._write({**self.values, **values})
+
+    def _write(self, merged: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ui-config-", suffix=".json")
         try:
