@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 import pipelines
-from webui.api import routes_compat, routes_extras, routes_generation, routes_info, routes_models
+from webui.api import routes_compat, routes_evaluate, routes_extras, routes_generation, routes_info, routes_models
 from webui.api.auth import basic_auth_dependency
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
@@ -48,6 +48,7 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_info.router(ctx, ApiRoute),
         routes_extras.router(ctx, ApiRoute),
         routes_compat.router(ctx, ApiRoute),
+        routes_evaluate.router(ctx, ApiRoute),
     ):
         app.include_router(router, dependencies=dependencies)
     _mount_extension_routes(app, ctx, dependencies)
