@@ -186,8 +186,9 @@ def bar_chart(report: EvaluationReport, panel: tuple[int, int] = (260, 220)) -> 
     font = ImageFont.load_default(13)
     for k, name in enumerate(metrics):
         x0 = k * w
-        arrow = "↑" if HIGHER_IS_BETTER.get(name, True) else "↓"
-        draw.text((x0 + 8, 4), f"{METRIC_LABELS.get(name, name)} {arrow}", fill="black", font=font)
+        # Words, not arrows: Pillow's built-in font has no arrow glyphs.
+        better = "higher" if HIGHER_IS_BETTER.get(name, True) else "lower"
+        draw.text((x0 + 8, 4), f"{METRIC_LABELS.get(name, name)} ({better} is better)", fill="black", font=font)
         cells = [report.cells[c].get(name) for c in report.candidates]
         values = [cell.high if cell and cell.high is not None else cell.mean if cell else 0.0 for cell in cells]
         top = max([abs(v) for v in values if math.isfinite(v)] or [1.0]) or 1.0

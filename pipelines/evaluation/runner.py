@@ -82,8 +82,8 @@ class EvaluationSpec(BaseModel):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"candidates: names must differ; repeated: {', '.join(twice)}")
-        if not re.fullmatch(r"[\w .-]*", self.name):
-            raise ValueError("name: only letters, digits, spaces, '.', '_' and '-'")
+        if not re.fullmatch(r"[\w .-]*", self.name) or self.name.strip(" .") == "" and self.name:
+            raise ValueError("name: only letters, digits, spaces, '.', '_' and '-', and not only dots")
         return self
 
     def prompt_list(self) -> list[EvalPrompt]:

@@ -18,7 +18,15 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 import pipelines
-from webui.api import routes_compat, routes_extras, routes_generation, routes_info, routes_models, routes_train
+from webui.api import (
+    routes_compat,
+    routes_evaluate,
+    routes_extras,
+    routes_generation,
+    routes_info,
+    routes_models,
+    routes_train,
+)
 from webui.api.errors import ApiRoute
 from webui.api.state import ApiSelection
 from webui.context import AppContext
@@ -60,6 +68,7 @@ def mount_api(app: FastAPI, ctx: AppContext) -> None:
         routes_extras.router(ctx, ApiRoute),
         routes_compat.router(ctx, ApiRoute),
         routes_train.router(ctx, ApiRoute),
+        routes_evaluate.router(ctx, ApiRoute),
     ):
         app.include_router(router, dependencies=dependencies, responses=COMMON_RESPONSES)
     _mount_extension_routes(app, ctx, dependencies)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.context import AppContext
+from webui.ui.evaluate import build_evaluate
 from webui.ui.extras import build_extras
 from webui.ui.img2img import build_img2img
 from webui.ui.jobs import Session, queue_status_html
@@ -32,6 +33,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 extras = build_extras(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab_evaluate"):
+                build_evaluate(ctx)
             # Last: its "Save UI defaults" button reads every control registered above.
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings(ctx, defaults, blocks)
