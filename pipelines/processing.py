@@ -441,7 +441,8 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     control = ctx.control
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
-    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds)
+    scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds,
+                                sdxl=model.is_sdxl)
 
     # 5. latents (and, for img2img, the timesteps that the strength leaves)
     start = prepare_latents(request, ctx, model, scheduler, seeds, subseeds, generators, span)

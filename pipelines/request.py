@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines.prompts.parser import check_nesting
-from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, fitting_schedule
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES, find_sampler, schedule_label
 
 MAX_SEED = 4294967294
 MIN_SIZE, MAX_SIZE = 64, 4096
@@ -56,7 +56,9 @@ class GenerationRequest(BaseModel):
     seed_resize_from_w: int = Field(-1, ge=-1, le=MAX_SIZE, description="Make noise as for this width (-1: off).")
     seed_resize_from_h: int = Field(-1, ge=-1, le=MAX_SIZE, description="Make noise as for this height (-1: off).")
     sampler_name: str = Field("DPM++ 2M", description="Sampling method: " + ", ".join(SAMPLERS) + ".")
-    scheduler: str = Field("Automatic", description="Schedule type: " + ", ".join(SCHEDULE_NAMES) + ".")
+    scheduler: str = Field("Automatic", description="Schedule type: " + ", ".join(SCHEDULE_NAMES)
+                           + " (or A1111's names: karras, sgm_uniform, ...); an unknown one runs the sampler's "
+                           "default, with a warning.")
     steps: int = Field(20, ge=1, le=150, description="Sampling steps.")
     cfg_scale: float = Field(7.0, ge=1.0, le=30.0, description="How strongly the image follows the prompt.")
     width: int = _size_field("Image width in pixels, a multiple of 8.")
@@ -118,6 +120,13 @@ class GenerationRequest(BaseModel):
             return None
         return value
 
+    @field_validator("scheduler", "hr_scheduler")
+    @classmethod
+    def _schedule_label(cls, value: str | None) -> str | None:
+        # A1111 names (``sgm_uniform``), labels and aliases in any case become our labels; an unknown name stays,
+        # to run the sampler's default with a warning (see samplers.fitting_schedule).
+        return None if value is None else schedule_label(value)
+
     @field_validator("sampler_name")
     @classmethod
     def _known_sampler(cls, value: str) -> str:
@@ -125,12 +134,11 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _schedule_fits_sampler(self) -> GenerationRequest:
-        # A schedule the sampler's diffusers class cannot run is not an error: the job runs the sampler's
-        # default and says so (see samplers.fitting_schedule); an unknown schedule name is.
-        fitting_schedule(self.sampler_name, self.scheduler)
-        if self.hr_sampler_name is not None or self.hr_scheduler is not None:
+        # A schedule the sampler cannot run, or an unknown one, is not an error: the job runs the sampler's
+        # default and says so (see samplers.fitting_schedule), as A1111 does. An unknown sampler is.
+        if self.hr_sampler_name is not None:
             try:
-                fitting_schedule(self.hr_sampler_name or self.sampler_name, self.hr_scheduler or self.scheduler)
+                find_sampler(self.hr_sampler_name)
             except ValueError as error:
                 raise ValueError(f"hr_{error}") from None
         if self.enable_hr:

@@ -44,7 +44,8 @@ STANDARD_KEYS: tuple[str, ...] = (
 #: Schedule types an old-style sampler name ("DPM++ 2M Karras") may end with. Kept here rather than
 #: imported from ``samplers`` so that reading metadata never imports diffusers; a test checks the
 #: two lists agree.
-SCHEDULE_LABELS: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Beta")
+SCHEDULE_LABELS: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                                   "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 
 #: Values of keys that are missing from an infotext (A1111 writes them only when not the default).
 PARSE_DEFAULTS: Mapping[str, object] = {"Clip skip": 1, "Schedule type": "Automatic", "RNG": "GPU"}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipelines.plugins.scripts import UnetCall, UnetPatch, combined_residuals
+from pipelines.sampling.k_samplers import KDiffusionScheduler, Prediction
 from pipelines.sampling.seeds import step_noise
 from pipelines.sampling.step_cache import unet_runner
 
@@ -106,16 +107,18 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     batch = latents.shape[0]
     order = getattr(scheduler, "order", 1)
     inpaint = inputs.inpaint
-    step_kwargs: dict[str, object] = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
-    own_noise = _takes_step_noise(scheduler)
+    own_sampler = isinstance(scheduler, KDiffusionScheduler)
+    calls = scheduler.expected_calls() if own_sampler else len(inputs.timesteps)
+    call_unet = unet_runner(unet, inputs.step_cache_interval, calls)
+    cfg_scale = inputs.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)
     current: StepConditioningLike | None = None
-    # Set at the first step (no conditioning is None), then whenever prompt editing changes it.
+    # Set at the first call (no conditioning is None), then whenever prompt editing changes it.
     embeds: torch.Tensor
     cond_kwargs: dict[str, Any]
-    call_unet = unet_runner(unet, inputs.step_cache_interval, len(inputs.timesteps))
-    for i, t in enumerate(inputs.timesteps):
-        step = min(i // order, inputs.steps - 1)
-        on_step(step, latents)
+
+    def predict(index: int, step: int, latents: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's guided prediction for ``latents`` at timestep ``t``, and the unguided one."""
+        nonlocal current, embeds, cond_kwargs
         cond = inputs.conditioning.at_step(step)
         if cond is not current:  # prompt editing: new embeddings from this step on
             embeds, cond_kwargs = _unet_conditioning(cond, batch, use_cfg, inputs.add_time_ids, device, dtype)
@@ -131,10 +134,21 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
         if inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
             model_input = torch.cat([model_input, torch.cat([extra] * 2) if use_cfg else extra], dim=1)
-        noise_pred = call_unet(i, model_input, t, embeds, unet_kwargs)
-        if use_cfg:
-            uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + inputs.cfg_scale * (text - uncond)
+        noise_pred = call_unet(index, model_input, t, embeds, unet_kwargs)
+        if not use_cfg:
+            return noise_pred, noise_pred
+        uncond, text = noise_pred.chunk(2)
+        return uncond + cfg_scale * (text - uncond), uncond
+
+    if own_sampler:
+        return _sample_own(scheduler, inputs, on_step, predict)
+
+    step_kwargs: dict[str, object] = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
+    own_noise = _takes_step_noise(scheduler)
+    for i, t in enumerate(inputs.timesteps):
+        step = min(i // order, inputs.steps - 1)
+        on_step(step, latents)
+        noise_pred, _ = predict(i, step, latents, t)
         if own_noise:
             step_kwargs["variance_noise"] = step_noise(inputs.generators, tuple(noise_pred.shape), device)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
@@ -145,6 +159,40 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
                 original = scheduler.add_noise(original, inpaint.noise, inputs.timesteps[i + 1 : i + 2])
             latents = (1 - inpaint.mask) * original + inpaint.mask * latents
     return latents
+
+
+def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: StepHook,
+                predict: Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
+    """Run one of our samplers (:mod:`pipelines.sampling.k_samplers`): it calls the model as often as its
+    algorithm needs, and every call reports progress (and may be interrupted) through ``on_step``.
+
+    As A1111 does for these samplers, a plain UNet's inpainting keeps the original outside the mask in each
+    denoised estimate rather than in the latents."""
+    latents = inputs.latents
+    device = latents.device
+    inpaint = inputs.inpaint
+    calls = 0
+
+    def model(x: torch.Tensor, sigma: float, step: int) -> Prediction:
+        nonlocal calls
+        step = max(0, min(step, inputs.steps - 1))
+        on_step(step, x)
+        t = torch.tensor(scheduler.timestep_of(sigma), device=device, dtype=torch.float32)
+        guided, uncond = predict(calls, step, x, t)
+        calls += 1
+        denoised = scheduler.denoised(x, sigma, guided.to(x.dtype))
+        denoised_uncond = denoised if uncond is guided else scheduler.denoised(x, sigma, uncond.to(x.dtype))
+        if inpaint is not None and inpaint.masked_image_latents is None:
+            keep = 1 - inpaint.mask
+            denoised = keep * inpaint.image_latents + inpaint.mask * denoised
+            denoised_uncond = keep * inpaint.image_latents + inpaint.mask * denoised_uncond
+        return Prediction(denoised, denoised_uncond)
+
+    def noise() -> torch.Tensor:
+        return step_noise(inputs.generators, tuple(latents.shape), device).to(latents.dtype)
+
+    return scheduler.sample(model, latents, noise)
 
 
 def _accepts_generator(scheduler) -> bool:

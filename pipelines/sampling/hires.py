@@ -139,7 +139,7 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
     schedule, _ = hires_steps(request)
     scheduler = build_scheduler(request.hr_sampler_name or request.sampler_name,
                                 request.hr_scheduler or request.scheduler, model.scheduler_config,
-                                seeds=[g.initial_seed() for g in generators])
+                                seeds=[g.initial_seed() for g in generators], sdxl=model.is_sdxl)
     timesteps, real = img2img_timesteps(scheduler, schedule, request.denoising_strength, device)
     if not len(timesteps):
         return init

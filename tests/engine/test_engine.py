@@ -90,9 +90,13 @@ def test_schedule_a_sampler_cannot_run_falls_back_with_a_warning(engine):
     assert np.array_equal(pixels(result.images[0]), pixels(plain.images[0]))
 
 
-def test_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match="unknown schedule type 'Karas'"):
-        txt2img(sampler_name="Euler", scheduler="Karas")
+def test_unknown_schedule_falls_back_with_a_warning(engine):
+    # A1111 runs an unknown schedule name with the sampler's default and warns; it is never refused.
+    result = engine.generate(txt2img(sampler_name="Euler", scheduler="Karas", seed=5))
+    plain = engine.generate(txt2img(sampler_name="Euler", seed=5))
+    assert any("unknown schedule type 'Karas'" in w for w in result.warnings)
+    assert parse_infotext(result.infotexts[0])["Schedule type"] == "Automatic"
+    assert np.array_equal(pixels(result.images[0]), pixels(plain.images[0]))
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M", "DDIM", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])

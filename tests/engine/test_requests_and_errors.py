@@ -20,7 +20,7 @@ from tests.helpers import txt2img
     ("steps", 0, "greater than or equal to 1"),
     ("cfg_scale", math.nan, "cfg_scale"),
     ("sampler_name", "Euler z", "unknown sampler 'Euler z'; choose one of DPM++ 2M"),
-    ("scheduler", "Wobbly", "unknown schedule type 'Wobbly'; choose one of Automatic"),
+    ("hr_sampler_name", "Euler z", "hr_sampler_name: unknown sampler 'Euler z'; choose one of DPM++ 2M"),
     ("seed", 2**40, "less than or equal to 4294967294"),
     ("prompt", "x" * 1_000_000, "at most 20000 characters"),
     ("batch_size", 0, "greater than or equal to 1"),
@@ -30,6 +30,14 @@ def test_bad_values_name_the_field(field, value, message):
         GenerationRequest(**{field: value})
     text = str(raised.value)
     assert field in text and message in text
+
+
+def test_schedule_names_become_labels_and_unknown_ones_are_kept_for_a_warning():
+    # As in A1111, an unknown schedule type is not an error: the job runs the sampler's default and warns
+    # (tests/engine/test_engine.py checks the warning).
+    assert GenerationRequest(scheduler="sgm_uniform", hr_scheduler="KL_OPTIMAL").scheduler == "SGM Uniform"
+    assert GenerationRequest(hr_scheduler="kl_optimal").hr_scheduler == "KL Optimal"
+    assert GenerationRequest(scheduler="Wobbly").scheduler == "Wobbly"
 
 
 def test_unknown_fields_are_refused():

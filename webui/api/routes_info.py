@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter
 
 from pipelines.images.saving import decode_base64_image, read_image_metadata, read_infotext
-from pipelines.sampling.samplers import SAMPLERS, SCHEDULE_NAMES
+from pipelines.sampling.samplers import SAMPLERS, SCHEDULES
 from webui.api.errors import ApiError
 from webui.api.infotext_compat import a1111_parameters
 from webui.api.models import (
@@ -88,9 +88,9 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
     def schedulers() -> list[dict]:
-        """Schedule types."""
-        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None}
-                for label in SCHEDULE_NAMES]
+        """Schedule types, as A1111 lists them: name, label, aliases, default_rho, need_inner_model."""
+        return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for s in SCHEDULES]
 
     @api.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     def upscalers() -> list[dict]:
