@@ -28,6 +28,7 @@ from pipelines.images.saving import make_grid, save_image
 from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
+from pipelines.models.weights import ModelFileError, model_file_field
 from pipelines.options import Options
 from pipelines.plugins.extra_networks import ExtraNetworkRegistry
 from pipelines.plugins.scripts import AlwaysOnScript, ScriptRun, running_scripts
@@ -222,9 +223,15 @@ def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: l
     if ctx.load_model is None:
         raise RuntimeError("this job context cannot load models (JobContext.load_model is not set)")
     with torch.inference_mode(False):
-        model = ctx.load_model(title)
+        try:
+            model = ctx.load_model(title)
+        except ModelFileError as error:
+            if error.field == "checkpoint" and title != ctx.model.file.title:
+                error.field = "hr_checkpoint_name"
+            raise
         if model is not ctx.model:
-            held.enter_context(ctx.extra_networks.activated(model, tags))
+            with model_file_field("prompt"):
+                held.enter_context(ctx.extra_networks.activated(model, tags))
             held.enter_context(_Tiling(model, request.tiling))
     return model
 
@@ -315,8 +322,12 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
     prompts = prepare_prompts(request, request.image_count, ctx.styles)
     # Extra networks change the model (text encoder included) for this job only, so they go first; both they
     # and the always-on scripts are undone on the way out, however the job ends.
-    with ctx.extra_networks.activated(model, prompts.tags) as (network_params, warnings), \
-            running_scripts(ctx.scripts, request, model, ctx.device) as scripts:
+    # A model file they load that cannot be used names the request field that chose it (for the API's 422).
+    with ExitStack() as held:
+        with model_file_field("prompt"):
+            network_params, warnings = held.enter_context(ctx.extra_networks.activated(model, prompts.tags))
+        with model_file_field("alwayson_scripts"):
+            scripts = held.enter_context(running_scripts(ctx.scripts, request, model, ctx.device))
         result.warnings.extend(warnings)
         result.warnings.extend(scripts.warnings)
         # 3. conditioning, once per job
@@ -468,13 +479,14 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
         if hires_file is not None and _switches_model(request, ctx):  # switching needs a hires checkpoint
             def load_hires() -> LoadedModel:
                 return _pass_model(ctx, hires_file.title, request, prompts.tags, held)
-        hires = run_hires_pass(HiresInputs(
-            request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
-            upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
-            encode_prompts=prompts.encode_prompts, encode_negative_prompts=prompts.encode_negative_prompts,
-            embeddings=ctx.embeddings, load_hires_model=load_hires, patches=scripts.patches,
-            step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
-            overlap=ctx.options.upscaler_tile_overlap))
+        with model_file_field("hr_upscaler"):  # a hires checkpoint or LoRA file has its field already
+            hires = run_hires_pass(HiresInputs(
+                request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
+                upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
+                encode_prompts=prompts.encode_prompts, encode_negative_prompts=prompts.encode_negative_prompts,
+                embeddings=ctx.embeddings, load_hires_model=load_hires, patches=scripts.patches,
+                step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
+                overlap=ctx.options.upscaler_tile_overlap))
         if hires.images is not None:  # upscale only: the upscaler's pixels are the result
             scripts.after_batch(hires.images)
             return hires.images

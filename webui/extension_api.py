@@ -36,7 +36,13 @@ from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.models.manager import LoadedModel
-from pipelines.models.weights import UnsafeCheckpointError, read_safetensors_header, read_weights
+from pipelines.models.weights import (
+    ModelFileError,
+    UnsafeCheckpointError,
+    model_file_field,
+    read_safetensors_header,
+    read_weights,
+)
 from pipelines.plugins.extra_networks import ExtraNetworkHandler
 from pipelines.plugins.scripts import (
     AlwaysOnScript,
@@ -64,7 +70,7 @@ __all__ = [
     "parse_infotext", "read_infotext", "ScriptError", "validate_args",
     "GenerationRequest", "Img2ImgRequest", "LoadedModel", "JobControl",
     "GenerationResult", "GridLabel", "annotated_grid", "combine_grids", "infotext_with_params", "labels", "save_grid",
-    "UnsafeCheckpointError", "read_safetensors_header", "read_weights",
+    "ModelFileError", "UnsafeCheckpointError", "model_file_field", "read_safetensors_header", "read_weights",
 ]
 
 TABS = ("txt2img", "img2img")

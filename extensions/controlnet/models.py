@@ -22,7 +22,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-from webui.extension_api import read_weights
+from webui.extension_api import ModelFileError, read_weights
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
@@ -168,8 +168,9 @@ def load_controlnet(path: Path) -> ControlNetModel:
     if any(key.startswith(_ORIGINAL_PREFIX) for key in state):
         state = {key[len(_ORIGINAL_PREFIX):]: value for key, value in state.items() if key.startswith(_ORIGINAL_PREFIX)}
     if "time_embed.0.weight" not in state:
-        raise ValueError(f"{path.name}: not a ControlNet in the original layout (no control_model.time_embed "
-                         "weights); diffusers-layout models must be a folder with their config.json")
+        raise ModelFileError(path, f"{path.name}: not a ControlNet in the original layout (no "
+                                   "control_model.time_embed weights); diffusers-layout models must be a folder "
+                                   "with their config.json")
     config = original_config(state)
     converted = convert_controlnet_checkpoint(state, config)
     for index in (0, 2):  # SDXL's size/pooled-text embedding; diffusers' converter leaves it out
@@ -179,8 +180,8 @@ def load_controlnet(path: Path) -> ControlNetModel:
     model = ControlNetModel.from_config(config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path.name}: weights do not fit the ControlNet they describe (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ModelFileError(path, f"{path.name}: weights do not fit the ControlNet they describe "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.float()
 
 

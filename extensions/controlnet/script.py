@@ -23,6 +23,7 @@ from webui.extension_api import (
     LoadedModel,
     UnetCall,
     UnetResiduals,
+    model_file_field,
     validate_args,
 )
 
@@ -183,7 +184,8 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
             if image is None:
                 raise ValueError(f"ControlNet unit {parsed.index}: image: a control image is needed "
                                  "(img2img uses the init image when none is given)")
-            model = self.library.load(parsed.entry)
+            with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.model"):
+                model = self.library.load(parsed.entry)
             _check_family(model, job.model, parsed)
             width, height = job.request.width, job.request.height
             resolution = unit.processor_res

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from webui.extension_api import read_safetensors_header, read_weights
+from webui.extension_api import ModelFileError, read_safetensors_header, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class LoraLibrary:
         self._addnet_hash = addnet_hash
         self._cache_bytes = cache_bytes
         self._files: list[LoraFile] | None = None
+        #: Files of the folders that cannot be read (left out of the list), with why, by file stem.
+        self._unusable: dict[str, tuple[Path, str]] = {}
         self._lock = threading.RLock()
         self._weights: OrderedDict[tuple[Path, int], dict[str, torch.Tensor]] = OrderedDict()
         #: How many times a file was read from disk (tests check that a second use is cached).
@@ -137,6 +139,7 @@ class LoraLibrary:
             known = {(f.path, f.mtime_ns): f for f in self._files or []}
             files: list[LoraFile] = []
             seen: set[Path] = set()
+            self._unusable = {}
             for folder in self._folders():
                 if not folder.is_dir():
                     continue
@@ -158,6 +161,7 @@ class LoraLibrary:
             metadata, keys = read_header(path)
         except (OSError, ValueError) as error:
             log.warning("skipping unreadable LoRA %s: %s", path, error)
+            self._unusable.setdefault(path.stem, (path, str(error)))
             return None
         return LoraFile(path.stem, path, mtime, metadata, keys)
 
@@ -181,11 +185,17 @@ class LoraLibrary:
 
     def find(self, name: str) -> LoraFile:
         """Like :meth:`get`, scanning again once if ``name`` is missing (a file just copied in);
-        :class:`UnknownLoraError` listing the available names otherwise."""
+        ``ModelFileError`` saying why when ``name`` is a file that cannot be read, :class:`UnknownLoraError`
+        listing the available names otherwise."""
         file = self.get(name)
         if file is None:
             self.refresh()
             file = self.get(name)
+        unusable = self._unusable.get(name)
+        if file is None and unusable is not None:
+            # Named like a file that is there but cannot be read: say why, as the log did when listing.
+            path, reason = unusable
+            raise ModelFileError(path, f"<lora:{name}:...>: {path.name} cannot be used: {reason}")
         if file is None:
             names = ", ".join(sorted({f.name for f in self.files()}, key=str.lower)) or "none"
             folders = ", ".join(str(folder) for folder in self._folders())

@@ -12,6 +12,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +23,8 @@ import torch
 from pipelines.models.acceleration import apply_defaults
 from pipelines.models.catalog import ModelFile, ModelRegistry
 from pipelines.models.checkpoints import ModelFamily, load_checkpoint, load_vae
-from pipelines.models.devices import DeviceConfig, device_config, free_memory
+from pipelines.models.devices import DeviceConfig, device_config, free_memory, is_out_of_memory
+from pipelines.models.weights import ModelFileError, model_file_field
 from pipelines.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -116,18 +119,26 @@ class ModelManager:
         return self.registry.find_checkpoint(checkpoint or self.default_query())
 
     def get(self, checkpoint: str | None = None, vae: str = "Automatic") -> LoadedModel:
-        """The loaded model for ``checkpoint`` with ``vae`` attached, on the device; loads it if needed."""
+        """The loaded model for ``checkpoint`` with ``vae`` attached, on the device; loads it if needed.
+
+        A file that cannot be used raises :class:`ModelFileError` naming it and why, with ``field``
+        ``checkpoint`` or ``vae``; the models loaded before stay usable."""
         file = self.resolve(checkpoint)
         vae_file = None if vae in ("Automatic", "", None, "None") else self.registry.find_vae(vae)
         with self._lock:
             model = self._loaded.get(file.title)
             if model is None:
-                model = self._load(file)
+                with model_file_field("checkpoint"), _unusable_file(file.path):
+                    model = self._load(file)
             self._loaded.move_to_end(file.title)
             if self._active != file.title:
                 self._activate(model)
                 self._active = file.title
-            self._set_vae(model, vae_file)
+            if vae_file is not None:
+                with model_file_field("vae"), _unusable_file(vae_file.path):
+                    self._set_vae(model, vae_file)
+            else:
+                self._set_vae(model, vae_file)
             return model
 
     def unload(self) -> None:
@@ -209,6 +220,22 @@ class ModelManager:
             vae.to(self.device.device)
         else:
             self._activate(model)  # the offload hooks must cover the new VAE
+
+
+@contextmanager
+def _unusable_file(path: Path) -> Iterator[None]:
+    """A model file that reads but does not load (of another kind, wrong shapes, an unknown layout) as a
+    :class:`ModelFileError` naming it; out of memory and errors already naming the file pass as they are."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        if is_out_of_memory(error):
+            raise
+        reason = str(error).strip("'\"") or type(error).__name__
+        shown = reason if str(path) in reason else f"{path}: {reason}"
+        raise ModelFileError(path, shown) from error
 
 
 def _pin(pipe) -> None:

@@ -4,8 +4,10 @@ Nothing from a file is ever executed. ``.safetensors`` files are read with safet
 tensors only); pickled files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) only with
 ``torch.load(weights_only=True)``, which unpickles tensors and plain containers and nothing else. A pickle
 that wants more (a class, a function such as ``os.system``) raises :class:`UnsafeCheckpointError` naming
-the file and what it wanted. Every other unreadable file raises ``ValueError`` naming the file
-(``FileNotFoundError`` when there is none).
+the file and what it wanted. Every other unreadable file raises :class:`ModelFileError` (a ``ValueError``)
+naming the file (``FileNotFoundError`` when there is none). :func:`model_file_field` marks such an error
+with the request field that chose the file (``checkpoint``, ``hr_upscaler``, ...), so that the API can answer
+422 naming both.
 
 - :func:`read_weights`: a file's contents as a dict (``state_dict`` nesting undone, non-tensor entries
   dropped unless asked for): what every loader uses;
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,35 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
 
 
-class UnsafeCheckpointError(ValueError):
+class ModelFileError(ValueError):
+    """A model file that cannot be used (unreadable, truncated, not of its kind, unsafe); the message names it.
+
+    ``path`` is the file; ``field`` the request field that chose it, once known (see :func:`model_file_field`).
+    """
+
+    def __init__(self, path: Path | str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.path = Path(path)
+        self.field = field
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnsafeCheckpointError(ModelFileError):
     """A pickled weights file needs more than tensors to load, so it could run code; it is refused."""
+
+
+@contextmanager
+def model_file_field(field: str) -> Iterator[None]:
+    """A :class:`ModelFileError` raised inside gets ``field`` (the request field that chose the file) unless it
+    already names one."""
+    try:
+        yield
+    except ModelFileError as error:
+        if error.field is None:
+            error.field = field
+        raise
 
 
 def _existing_file(path: Path | str) -> Path:
@@ -43,9 +74,9 @@ def _existing_file(path: Path | str) -> Path:
     return path
 
 
-def _unsupported(path: Path) -> ValueError:
-    return ValueError(
-        f"{path}: unsupported checkpoint type {path.suffix.lower()!r}; weights are read from "
+def _unsupported(path: Path) -> ModelFileError:
+    return ModelFileError(
+        path, f"{path}: unsupported checkpoint type {path.suffix.lower()!r}; weights are read from "
         f"{', '.join(WEIGHT_SUFFIXES)} files"
     )
 
@@ -59,7 +90,8 @@ def _read_pickle(path: Path) -> Any:
     except Exception as error:  # torch raises many types for bad files; all are reported with the path
         message = str(error)
         if "Weights only load failed" not in message:
-            raise ValueError(f"{path} is not a readable weights file: {type(error).__name__}: {error}") from error
+            reason = f"{type(error).__name__}: {error}"
+            raise ModelFileError(path, f"{path} is not a readable weights file: {reason}") from error
         wanted = re.search(r"GLOBAL ([\w.]+)", message)
         reason = (
             f"it wanted to import {wanted.group(1)}"
@@ -67,7 +99,7 @@ def _read_pickle(path: Path) -> Any:
             else f"it uses pickle features beyond plain tensors ({message.splitlines()[-1].strip() or 'unknown'})"
         )
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: {reason}. Pickled files may carry code, so they are read with "
+            path, f"refusing to load {path}: {reason}. Pickled files may carry code, so they are read with "
             "torch.load(weights_only=True) only and nothing from them is executed; convert the file to "
             ".safetensors with a tool you trust."
         ) from error
@@ -87,7 +119,7 @@ def read_weights_raw(path: Path | str, *, device: str = "cpu") -> Any:
         try:
             return load_file(str(path), device=device)
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+            raise ModelFileError(path, f"{path} is not a readable safetensors file: {error}") from error
     if suffix in PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise _unsupported(path)
@@ -119,11 +151,11 @@ def read_weights(
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         # A bad file, not a bad argument: ValueError like every other unreadable file.
-        raise ValueError(f"{path} does not hold a state dict (found {type(loaded).__name__})")  # noqa: TRY004
+        raise ModelFileError(path, f"{path} does not hold a state dict (found {type(loaded).__name__})")
     if not keep_non_tensors:
         loaded = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not _holds_tensor(loaded):
-        raise ValueError(f"{path} holds no tensors")
+        raise ModelFileError(path, f"{path} holds no tensors")
     if device != "cpu" and path.suffix.lower() != SAFETENSORS_SUFFIX:
         loaded = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in loaded.items()}
     return loaded
@@ -136,9 +168,9 @@ def read_safetensors_header(path: Path | str) -> tuple[dict[str, str], tuple[str
     """
     path = _existing_file(path)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        raise ValueError(f"{path}: not a {SAFETENSORS_SUFFIX} file; only those carry a header")
+        raise ModelFileError(path, f"{path}: not a {SAFETENSORS_SUFFIX} file; only those carry a header")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {}), tuple(handle.keys())
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        raise ModelFileError(path, f"{path} is not a readable safetensors file: {error}") from error

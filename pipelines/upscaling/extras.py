@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext, save_image
 from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
+from pipelines.models.weights import model_file_field
 from pipelines.options import Options
 from pipelines.paths import AllowedRoots, confine
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE, Upscalers
@@ -103,17 +104,18 @@ def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettin
     by_scale = settings.resize_mode == 0
     stop = control.check if control is not None else None
 
-    def run(upscaler: str) -> Image.Image:
-        if by_scale:
-            return upscalers.upscale(image, upscaler, scale=settings.scale, tile=tile, overlap=overlap,
-                                     should_stop=stop)
-        return upscalers.upscale(image, upscaler, size=(settings.width, settings.height), crop=settings.crop,
-                                 tile=tile, overlap=overlap, should_stop=stop)
+    def run(upscaler: str, field: str) -> Image.Image:
+        with model_file_field(field):  # an unusable model file names the field that chose it
+            if by_scale:
+                return upscalers.upscale(image, upscaler, scale=settings.scale, tile=tile, overlap=overlap,
+                                         should_stop=stop)
+            return upscalers.upscale(image, upscaler, size=(settings.width, settings.height), crop=settings.crop,
+                                     tile=tile, overlap=overlap, should_stop=stop)
 
-    first = run(settings.upscaler_1)
+    first = run(settings.upscaler_1, "upscaler_1")
     if not settings.uses_second:
         return first
-    second = run(settings.upscaler_2)
+    second = run(settings.upscaler_2, "upscaler_2")
     if second.mode != first.mode:
         second = second.convert(first.mode)
     return Image.blend(first, second, settings.upscaler_2_visibility)

@@ -13,7 +13,7 @@ from pathlib import Path
 import spandrel
 import torch
 
-from pipelines.models.weights import read_weights
+from pipelines.models.weights import ModelFileError, read_weights
 
 
 def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -28,31 +28,32 @@ def read_upscaler_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = spandrel.canonicalize_state_dict(loaded)
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path} holds no tensors")
+        raise ModelFileError(path, f"{path} holds no tensors")
     return tensors
 
 
 def load_upscaler_model(path: Path) -> spandrel.ImageModelDescriptor:
-    """Load an upscaler file on the CPU in float32, in eval mode; ValueError if spandrel does not know it,
-    cannot build it from these weights, or it is not a 3-channel image-to-image upscaler (a face restorer
+    """Load an upscaler file on the CPU in float32, in eval mode; ModelFileError (a ValueError) if spandrel does
+    not know it, cannot build it from these weights, or it is not a 3-channel image-to-image upscaler (a face restorer
     such as GFPGAN, an inpainting model)."""
     state = read_upscaler_state_dict(path)
     try:
         model = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError as error:
-        raise ValueError(f"{path}: not an upscaler architecture spandrel knows ({error})") from error
+        raise ModelFileError(path, f"{path}: not an upscaler architecture spandrel knows ({error})") from error
     except (KeyError, RuntimeError, TypeError, AssertionError) as error:
         # Weights that match an architecture's key pattern but not its shapes or hyperparameters make
         # spandrel fail while building the module; to the user it is one more unusable file.
-        raise ValueError(f"{path}: spandrel could not build the model ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {error}"
+        raise ModelFileError(path, f"{path}: spandrel could not build the model ({reason})") from error
     if not isinstance(model, spandrel.ImageModelDescriptor):
-        raise ValueError(f"{path}: a {model.architecture.name} model needs a mask; it is not an upscaler")  # noqa: TRY004
+        raise ModelFileError(path, f"{path}: a {model.architecture.name} model needs a mask; it is not an upscaler")
     if model.purpose == "FaceSR":
         # Face restorers expect one aligned face at a fixed size; they do not upscale whole images.
-        raise ValueError(f"{path}: {model.architecture.name} is a face restoration model, not an upscaler")
+        raise ModelFileError(path, f"{path}: {model.architecture.name} is a face restoration model, not an upscaler")
     if model.input_channels != 3 or model.output_channels != 3:
-        raise ValueError(
-            f"{path}: a {model.architecture.name} model with {model.input_channels} input and "
+        raise ModelFileError(
+            path, f"{path}: a {model.architecture.name} model with {model.input_channels} input and "
             f"{model.output_channels} output channels; only RGB upscalers are supported"
         )
     return model.eval()

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.models.weights import ModelFileError
 from pipelines.plan import RequestError
 from pipelines.plugins.scripts import ScriptError
 from webui.job_queue import JobCancelled, QueueFull
@@ -30,6 +31,36 @@ _MAX_INPUT_ECHO = 80
 _BOUND_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number",
                  "string_too_long", "string_too_short", "too_long", "too_short"}
 _LENGTH_ERRORS = {"string_too_long", "string_too_short"}
+
+
+#: Engine request fields whose value a client sends as an option (``override_settings`` or POST options).
+_OPTION_FIELDS = {"checkpoint": "sd_model_checkpoint", "vae": "sd_vae"}
+
+
+def model_file_loc(error: ModelFileError, options: Iterable[str] = ()) -> Loc:
+    """Where the request chose the unusable file of ``error``: its field as a loc (``"alwayson_scripts.controlnet
+    .args.0.model"`` -> ``("alwayson_scripts", "controlnet", "args", 0, "model")``); a checkpoint or VAE chosen
+    through the options ``options`` (``override_settings`` keys) under ``override_settings``."""
+    field = error.field or ""
+    option = _OPTION_FIELDS.get(field)
+    if option is not None:
+        return ("override_settings", option) if option in options else (option,)
+    return tuple(int(part) if part.isdigit() else part for part in field.split(".") if part)
+
+
+def model_file_error(error: ModelFileError, loc: Loc) -> ApiError:
+    """The 422 of an unusable model file the request chose at ``loc``: names the field, the file and why
+    (logged for the operator too)."""
+    log.warning("API request chose an unusable model file (%s): %s", ".".join(map(str, loc)) or "?", error)
+    return ApiError.from_errors([{"loc": ["body", *loc], "msg": str(error), "type": "model_file_error"}])
+
+
+class StateConflict(Exception):
+    """The request is fine but the server's state is not (the selected checkpoint cannot be loaded): 409."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
 
 
 class ApiError(Exception):
@@ -145,6 +176,10 @@ class ApiRoute(APIRoute):
                 return unprocessable(validation_errors(error.errors(include_url=False), body_model, ("body",)))
             except ApiError as error:
                 return unprocessable(error.errors)
+            except ModelFileError as error:  # an unreadable, broken or unsafe model file the request chose
+                return unprocessable(model_file_error(error, model_file_loc(error)).errors)
+            except StateConflict as error:
+                return JSONResponse({"error": error.kind, "detail": str(error)}, status_code=409)
             except RequestError as error:  # a name the request holds matched nothing when the job was planned
                 return unprocessable([{"loc": ["body", error.field], "msg": str(error), "type": "value_error"}])
             except ScriptError as error:  # a script refused its arguments once it saw the whole request

@@ -13,6 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.images.saving import encode_base64_png
 from pipelines.job_control import JobControl
+from pipelines.models.weights import ModelFileError
+from webui.api.errors import StateConflict, model_file_error, model_file_loc
 from webui.api.models import (
     GenerationResponse,
     ProgressResponse,
@@ -26,7 +28,8 @@ from webui.context import AppContext
 
 #: The answers of a queued job besides its result and the common errors.
 QUEUED: dict[int | str, dict] = {
-    409: {"description": "The job was cancelled before it started."},
+    409: {"description": "The job was cancelled before it started, or the selected checkpoint or VAE (not one "
+                         "the request chose) cannot be used."},
     503: {"description": "The queue is full (--queue-size); try again after Retry-After seconds."},
 }
 
@@ -49,8 +52,15 @@ async def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJo
         return result, model
 
     description = f"{job.request.mode}: {job.request.prompt[:60]}"
-    result, model = await ctx.queue.run_async(work, source="api", description=description, control=control,
-                                              task_id=job.parameters.get("force_task_id"))
+    try:
+        result, model = await ctx.queue.run_async(work, source="api", description=description, control=control,
+                                                  task_id=job.parameters.get("force_task_id"))
+    except ModelFileError as error:
+        loc = model_file_loc(error, job.parameters.get("override_settings") or {})
+        if loc in (("sd_model_checkpoint",), ("sd_vae",)):  # not chosen by this request: the selected one
+            raise StateConflict("ModelFileError", f"the selected {loc[0]} cannot be used: {error}; choose "
+                                                  "another with POST /sdapi/v1/options") from None
+        raise model_file_error(error, loc) from None
     return await run_in_threadpool(build_response, job, result, model)
 
 

@@ -13,9 +13,10 @@ from fastapi import APIRouter, Body
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.models.weights import ModelFileError
 from pipelines.options import Options
 from pipelines.request import GenerationRequest
-from webui.api.errors import ApiError, validation_errors
+from webui.api.errors import ApiError, StateConflict, model_file_error, model_file_loc, validation_errors
 from webui.api.models import SDModelItem, SDVaeItem
 from webui.api.state import ApiSelection
 from webui.api.translate import (
@@ -84,14 +85,18 @@ def set_options(ctx: AppContext, selection: ApiSelection, changes: dict[str, Any
         clip_skip = _check_clip_skip(changes.pop("CLIP_stop_at_last_layers"))
     check_option_changes(ctx.options, changes, ())
 
-    if title is not None:
+    if title is not None or vae is not None:
+        # Loaded now, so that an unusable file is a 422 naming it and the selection stays as it was.
         def load(control) -> None:
+            checkpoint = title or selection.checkpoint(engine.models)
             try:
-                engine.models.get(title, vae or selection.vae)
+                engine.models.get(checkpoint, vae or selection.vae)
+            except ModelFileError as error:
+                raise model_file_error(error, model_file_loc(error)) from None
             except _LOAD_ERRORS as error:
-                raise EngineError(f"could not load {title}: {error}") from error
+                raise EngineError(f"could not load {checkpoint}: {error}") from error
 
-        ctx.queue.run(load, source="api", description=f"load {title}")
+        ctx.queue.run(load, source="api", description=f"load {title or vae}")
     selection.select(title, vae, clip_skip, changes)
 
 
@@ -156,6 +161,8 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
             if title:
                 try:
                     engine.models.get(title, selection.vae)
+                except ModelFileError as error:
+                    raise StateConflict("ModelFileError", f"the selected model cannot be loaded: {error}") from None
                 except _LOAD_ERRORS as error:
                     raise EngineError(f"could not load {title}: {error}") from error
 
