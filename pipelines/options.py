@@ -78,6 +78,31 @@ class Options(BaseModel):
     CLIP_stop_at_last_layers: int = Field(
         1, ge=1, le=12, description="Clip skip used by jobs that name none."
     )
+    # A1111's saving options, under its names, types and defaults (docs/compatibility.md §3).
+    outdir_samples: str = Field("", description="Folder for all images; when set it replaces the three folders "
+                                                "of txt2img, img2img and Extras images (as A1111's).")
+    outdir_grids: str = Field("", description="Folder for all grids; when set it replaces the txt2img and "
+                                              "img2img grid folders (as A1111's).")
+    samples_filename_pattern: str = Field(
+        "", description="File name pattern of saved images after the NNNNN- counter, with A1111's tags "
+        "[seed], [prompt], [prompt_spaces], [prompt_words], [prompt_no_styles], [negative_prompt], [steps], [cfg], "
+        "[sampler], [scheduler], [width], [height], [model_name], [model_hash], [date], [datetime], "
+        "[job_timestamp], [clip_skip], [batch_number], [generation_number]; empty: [seed].")
+    jpeg_quality: int = Field(80, ge=1, le=100, description="Quality of saved JPEG and WebP images (1-100).")
+    webp_lossless: bool = Field(False, description="Save WebP images lossless.")
+    enable_pnginfo: bool = Field(True, description="Write the infotext into saved images (PNG text chunk, "
+                                                   "JPEG/WebP EXIF UserComment) and into API images.")
+    eta_noise_seed_delta: int = Field(
+        0, ge=0, description="Eta noise seed delta (ENSD): added to each image's seed for the noise ancestral and "
+        "SDE samplers draw at every step; 0 = off. Written to the infotext as \"ENSD\".")
+    return_grid: bool = Field(True, description="API: put the grid of a batch (when one was made) first "
+                                                "in the answer's images.")
+    save_images_before_highres_fix: bool = Field(
+        False, description="Also save each image of the first pass, before the Hires. fix redraws it "
+        "(file name suffix -before-highres-fix).")
+    save_incomplete_images: bool = Field(
+        False, description="Also save the images of a batch stopped by Interrupt or Skip (they are always "
+        "returned and shown).")
 
     @model_validator(mode="after")
     def _overlap_fits_tile(self) -> Options:
@@ -99,7 +124,8 @@ class Options(BaseModel):
         """Where images (or grids) of ``mode`` (txt2img, img2img, extras) are saved: the ``outdir_*`` option
         when set, else ``outputs_dir/<mode>-images/YYYY-MM-DD`` (``<mode>-grids``); not created here."""
         key = f"outdir_{mode}_{'grids' if grids else 'samples'}"
-        custom = str(getattr(self, key, "")).strip()
+        common = self.outdir_grids if grids and mode != "extras" else self.outdir_samples if not grids else ""
+        custom = (common or str(getattr(self, key, ""))).strip()
         return Path(custom).expanduser() if custom else dated_output_dir(outputs_dir, mode, grids=grids)
 
     def with_overrides(self, overrides: dict) -> Options:

@@ -42,7 +42,13 @@ def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJob) -> 
     description = f"{job.request.mode}: {job.request.prompt[:60]}"
     result, model = ctx.queue.run(work, source="api", description=description, control=control,
                                   task_id=job.parameters.get("force_task_id"))
-    return build_response(job, result, model)
+    options = job.options(ctx.options)
+    if job.persist is not None:  # override_settings_restore_afterwards: false keeps them, as in A1111
+        fields, changes = job.persist
+        title = job.request.checkpoint if "checkpoint" in fields else None
+        selection.select(title, job.request.vae if "vae" in fields else None,
+                         job.request.clip_skip if "clip_skip" in fields else None, changes)
+    return build_response(job, result, model, options)
 
 
 def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRouter:
