@@ -6,16 +6,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 
-class JobInterrupted(Exception):
-    """The user pressed Interrupt: stop the whole job, keep what finished."""
+class JobStopped(Exception):
+    """Interrupt or Skip. The loop that stops sets ``latents`` to its best estimate of the finished image
+    at that point (and ``model`` to the model whose VAE decodes it, when not the job's first one), so the
+    batch's images are kept, decoded from them, as A1111 does."""
+
+    latents: Any = None
+    model: Any = None
 
 
-class BatchSkipped(Exception):
-    """The user pressed Skip: drop the batch being sampled, go on with the next one."""
+class JobInterrupted(JobStopped):
+    """The user pressed Interrupt: stop the whole job; the current batch is decoded from its latents."""
+
+
+class BatchSkipped(JobStopped):
+    """The user pressed Skip: stop sampling the current batch (decoded from its latents), go on with the next."""
 
 
 @dataclass

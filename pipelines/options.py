@@ -23,8 +23,8 @@ from pipelines.images.saving import dated_output_dir
 from pipelines.paths import AllowedRoots, confine, confine_writable
 
 #: The options naming a folder images are saved in (all are checked by :func:`pipelines.paths.confine`).
-OUTDIR_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_txt2img_grids",
-                  "outdir_img2img_grids", "outdir_extras_samples")
+OUTDIR_OPTIONS = ("outdir_samples", "outdir_grids", "outdir_txt2img_samples", "outdir_img2img_samples",
+                  "outdir_txt2img_grids", "outdir_img2img_grids", "outdir_extras_samples")
 #: Options only the operator sets (config.json on disk, or a command-line flag): a change through
 #: :meth:`Options.with_overrides` (the UI, the API) is refused, since the server would fetch that URL.
 OPERATOR_OPTIONS = ("default_model_url",)
@@ -91,6 +91,31 @@ class Options(BaseModel):
     CLIP_stop_at_last_layers: int = Field(
         1, ge=1, le=12, description="Clip skip used by jobs that name none."
     )
+    # A1111's saving options, under its names, types and defaults (docs/compatibility.md §3).
+    outdir_samples: str = Field("", description="Folder for all images; when set it replaces the three folders "
+                                                "of txt2img, img2img and Extras images (as A1111's).")
+    outdir_grids: str = Field("", description="Folder for all grids; when set it replaces the txt2img and "
+                                              "img2img grid folders (as A1111's).")
+    samples_filename_pattern: str = Field(
+        "", description="File name pattern of saved images after the NNNNN- counter, with A1111's tags "
+        "[seed], [prompt], [prompt_spaces], [prompt_words], [prompt_no_styles], [negative_prompt], [steps], [cfg], "
+        "[sampler], [scheduler], [width], [height], [model_name], [model_hash], [date], [datetime], "
+        "[job_timestamp], [clip_skip], [batch_number], [generation_number]; empty: [seed].")
+    jpeg_quality: int = Field(80, ge=1, le=100, description="Quality of saved JPEG and WebP images (1-100).")
+    webp_lossless: bool = Field(False, description="Save WebP images lossless.")
+    enable_pnginfo: bool = Field(True, description="Write the infotext into saved images (PNG text chunk, "
+                                                   "JPEG/WebP EXIF UserComment) and into API images.")
+    eta_noise_seed_delta: int = Field(
+        0, ge=0, description="Eta noise seed delta (ENSD): added to each image's seed for the noise ancestral and "
+        "SDE samplers draw at every step; 0 = off. Written to the infotext as \"ENSD\".")
+    return_grid: bool = Field(True, description="API: put the grid of a batch (when one was made) first "
+                                                "in the answer's images.")
+    save_images_before_highres_fix: bool = Field(
+        False, description="Also save each image of the first pass, before the Hires. fix redraws it "
+        "(file name suffix -before-highres-fix).")
+    save_incomplete_images: bool = Field(
+        False, description="Also save the images of a batch stopped by Interrupt or Skip (they are always "
+        "returned and shown).")
 
     #: The folders ``outdir_*`` values must lie in; None for options not bound to an engine (see bound_to).
     _roots: AllowedRoots | None = PrivateAttr(default=None)
@@ -149,6 +174,9 @@ class Options(BaseModel):
         ``outputs_dir``, the data dir), else ``outputs_dir/<mode>-images/YYYY-MM-DD`` (``<mode>-grids``);
         not created here. ValueError naming the option for a folder outside the roots."""
         key = f"outdir_{mode}_{'grids' if grids else 'samples'}"
+        common = "outdir_grids" if grids and mode != "extras" else "outdir_samples" if not grids else ""
+        if common and str(getattr(self, common)).strip():
+            key = common  # A1111's one folder for every mode replaces the per-mode ones
         custom = str(getattr(self, key, "")).strip()
         if not custom:
             return dated_output_dir(outputs_dir, mode, grids=grids)

@@ -24,8 +24,8 @@ from PIL import Image
 
 import pipelines
 from pipelines.images.infotext import build_infotext, infotext_params_from_fields
-from pipelines.images.saving import make_grid, save_image
-from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
+from pipelines.images.saving import filename_from_pattern, make_grid, save_image
+from pipelines.job_control import JobControl, JobInterrupted, JobStopped
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.models.weights import ModelFileError, model_file_field
@@ -77,7 +77,11 @@ class GenerationResult:
     #: None for a result a selectable script assembled.
     extra_params: dict[str, object] | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Interrupt stopped the job: the images of the batch it stopped were decoded from its current latents,
+    #: and later batches did not run.
     interrupted: bool = False
+    #: The batches (0-based) that Skip stopped early; their images were decoded from their current latents.
+    skipped_batches: list[int] = field(default_factory=list)
     model_title: str = ""
     job_timestamp: str = field(default_factory=lambda: datetime.now().strftime("%Y%m%d%H%M%S"))
     seconds: float = 0.0
@@ -298,6 +302,8 @@ def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: Load
                         "out as SD 1.x / 2.x / SDXL): every step ran the whole UNet")
     if conditioning.ti_hashes:
         extra["TI hashes"] = conditioning.ti_hashes
+    if ctx.options.eta_noise_seed_delta:
+        extra["ENSD"] = ctx.options.eta_noise_seed_delta
     return extra
 
 
@@ -306,8 +312,10 @@ def save_grid(request: GenerationRequest, ctx: JobContext, result: GenerationRes
     if request.save_images and ctx.options.grid_save and len(result.images) > 1:
         result.grid = make_grid(result.images)
         folder = ctx.options.output_dir(ctx.outputs_dir, request.mode, grids=True)
-        result.grid_path = save_image(result.grid, folder, seed=result.seeds[0], infotext=result.infotexts[0],
-                                      fmt=ctx.options.grid_format, suffix="-grid")
+        result.grid_path = save_image(result.grid, folder, seed=result.seeds[0],
+                                      infotext=result.infotexts[0] if ctx.options.enable_pnginfo else "",
+                                      fmt=ctx.options.grid_format, suffix="-grid",
+                                      quality=ctx.options.jpeg_quality, lossless=ctx.options.webp_lossless)
 
 
 def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
@@ -349,7 +357,11 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
 def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, prompts: PreparedPrompts,
                  conditioning: tuple[Conditioning, Conditioning | None], result: GenerationResult,
                  scripts: ScriptRun) -> None:
-    """Sample, decode and save batch after batch into ``result``; stops early on interrupt."""
+    """Sample, decode and save batch after batch into ``result``; stops early on interrupt.
+
+    A batch that Interrupt or Skip stops still gives its images (decoded from the latents at hand) with their
+    seeds, prompts and infotexts, as A1111 does; like A1111 they are saved only when the
+    ``save_incomplete_images`` option is on."""
     model, control = ctx.model, ctx.control
     control.start(request.n_iter, _real_steps(request))
     try:
@@ -359,25 +371,38 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                 span = slice(first, first + request.batch_size)
                 notice = f" - {ctx.notice}" if batch_no == 0 and ctx.notice else ""
                 control.update(job_no=batch_no, step=0, textinfo=f"Batch {batch_no + 1} of {request.n_iter}{notice}")
-                try:
-                    images = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts)
-                except BatchSkipped:
-                    continue
-                _record_batch(request, ctx, model, plan, first, prompts, images, result)
+                before_hires = None
+                if request.enable_hr and request.save_images and ctx.options.samples_save and \
+                        ctx.options.save_images_before_highres_fix:
+                    def before_hires(images: list[Image.Image], first: int = first) -> None:
+                        _record_batch(request, ctx, model, plan, first, prompts, images, result,
+                                      suffix="-before-highres-fix")
+                images, stopped = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts, before_hires)
+                _record_batch(request, ctx, model, plan, first, prompts, images, result,
+                              save=stopped is None or ctx.options.save_incomplete_images)
+                if isinstance(stopped, JobInterrupted):
+                    raise stopped
+                if stopped is not None:
+                    result.skipped_batches.append(batch_no)
     except JobInterrupted:
         result.interrupted = True
     control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
 
 
 def _record_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, first: int,
-                  prompts: PreparedPrompts, images: list[Image.Image], result: GenerationResult) -> None:
-    """Stages 9 and 10 of a batch: each image's infotext, then (if asked) its file."""
+                  prompts: PreparedPrompts, images: list[Image.Image], result: GenerationResult, *,
+                  save: bool = True, suffix: str = "") -> None:
+    """Stages 9 and 10 of a batch: each image's infotext, then (if asked, and ``save``) its file. With a
+    ``suffix`` (the first pass saved before the Hires. fix) the images are only saved, not added to ``result``."""
     for k, image in enumerate(images):
         i = first + k
         # 9. infotext
         params = infotext_params(request, model, prompts.prompts[i], prompts.negative_prompts[i],
                                  plan.seeds[i], plan.subseeds[i], result.extra_params or {})
         infotext = build_infotext(prompts.prompts[i], prompts.negative_prompts[i], params)
+        if suffix:
+            save_sample(request, ctx, model, image, infotext, prompts, plan, i, result, suffix=suffix)
+            continue
         result.images.append(image)
         result.infotexts.append(infotext)
         result.seeds.append(plan.seeds[i])
@@ -385,10 +410,28 @@ def _record_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
         result.prompts.append(prompts.prompts[i])
         result.negative_prompts.append(prompts.negative_prompts[i])
         # 10. save
-        if request.save_images and ctx.options.samples_save:
-            folder = ctx.options.output_dir(ctx.outputs_dir, request.mode)
-            result.paths.append(save_image(image, folder, seed=plan.seeds[i], infotext=infotext,
-                                           fmt=ctx.options.samples_format))
+        if save and request.save_images and ctx.options.samples_save:
+            result.paths.append(save_sample(request, ctx, model, image, infotext, prompts, plan, i, result))
+
+
+def save_sample(request: GenerationRequest, ctx: JobContext, model: LoadedModel, image: Image.Image, infotext: str,
+                prompts: PreparedPrompts, plan: SeedPlan, i: int, result: GenerationResult, suffix: str = "") -> Path:
+    """Save image ``i`` of the job as the options say: folder, ``samples_filename_pattern``, format, quality, and
+    the infotext unless ``enable_pnginfo`` is off."""
+    options = ctx.options
+    stem = ""
+    if options.samples_filename_pattern.strip():
+        stem = filename_from_pattern(options.samples_filename_pattern, {
+            "seed": plan.seeds[i], "prompt": prompts.prompts[i], "prompt_no_styles": request.prompt,
+            "negative_prompt": prompts.negative_prompts[i], "steps": request.steps, "cfg": request.cfg_scale,
+            "sampler": request.sampler_name, "scheduler": request.scheduler, "width": request.width,
+            "height": request.height, "model_name": model.file.model_name, "model_hash": model.file.short_hash,
+            "job_timestamp": result.job_timestamp, "clip_skip": request.clip_skip,
+            "batch_number": i % request.batch_size, "generation_number": i + 1})
+    folder = options.output_dir(ctx.outputs_dir, request.mode)
+    return save_image(image, folder, seed=plan.seeds[i], infotext=infotext if options.enable_pnginfo else "",
+                      fmt=options.samples_format, suffix=suffix, stem=stem,
+                      quality=options.jpeg_quality, lossless=options.webp_lossless)
 
 
 def _real_steps(request: GenerationRequest) -> int:
@@ -399,14 +442,18 @@ def _real_steps(request: GenerationRequest) -> int:
 
 
 def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice, prompts: PreparedPrompts,
-               conditionings: tuple[Conditioning, Conditioning | None], scripts: ScriptRun) -> list[Image.Image]:
-    """One batch: first pass, hires fix, decode. Models other than the job's own are released afterwards."""
+               conditionings: tuple[Conditioning, Conditioning | None], scripts: ScriptRun,
+               before_hires: Callable[[list[Image.Image]], None] | None = None
+               ) -> tuple[list[Image.Image], JobStopped | None]:
+    """One batch: first pass, hires fix, decode; and the Interrupt or Skip that stopped it early (None when it
+    ran to the end). Models other than the job's own are released afterwards."""
     with ExitStack() as held:
         model = ctx.model
         if _switches_model(request, ctx):  # the hires pass of the previous batch may have unloaded it
             model = _pass_model(ctx, ctx.model.file.title, request, prompts.tags, held)
         with torch.inference_mode():
-            return _sample_batch(request, ctx, model, plan, span, prompts, conditionings, scripts, held)
+            return _sample_batch(request, ctx, model, plan, span, prompts, conditionings, scripts, held,
+                                 before_hires)
 
 
 @dataclass
@@ -447,9 +494,10 @@ def prepare_latents(request: GenerationRequest, ctx: JobContext, model: LoadedMo
 
 def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, span: slice,
                   prompts: PreparedPrompts, conditionings: tuple[Conditioning, Conditioning | None],
-                  scripts: ScriptRun, held: ExitStack) -> list[Image.Image]:
+                  scripts: ScriptRun, held: ExitStack,
+                  before_hires: Callable[[list[Image.Image]], None] | None = None
+                  ) -> tuple[list[Image.Image], JobStopped | None]:
     conditioning, hr_conditioning = conditionings
-    control = ctx.control
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
     scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds,
@@ -457,11 +505,46 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
 
     # 5. latents (and, for img2img, the timesteps that the strength leaves)
     start = prepare_latents(request, ctx, model, scheduler, seeds, subseeds, generators, span)
-    latents = start.latents
+    if ctx.options.eta_noise_seed_delta:  # A1111's ENSD: the step noise comes from seed + delta
+        generators = generators_for([seed + ctx.options.eta_noise_seed_delta for seed in seeds])
     add_time_ids = None
     if model.is_sdxl:
         add_time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
 
+    # 6. denoise, 7. hires pass; Interrupt or Skip stops them with the latents to decode (as A1111 does)
+    stopped: JobStopped | None = None
+    try:
+        latents, model, upscaled = _denoise_and_hires(request, ctx, model, scheduler, start, conditioning,
+                                                      hr_conditioning, generators, subseeds, add_time_ids,
+                                                      prompts, scripts, held, before_hires)
+    except JobStopped as stop:
+        stopped, upscaled = stop, None
+        latents = stop.latents if stop.latents is not None else start.latents
+        if stop.model is not None:
+            model = stop.model
+    if upscaled is not None:  # hires upscale only: the upscaler's pixels are the result
+        scripts.after_batch(upscaled)
+        return upscaled, None
+
+    # 8. decode
+    images = decode_images(model, latents)
+    if start.source is not None:
+        images = finish_inpaint(images, start.source)
+    scripts.after_batch(images)
+    return images, stopped
+
+
+def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: LoadedModel, scheduler,
+                       start: BatchLatents, conditioning: Conditioning, hr_conditioning: Conditioning | None,
+                       generators: list[torch.Generator], subseeds: list[int], add_time_ids: torch.Tensor | None,
+                       prompts: PreparedPrompts, scripts: ScriptRun, held: ExitStack,
+                       before_hires: Callable[[list[Image.Image]], None] | None = None
+                       ) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
+    """Stages 6 and 7: (final latents, the model whose VAE decodes them, the upscaled images of an
+    upscale-only hires fix or None). Raises :class:`JobStopped` on Interrupt or Skip, with the latents to
+    decode and their model when the stop came after the first pass."""
+    control = ctx.control
+    latents = start.latents
     # 6. denoise
     control.update(steps=max(start.steps, 1))
     reporter = StepReporter(control, model, ctx.options.show_progress_type, on_step=scripts.on_step)
@@ -472,7 +555,26 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
             inpaint=start.inpaint, patches=scripts.patches, size=(request.width, request.height),
             step_cache_interval=ctx.options.step_cache_interval), reporter.step)
 
-    # 7. hires pass (on the hires checkpoint, if the request names one)
+    if before_hires is not None and request.enable_hr:  # the save_images_before_highres_fix option
+        images = decode_images(model, latents)
+        before_hires(finish_inpaint(images, start.source) if start.source is not None else images)
+    try:
+        # 7. hires pass (on the hires checkpoint, if the request names one)
+        latents, model, upscaled = _hires(request, ctx, model, latents, hr_conditioning, generators, subseeds,
+                                          prompts, scripts, held, reporter)
+        control.check()
+    except JobStopped as stop:
+        if stop.latents is None:  # stopped between steps (upscaling, switching models): the latents at hand
+            stop.latents, stop.model = latents, model
+        raise
+    return latents, model, upscaled
+
+
+def _hires(request: GenerationRequest, ctx: JobContext, model: LoadedModel, latents: torch.Tensor,
+           hr_conditioning: Conditioning | None, generators: list[torch.Generator], subseeds: list[int],
+           prompts: PreparedPrompts, scripts: ScriptRun, held: ExitStack, reporter: StepReporter
+           ) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
+    """Stage 7 when asked: (latents, their model, the upscaled images of an upscale-only hires fix or None)."""
     if request.enable_hr:
         load_hires = None
         hires_file = ctx.hires_checkpoint
@@ -488,19 +590,11 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
                 step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
                 overlap=ctx.options.upscaler_tile_overlap))
         if hires.images is not None:  # upscale only: the upscaler's pixels are the result
-            scripts.after_batch(hires.images)
-            return hires.images
+            return latents, model, hires.images
         if hires.latents is None:
             raise RuntimeError("hires fix: the pass returned neither images nor latents")
-        model, latents = hires.model, hires.latents
-    control.check()
-
-    # 8. decode
-    images = decode_images(model, latents)
-    if start.source is not None:
-        images = finish_inpaint(images, start.source)
-    scripts.after_batch(images)
-    return images
+        return hires.latents, hires.model, None
+    return latents, model, None
 
 
 _PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]  # torch.nn.Conv2d.padding_mode

@@ -16,7 +16,7 @@ import struct
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -68,12 +68,14 @@ def _exif_with_user_comment(comment: bytes) -> bytes:
     return b"Exif\x00\x00" + tiff
 
 
-def embed_infotext(image: Image.Image, infotext: str, fmt: str, *, quality: int = 95) -> bytes:
+def embed_infotext(image: Image.Image, infotext: str, fmt: str, *, quality: int = 95, lossless: bool = False
+                   ) -> bytes:
     """Encode ``image`` as png, jpg or webp bytes with ``infotext`` embedded.
 
     PNG: text chunk ``parameters`` (tEXt, or iTXt when the text is not Latin-1). JPEG/WebP: EXIF
     UserComment. An empty infotext embeds nothing. JPEG drops an alpha channel. ``quality`` applies
-    to JPEG and WebP. Raises ValueError for an unknown format or an infotext too long for JPEG EXIF.
+    to JPEG and WebP, ``lossless`` to WebP. Raises ValueError for an unknown format or an infotext too
+    long for JPEG EXIF.
     """
     pil_format, _ = _pillow_format(fmt)
     # Image.save stores the encoder options on the image object itself, so two threads saving the
@@ -92,6 +94,8 @@ def embed_infotext(image: Image.Image, infotext: str, fmt: str, *, quality: int 
         return buffer.getvalue()
 
     options: dict[str, object] = {"quality": quality}
+    if pil_format == "WEBP" and lossless:
+        options["lossless"] = True
     if infotext:
         exif = _exif_with_user_comment(_USER_COMMENT_UNICODE + infotext.encode("utf-16-be"))
         if pil_format == "JPEG" and len(exif) > _JPEG_MAX_EXIF:
@@ -244,8 +248,11 @@ def save_image(
     fmt: str = "png",
     suffix: str = "",
     quality: int = 95,
+    lossless: bool = False,
+    stem: str = "",
 ) -> Path:
-    """Save ``image`` as ``directory/NNNNN-<seed><suffix>.<ext>`` with its infotext embedded.
+    """Save ``image`` as ``directory/NNNNN-<stem><suffix>.<ext>`` with its infotext embedded; ``stem`` defaults
+    to the seed (:func:`filename_from_pattern` makes one from A1111's ``samples_filename_pattern``).
 
     NNNNN is one more than the highest counter already in the folder. The file is written to a
     temporary name and renamed, so a reader never sees half a file and a failed encode leaves
@@ -254,13 +261,45 @@ def save_image(
     _, extension = _pillow_format(fmt)
     if "/" in suffix or "\\" in suffix or suffix in (".", ".."):
         raise ValueError(f"suffix {suffix!r} must not contain a path separator")
-    data = embed_infotext(image, infotext, fmt, quality=quality)  # before any file exists
+    stem = sanitize_filename(stem) if stem else str(seed)
+    data = embed_infotext(image, infotext, fmt, quality=quality, lossless=lossless)  # before any file exists
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with _save_lock:
-        path = directory / f"{next_counter(directory):05d}-{seed}{suffix}.{extension}"
+        path = directory / f"{next_counter(directory):05d}-{stem}{suffix}.{extension}"
         _write_atomically(path, data)
     return path
+
+
+_UNSAFE_FILENAME = re.compile(r'[\x00-\x1f<>:"/\\|?*]')
+_PATTERN_TAG = re.compile(r"\[(\w+)]")
+#: The longest file name stem a pattern makes (A1111 cuts at 128 characters as well).
+MAX_STEM = 128
+
+
+def sanitize_filename(text: str) -> str:
+    """``text`` made safe as a file name part: no path separators or characters Windows refuses, no leading or
+    trailing dots and spaces, at most :data:`MAX_STEM` characters."""
+    text = _UNSAFE_FILENAME.sub("_", text)[:MAX_STEM].strip(" .")
+    return text or "_"
+
+
+def filename_from_pattern(pattern: str, values: Mapping[str, object]) -> str:
+    """A file name stem from A1111's ``samples_filename_pattern``: each ``[tag]`` whose value ``values`` has is
+    replaced (``prompt_words``: the prompt's first 8 words; ``date``/``datetime`` are made here when absent);
+    a tag with no value stays as written. Sanitized with :func:`sanitize_filename`."""
+    now = datetime.now()
+    prompt = str(values.get("prompt", ""))
+    known: dict[str, object] = {"date": now.strftime("%Y-%m-%d"), "datetime": now.strftime("%Y%m%d%H%M%S"),
+                                "prompt_spaces": prompt, "prompt_words": " ".join(re.findall(r"[^\s,()\[\]{}]+",
+                                                                                            prompt)[:8]),
+                                **values}
+
+    def replace(match: re.Match) -> str:
+        value = known.get(match.group(1).lower())
+        return match.group(0) if value is None else str(value)
+
+    return sanitize_filename(_PATTERN_TAG.sub(replace, pattern).replace("\n", " "))
 
 
 # --- grids and base64 ----------------------------------------------------------------------------
@@ -331,3 +370,10 @@ def decode_base64_image(data: str) -> Image.Image:
 def encode_base64_png(image: Image.Image, infotext: str) -> str:
     """Raw base64 (no ``data:`` prefix) of a PNG of ``image`` with ``infotext`` embedded."""
     return base64.b64encode(embed_infotext(image, infotext, "png")).decode("ascii")
+
+
+def encode_base64_image(image: Image.Image, infotext: str, fmt: str = "png", *, quality: int = 95,
+                        lossless: bool = False) -> str:
+    """Raw base64 of ``image`` as png, jpg or webp with ``infotext`` embedded (as A1111's API answers images:
+    PNG text chunk, or EXIF UserComment for JPEG and WebP)."""
+    return base64.b64encode(embed_infotext(image, infotext, fmt, quality=quality, lossless=lossless)).decode("ascii")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from pipelines.job_control import JobStopped
 from pipelines.plugins.scripts import UnetCall, UnetPatch, combined_residuals
 from pipelines.sampling.k_samplers import KDiffusionScheduler, Prediction
 from pipelines.sampling.seeds import step_noise
@@ -98,7 +99,9 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     """Run the sampler over ``inputs.timesteps``; returns the final latents.
 
     ``on_step(step, latents)`` runs before every UNet call with the user-visible step number; it may raise
-    to stop (interrupt / skip) and it makes previews.
+    :class:`~pipelines.job_control.JobStopped` to stop (interrupt / skip) and it makes previews. The raised
+    exception then carries the latents to decode: the scheduler's estimate of the finished latents at the
+    last step (A1111's ``denoised``), or the current latents when it gives none.
     """
     scheduler = inputs.scheduler
     latents = inputs.latents
@@ -145,19 +148,28 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
 
     step_kwargs: dict[str, object] = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
     own_noise = _takes_step_noise(scheduler)
+    denoised: torch.Tensor | None = None
     for i, t in enumerate(inputs.timesteps):
         step = min(i // order, inputs.steps - 1)
-        on_step(step, latents)
+        try:
+            on_step(step, latents)
+        except JobStopped as stop:  # interrupt / skip: hand over the best estimate of the image so far
+            if stop.latents is None:
+                stop.latents = denoised if denoised is not None else latents
+            raise
         noise_pred, _ = predict(i, step, latents, t)
         if own_noise:
             step_kwargs["variance_noise"] = step_noise(inputs.generators, tuple(noise_pred.shape), device)
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)
+        latents, denoised = output[0], _denoised_estimate(scheduler, output)
         if inpaint is not None and inpaint.masked_image_latents is None:
             # A plain UNet does not know the mask: keep the original, noised to the next timestep, outside it.
             original = inpaint.image_latents
             if i < len(inputs.timesteps) - 1:
                 original = scheduler.add_noise(original, inpaint.noise, inputs.timesteps[i + 1 : i + 2])
             latents = (1 - inpaint.mask) * original + inpaint.mask * latents
+            if denoised is not None:
+                denoised = (1 - inpaint.mask) * inpaint.image_latents + inpaint.mask * denoised
     return latents
 
 
@@ -173,11 +185,17 @@ def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: 
     device = latents.device
     inpaint = inputs.inpaint
     calls = 0
+    last_denoised: torch.Tensor | None = None
 
     def model(x: torch.Tensor, sigma: float, step: int) -> Prediction:
-        nonlocal calls
+        nonlocal calls, last_denoised
         step = max(0, min(step, inputs.steps - 1))
-        on_step(step, x)
+        try:
+            on_step(step, x)
+        except JobStopped as stop:  # interrupt / skip: hand over the best estimate of the image so far
+            if stop.latents is None:
+                stop.latents = last_denoised if last_denoised is not None else x
+            raise
         t = torch.tensor(scheduler.timestep_of(sigma), device=device, dtype=torch.float32)
         guided, uncond = predict(calls, step, x, t)
         calls += 1
@@ -187,12 +205,28 @@ def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: 
             keep = 1 - inpaint.mask
             denoised = keep * inpaint.image_latents + inpaint.mask * denoised
             denoised_uncond = keep * inpaint.image_latents + inpaint.mask * denoised_uncond
+        last_denoised = denoised
         return Prediction(denoised, denoised_uncond)
 
     def noise() -> torch.Tensor:
         return step_noise(inputs.generators, tuple(latents.shape), device).to(latents.dtype)
 
     return scheduler.sample(model, latents, noise)
+
+
+def _denoised_estimate(scheduler, output: tuple) -> torch.Tensor | None:
+    """The scheduler's estimate of the finished latents after a step: the ``pred_original_sample`` most
+    schedulers return, or the data prediction the DPM-Solver++ / UniPC multistep schedulers keep; None when
+    it has neither."""
+    if len(output) > 1 and isinstance(output[1], torch.Tensor) and output[1].shape == output[0].shape:
+        return output[1]
+    config = scheduler.config
+    predicts_data = str(getattr(config, "algorithm_type", "")).endswith("dpmsolver++") or (
+        getattr(config, "predict_x0", False) is True)
+    kept = getattr(scheduler, "model_outputs", None)
+    if predicts_data and kept and isinstance(kept[-1], torch.Tensor) and kept[-1].shape == output[0].shape:
+        return kept[-1]
+    return None
 
 
 def _accepts_generator(scheduler) -> bool:

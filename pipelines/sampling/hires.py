@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.job_control import JobStopped
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.plugins.scripts import UnetPatch
@@ -244,11 +245,16 @@ def run_hires_pass(inputs: HiresInputs) -> HiresOutput:
     reporter.check()
     control.update(step=0, steps=max(hires_steps(request)[1], 1))
     generators, subseeds = inputs.generators, inputs.subseeds
-    latents = hires_pass(
-        request, model, init, conditioning=conditioning, generators=generators,
-        make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
-                                                          subseed_strength=request.subseed_strength)
-                                              for g, sub in zip(generators, subseeds)]),
-        on_step=reporter.step, device=inputs.device, patches=inputs.patches,
-        step_cache_interval=inputs.step_cache_interval)
+    try:
+        latents = hires_pass(
+            request, model, init, conditioning=conditioning, generators=generators,
+            make_noise=lambda shape: torch.stack([image_noise(g, shape, subseed=sub,
+                                                              subseed_strength=request.subseed_strength)
+                                                  for g, sub in zip(generators, subseeds)]),
+            on_step=reporter.step, device=inputs.device, patches=inputs.patches,
+            step_cache_interval=inputs.step_cache_interval)
+    except JobStopped as stop:
+        if stop.latents is not None:  # latents of the hires model: its VAE decodes them
+            stop.model = model
+        raise
     return HiresOutput(model=model, latents=latents)

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
+from pipelines.options import Options
 from pipelines.request import GenerationRequest
 from pipelines.sampling.samplers import SAMPLERS
 from tests.fixtures.pictures import half_mask, picture
@@ -312,7 +313,9 @@ def test_progress_reports_every_step_with_previews(engine):
     assert events[-1].fraction == 1.0
 
 
-def test_interrupt_keeps_finished_batches_and_saves_nothing_unfinished(engine_factory):
+def test_interrupt_keeps_finished_and_partial_batches_and_saves_only_finished(engine_factory):
+    # As A1111: the stopped batch is decoded from its latents and returned with its seed and infotext, but
+    # saved only with the save_incomplete_images option; later batches do not run.
     engine = engine_factory()
     control = JobControl()
 
@@ -323,13 +326,47 @@ def test_interrupt_keeps_finished_batches_and_saves_nothing_unfinished(engine_fa
     control.on_progress = on_progress
     result = engine.generate(txt2img(n_iter=3, steps=4, save_images=True, seed=1), control=control)
     assert result.interrupted
-    assert result.seeds == [1]
+    assert result.seeds == [1, 2] and len(result.images) == len(result.infotexts) == len(result.prompts) == 2
+    assert parse_infotext(result.infotexts[1])["Seed"] == 2
     assert len(result.paths) == 1
     folder = result.paths[0].parent
     assert sorted(p.name for p in folder.iterdir()) == ["00000-1.png"]
 
 
-def test_skip_drops_only_the_current_batch(engine):
+def test_interrupted_images_are_saved_with_save_incomplete_images(engine_factory):
+    engine = engine_factory()
+    control = JobControl()
+
+    def on_progress(p):
+        if p.job_no == 1 and p.sampling_step == 2:
+            control.interrupt()
+
+    control.on_progress = on_progress
+    result = engine.generate(txt2img(n_iter=3, steps=4, save_images=True, seed=1), control=control,
+                             options=Options(save_incomplete_images=True))
+    assert result.interrupted and result.seeds == [1, 2]
+    assert [p.name for p in result.paths] == ["00000-1.png", "00001-2.png"]
+    assert parse_infotext(read_infotext(result.paths[1]))["Seed"] == 2
+
+
+def test_interrupted_image_is_the_denoised_estimate_not_noise(engine):
+    # Decoded from the scheduler's estimate of the finished latents (A1111's "denoised"), the partial
+    # image stopped at step 5 of 8 is close to the finished one; decoded noise would not be.
+    full = pixels(engine.generate(txt2img(steps=8, seed=5)).images[0]).astype(float)
+    control = JobControl()
+    control.on_progress = lambda p: control.interrupt() if p.sampling_step == 4 else None
+    partial = engine.generate(txt2img(steps=8, seed=5), control=control)
+    assert partial.interrupted and len(partial.images) == 1
+    noise_control = JobControl()
+    noise_control.on_progress = lambda p: noise_control.interrupt() if p.sampling_step == 0 else None
+    noise = engine.generate(txt2img(steps=8, seed=5), control=noise_control)
+    assert len(noise.images) == 1
+    near = np.abs(pixels(partial.images[0]).astype(float) - full).mean()
+    far = np.abs(pixels(noise.images[0]).astype(float) - full).mean()
+    assert near < far
+
+
+def test_skip_stops_only_the_current_batch_and_keeps_its_image(engine):
     control = JobControl()
 
     def on_progress(p):
@@ -339,7 +376,9 @@ def test_skip_drops_only_the_current_batch(engine):
     control.on_progress = on_progress
     result = engine.generate(txt2img(n_iter=3, steps=3, seed=1), control=control)
     assert not result.interrupted
-    assert result.seeds == [1, 3]
+    # The skipped batch's image is kept (decoded from its latents), so every seed has its image.
+    assert result.seeds == [1, 2, 3] and len(result.images) == len(result.infotexts) == 3
+    assert result.skipped_batches == [1]
 
 
 def test_interrupt_from_another_thread_takes_effect_within_a_step(engine):
@@ -360,5 +399,5 @@ def test_interrupt_from_another_thread_takes_effect_within_a_step(engine):
     thread.start()
     result = engine.generate(txt2img(steps=40), control=control)
     thread.join()
-    assert result.interrupted and result.images == []
+    assert result.interrupted and len(result.images) == len(result.seeds) == 1
     assert len(steps_after) <= 3

@@ -54,8 +54,8 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "override_settings": (dict[str, Any] | None, _field(
         None, "Options for this request only: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, "
               "or any key of /sdapi/v1/options.")),
-    "override_settings_restore_afterwards": (bool | None, _field(True, "Accepted for compatibility; overrides "
-                                                                 "never outlive the request here.")),
+    "override_settings_restore_afterwards": (bool | None, _field(
+        True, "false: the override_settings stay set after the request (saved in the options, as A1111 does).")),
     "send_images": (bool | None, _field(True, "Return the images in the answer.")),
     "restore_faces": (bool | None, _field(None, "Face restoration (no face restorer is available yet).")),
     "script_name": (str | None, _field(None, "Title of a script to run (see /sdapi/v1/scripts), e.g. 'x/y/z plot'.")),
@@ -75,7 +75,8 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "refiner_switch_at": (float | None, _field(None, "When to switch to the refiner (not available yet).")),
     "disable_extra_networks": (bool | None, _field(False, "Accepted for compatibility.")),
     "firstpass_image": (str | None, _field(None, "Accepted for compatibility; not used.")),
-    "infotext": (str | None, _field(None, "Accepted for compatibility; not used.")),
+    "infotext": (str | None, _field(None, "A pasted infotext: the fields this request does not set are filled "
+                                          "from it (as the UI's paste), fields set in the request win.")),
     "force_task_id": (str | None, _field(None, "The job's id_task, as /sdapi/v1/progress (current_task) and "
                                         "POST /internal/progress report it.")),
 }

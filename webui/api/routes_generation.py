@@ -61,7 +61,13 @@ async def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJo
             raise StateConflict("ModelFileError", f"the selected {loc[0]} cannot be used: {error}; choose "
                                                   "another with POST /sdapi/v1/options") from None
         raise model_file_error(error, loc) from None
-    return await run_in_threadpool(build_response, job, result, model)
+    options = job.options(ctx.options)
+    if job.persist is not None:  # override_settings_restore_afterwards: false keeps them, as in A1111
+        fields, changes = job.persist
+        title = job.request.checkpoint if "checkpoint" in fields else None
+        await run_in_threadpool(selection.select, title, job.request.vae if "vae" in fields else None,
+                                job.request.clip_skip if "clip_skip" in fields else None, changes)
+    return await run_in_threadpool(build_response, job, result, model, options)
 
 
 def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRouter:

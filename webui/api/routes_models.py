@@ -14,17 +14,17 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipelines.engine import EngineError
 from pipelines.models.weights import ModelFileError
-from pipelines.options import Options
 from pipelines.request import GenerationRequest
 from webui.api.errors import ApiError, StateConflict, model_file_error, model_file_loc, validation_errors
 from webui.api.models import SDModelItem, SDVaeItem
 from webui.api.state import ApiSelection
 from webui.api.translate import (
+    FIXED_OPTIONS,
     READ_ONLY_OPTIONS,
-    REQUEST_OPTIONS,
     check_option_changes,
     resolve_checkpoint,
     resolve_vae,
+    unsupported_options,
 )
 from webui.context import AppContext
 
@@ -48,7 +48,7 @@ def current_options(ctx: AppContext, selection: ApiSelection) -> dict[str, Any]:
             sha256 = ctx.engine.registry.find_checkpoint(title).sha256
         except LookupError:
             sha256 = None
-    return {**ctx.options.model_dump(), "sd_model_checkpoint": title, "sd_checkpoint_hash": sha256,
+    return {**FIXED_OPTIONS, **ctx.options.model_dump(), "sd_model_checkpoint": title, "sd_checkpoint_hash": sha256,
             "sd_vae": selection.vae, "CLIP_stop_at_last_layers": selection.clip_skip}
 
 
@@ -67,15 +67,15 @@ def set_options(ctx: AppContext, selection: ApiSelection, changes: dict[str, Any
     """Check every change first, then apply: switch the model, store the defaults, persist the options.
 
     As in A1111, keys that are not options here are ignored (with a warning in the log): clients post
-    back the whole dict GET options gave them, including keys of A1111 settings we do not have.
+    back the whole dict GET options gave them, including keys of A1111 settings we do not have. A fixed option
+    (``FIXED_OPTIONS``) set to another value than the one shown is ignored with a warning as well.
     """
     engine = ctx.engine
-    unknown = sorted(key for key in changes if key not in READ_ONLY_OPTIONS and key not in REQUEST_OPTIONS
-                     and key not in Options.model_fields)
+    unknown = sorted(unsupported_options(changes))
     if unknown:
         log.warning("POST /sdapi/v1/options: %s not supported here; ignored", ", ".join(unknown))
     changes = {key: value for key, value in changes.items()
-               if key not in READ_ONLY_OPTIONS and key not in unknown}
+               if key not in READ_ONLY_OPTIONS and key not in unknown and key not in FIXED_OPTIONS}
     title = vae = clip_skip = None
     if "sd_model_checkpoint" in changes:
         title = resolve_checkpoint(engine, changes.pop("sd_model_checkpoint"), ("sd_model_checkpoint",))

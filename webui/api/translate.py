@@ -8,6 +8,7 @@ that request and a per-request :class:`~pipelines.options.Options` copy; shared 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 import pipelines
 from pipelines.engine import Engine
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
-from pipelines.images.saving import decode_base64_image, encode_base64_png
+from pipelines.images.saving import decode_base64_image, encode_base64_image
 from pipelines.models.manager import LoadedModel
 from pipelines.options import Options
 from pipelines.plan import RequestError
@@ -34,9 +35,22 @@ API_DEFAULT_SAMPLER = "Euler"
 REQUEST_OPTIONS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
 #: Keys GET options shows that are derived, so a client posting the whole dict back is not refused.
 READ_ONLY_OPTIONS = frozenset({"sd_checkpoint_hash"})
+#: A1111 options that scripts read and write but that have one value here: GET options shows that value; setting
+#: another one is ignored with a warning (there is no face restoration or colour correction step to save before,
+#: the VAE always decodes in full, the noise is always made on the CPU, img2img runs strength x steps).
+FIXED_OPTIONS: dict[str, Any] = {
+    "sd_vae_decode_method": "Full",
+    "save_images_before_face_restoration": False,
+    "save_images_before_color_correction": False,
+    "randn_source": "CPU",
+    "img2img_fix_steps": False,
+    "initial_noise_multiplier": 1.0,
+    "save_txt": False,
+}
 #: A1111 schedule type names (``sgm_uniform``) and labels (``SGM Uniform``), any case, to our labels.
 _SCHEDULES = {key: label for label in SCHEDULE_NAMES for key in (label.lower(), label.lower().replace(" ", "_"))}
 _AUTOMATIC_VAES = ("Automatic", "None", "")
+log = logging.getLogger("webui.api")
 
 
 @dataclass
@@ -50,6 +64,9 @@ class PreparedJob:
     return_grid: bool = True
     checkpoint_override: bool = False
     warnings: list[str] = field(default_factory=list)
+    #: ``override_settings_restore_afterwards: false``: the overrides to keep once the job has run, as
+    #: (request field values, option changes); None: they end with the request.
+    persist: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def options(self, current: Options) -> Options:
         """The options this job runs with: the current ones with this request's overrides."""
@@ -110,8 +127,7 @@ def split_overrides(overrides: dict[str, Any] | None, current: Options
     """
     fields: dict[str, Any] = {}
     changes: dict[str, Any] = {}
-    unknown = [key for key in (overrides or {}) if key not in REQUEST_OPTIONS and key not in Options.model_fields
-               and key not in READ_ONLY_OPTIONS]
+    unknown = unsupported_options(overrides or {})
     for key, value in (overrides or {}).items():
         if key in unknown:
             continue
@@ -122,11 +138,21 @@ def split_overrides(overrides: dict[str, Any] | None, current: Options
             fields["vae"] = "Automatic" if value is None or str(value) in _AUTOMATIC_VAES else str(value)
         elif key == "CLIP_stop_at_last_layers":
             fields["clip_skip"] = value
-        elif key not in READ_ONLY_OPTIONS:
+        elif key not in READ_ONLY_OPTIONS and key not in FIXED_OPTIONS:
             changes[key] = value
     check_option_changes(current, changes, ("override_settings",))
     warnings = [f"override_settings: {', '.join(unknown)} not supported here; ignored"] if unknown else []
+    if unknown:
+        log.warning("%s", warnings[0])
     return fields, changes, warnings
+
+
+def unsupported_options(changes: dict[str, Any]) -> list[str]:
+    """The keys of ``changes`` that are no option here, or set a :data:`FIXED_OPTIONS` one to another value."""
+    return [key for key, value in changes.items()
+            if (key in FIXED_OPTIONS and value != FIXED_OPTIONS[key])
+            or (key not in FIXED_OPTIONS and key not in REQUEST_OPTIONS and key not in Options.model_fields
+                and key not in READ_ONLY_OPTIONS)]
 
 
 def check_option_changes(current: Options, changes: dict[str, Any], loc: tuple[str, ...]) -> Options:
@@ -213,10 +239,28 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     """Check an API body and build the engine request; raises :class:`ApiError` (422) for bad input."""
     _refuse_unavailable(body)
     engine_model = Img2ImgRequest if hasattr(body, "init_images") else GenerationRequest
-    overridden, changes, warnings = split_overrides(body.override_settings, current)
+    if body.infotext:
+        apply_infotext(body)
+    overridden, changes, override_warnings = split_overrides(body.override_settings, current)
+    warnings = list(override_warnings)
+    persist = (dict(overridden), dict(changes)) if body.override_settings_restore_afterwards is False else None
+    if "checkpoint" in overridden:
+        try:
+            engine.registry.find_checkpoint(overridden["checkpoint"])
+        except LookupError:  # as A1111: the current checkpoint, with a warning
+            warnings.append(f"override_settings: sd_model_checkpoint {overridden.pop('checkpoint')!r} not found; "
+                            "the current checkpoint is used")
+            log.warning("%s", warnings[-1])
+            if persist is not None:
+                persist[0].pop("checkpoint", None)
     if body.do_not_save_grid:
         changes["grid_save"] = False
     fields = _engine_fields(body, engine_model)
+    unknown_styles = [name for name in fields["styles"] if engine.styles.get(name) is None]
+    if unknown_styles:  # A1111 ignores styles it does not have; the engine refuses them, so they go here
+        fields["styles"] = [name for name in fields["styles"] if name not in unknown_styles]
+        warnings.append(f"styles: unknown style(s) {', '.join(map(repr, unknown_styles))} ignored")
+        log.warning("%s", warnings[-1])
     fields.update({"vae": selection.vae, "clip_skip": selection.clip_skip, "checkpoint": None})
     fields.update(overridden)
     if engine_model is Img2ImgRequest:
@@ -244,7 +288,29 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
         parameters.update(init_images=None, mask=None)
     return PreparedJob(request=request, option_changes=changes, parameters=parameters,
                        send_images=body.send_images is not False, return_grid=not body.do_not_save_grid,
-                       checkpoint_override="checkpoint" in overridden, warnings=warnings)
+                       checkpoint_override="checkpoint" in overridden, warnings=warnings, persist=persist)
+
+
+def apply_infotext(body: BaseModel) -> None:
+    """Fill the fields ``body`` does not set from its pasted ``infotext`` (A1111 1.8+'s ``infotext`` field), as
+    the UI's paste does: fields set in the request win; the infotext's clip skip and model become
+    ``override_settings`` unless the request overrides them. 422 for an unreadable infotext."""
+    try:
+        pasted = request_fields_from_infotext(parse_infotext(body.infotext or ""))
+    except ValueError as error:
+        raise ApiError(("infotext",), f"infotext: {error}") from None
+    given = body.model_fields_set
+    model_fields = type(body).model_fields
+    for name, value in pasted.items():
+        if name in model_fields and name not in given and name not in NOT_IN_BODY:
+            setattr(body, name, value)
+    overrides = dict(body.override_settings or {})
+    if "clip_skip" in pasted and "CLIP_stop_at_last_layers" not in overrides:
+        overrides["CLIP_stop_at_last_layers"] = pasted["clip_skip"]
+    model = pasted.get("sd_model_hash") or pasted.get("sd_model_name")
+    if model and "sd_model_checkpoint" not in overrides:
+        overrides["sd_model_checkpoint"] = str(model)
+    body.override_settings = overrides or body.override_settings
 
 
 # --- the answer ----------------------------------------------------------------------------------
@@ -306,19 +372,24 @@ def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | N
     }
 
 
-def build_response(job: PreparedJob, result: GenerationResult, model: LoadedModel | None) -> dict[str, Any]:
-    """images (raw base64 PNG with the infotext embedded), parameters and info, as A1111 answers."""
+def build_response(job: PreparedJob, result: GenerationResult, model: LoadedModel | None,
+                   options: Options | None = None) -> dict[str, Any]:
+    """images (raw base64, encoded as the ``samples_format`` option says, with the infotext embedded unless
+    ``enable_pnginfo`` is off), parameters and info, as A1111 answers."""
+    options = options or Options()
     images = list(zip(result.images, result.infotexts))
     index_of_first_image = 0
     grid = result.grid  # the engine's image: nothing is read back from disk
-    if job.return_grid and grid is not None and result.infotexts:
+    if job.return_grid and options.return_grid and grid is not None and result.infotexts:
         # A1111 puts the grid first when it saved one; the grid carries the first image's infotext.
         images.insert(0, (grid, result.infotexts[0]))
         index_of_first_image = 1
     info = info_dict(job, result, model, index_of_first_image, [text for _, text in images])
     # Like A1111, the always-on scripts' extra images (ControlNet's detected maps) follow the generated ones.
     images += [(image, "") for image in result.extra_images]
-    encoded = [encode_base64_png(image, text) for image, text in images] if job.send_images else []
+    encoded = [encode_base64_image(image, text if options.enable_pnginfo else "", options.samples_format,
+                                   quality=options.jpeg_quality, lossless=options.webp_lossless)
+               for image, text in images] if job.send_images else []
     return {"images": encoded, "parameters": job.parameters, "info": json.dumps(info, ensure_ascii=False)}
 
 
