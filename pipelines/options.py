@@ -91,6 +91,10 @@ class Options(BaseModel):
     CLIP_stop_at_last_layers: int = Field(
         1, ge=1, le=12, description="Clip skip used by jobs that name none."
     )
+    # The Extensions tab's choice (A1111's key), read when the server starts.
+    disabled_extensions: list[str] = Field(
+        default_factory=list, description="Extensions not loaded at the next start (the Extensions tab)."
+    )
 
     #: The folders ``outdir_*`` values must lie in; None for options not bound to an engine (see bound_to).
     _roots: AllowedRoots | None = PrivateAttr(default=None)

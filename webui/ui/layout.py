@@ -5,9 +5,11 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.context import AppContext
+from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.extras import build_extras
 from webui.ui.img2img import build_img2img
 from webui.ui.jobs import Session, queue_status_html
+from webui.ui.merger import build_merger
 from webui.ui.pnginfo import build_pnginfo
 from webui.ui.sendto import wire_send_buttons
 from webui.ui.settings import build_settings
@@ -32,6 +34,10 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 extras = build_extras(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
+            with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                build_merger(ctx, topbar)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(ctx)
             # Last: its "Save UI defaults" button reads every control registered above.
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings(ctx, defaults, blocks)
