@@ -47,9 +47,10 @@ def extension_table(ctx: AppContext) -> str:
             f"<td class='sdui-ext-state'>{html.escape(text)}</td><td>{remote}</td>"
             f"<td>{html.escape(record.branch)}</td><td>{html.escape(record.commit_hash[:8])}</td></tr>")
     body = "".join(rows) or "<tr><td colspan='6'>No extensions found.</td></tr>"
-    return ("<table id='extensions' class='sdui-ext-table'><thead><tr><th>Extension</th><th>Kind</th><th>State</th>"
+    return ("<div class='sdui-ext-table-wrap'><table id='extensions' class='sdui-ext-table'>"
+            "<thead><tr><th>Extension</th><th>Kind</th><th>State</th>"
             "<th>URL</th><th>Branch</th><th>Version</th></tr></thead>"
-            f"<tbody>{body}</tbody></table>")
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _names(ctx: AppContext) -> list[str]:
@@ -75,7 +76,7 @@ def build_extensions_tab(ctx: AppContext) -> None:
                                        elem_id="extensions_enabled", interactive=refused is None)
             with gr.Row():
                 apply = gr.Button("Apply (takes effect at restart)", variant="primary", elem_id="extensions_apply",
-                                  interactive=refused is None, scale=0, min_width=260)
+                                  interactive=refused is None, scale=0, min_width=340)
             status = gr.HTML(f"<p class='sdui-error'>{html.escape(refused)}.</p>" if refused else "",
                              elem_id="extensions_status")
             table = gr.HTML(lambda: extension_table(ctx), elem_id="extensions_table")

@@ -64,11 +64,11 @@ def build_merger(ctx: AppContext, topbar: TopBar) -> MergerTab:
             description = gr.HTML(_description("Weighted sum"), elem_id="modelmerger_interp_description")
             with gr.Row(elem_id="modelmerger_models"):
                 primary = gr.Dropdown(titles, value=None, label="Primary model (A)",
-                                      elem_id="modelmerger_primary_model_name", min_width=160)
+                                      elem_id="modelmerger_primary_model_name", min_width=240)
                 secondary = gr.Dropdown(titles, value=None, label="Secondary model (B)",
-                                        elem_id="modelmerger_secondary_model_name", min_width=160)
+                                        elem_id="modelmerger_secondary_model_name", min_width=240)
                 tertiary = gr.Dropdown(titles, value=None, label="Tertiary model (C)",
-                                       elem_id="modelmerger_tertiary_model_name", min_width=160)
+                                       elem_id="modelmerger_tertiary_model_name", min_width=240)
                 refresh = gr.Button("🔄", elem_id="modelmerger_refresh", size="sm", min_width=40, scale=0,
                                     elem_classes="sdui-tool")
             custom_name = gr.Textbox(label="Custom Name (Optional)", elem_id="modelmerger_custom_name")
@@ -110,6 +110,10 @@ def build_merger(ctx: AppContext, topbar: TopBar) -> MergerTab:
 
     refresh.click(lists, inputs=[primary, secondary, tertiary, bake_vae],
                   outputs=[primary, secondary, tertiary, bake_vae], show_progress="hidden")
+    gr.on(None, lambda: (*(gr.update(choices=mergeable_titles(ctx)) for _ in range(3)),
+                         gr.update(choices=vae_names(ctx))),
+          outputs=[primary, secondary, tertiary, bake_vae], show_progress="hidden", queue=False,
+          api_visibility="private")
     for event in topbar.list_changed:
         event.then(lists, inputs=[primary, secondary, tertiary, bake_vae],
                    outputs=[primary, secondary, tertiary, bake_vae], show_progress="hidden", queue=False)
