@@ -116,6 +116,10 @@ class Options(BaseModel):
     save_incomplete_images: bool = Field(
         False, description="Also save the images of a batch stopped by Interrupt or Skip (they are always "
         "returned and shown).")
+    # The Extensions tab's choice (A1111's key), read when the server starts.
+    disabled_extensions: list[str] = Field(
+        default_factory=list, description="Extensions not loaded at the next start (the Extensions tab)."
+    )
 
     #: The folders ``outdir_*`` values must lie in; None for options not bound to an engine (see bound_to).
     _roots: AllowedRoots | None = PrivateAttr(default=None)

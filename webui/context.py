@@ -107,7 +107,8 @@ class AppContext:
         engine = Engine(settings, options)
         extensions = load_extensions(engine, Path(flags.extensions_dir) if flags.extensions_dir else None,
                                      disable_all=flags.disable_all_extensions,
-                                     disable_extra=flags.disable_extra_extensions)
+                                     disable_extra=flags.disable_extra_extensions,
+                                     disabled=options.disabled_extensions)
         return cls(flags, engine, options_path, extensions)
 
     @property

@@ -347,13 +347,13 @@ def test_target_size_and_tensor_round_trip():
 
 def test_settings_tab_shows_the_upscaler_options_in_their_sections():
     from pipelines.options import Options
-    from webui.ui.settings import TOP_BAR_OPTIONS, option_control, option_sections
+    from webui.ui.settings import NOT_IN_SETTINGS, option_control, option_sections
 
     sections = dict(option_sections())
     assert sections["Upscaling"] == ["upscaler_tile", "upscaler_tile_overlap"]
     assert "outdir_extras_samples" in sections["Saving images"]
     shown = [name for names in sections.values() for name in names]
-    assert sorted(shown) == sorted(set(Options.model_fields) - TOP_BAR_OPTIONS)  # each option once
+    assert sorted(shown) == sorted(set(Options.model_fields) - NOT_IN_SETTINGS)  # each option once
     tile = option_control("upscaler_tile", 192)
     assert (tile.minimum, tile.maximum, tile.value) == (0, 2048, 192)
     assert option_control("outdir_extras_samples", "").elem_id == "setting_outdir_extras_samples"

@@ -6,9 +6,11 @@ import gradio as gr
 
 from webui.context import AppContext
 from webui.ui.evaluate import build_evaluate
+from webui.ui.extensions_tab import build_extensions_tab
 from webui.ui.extras import build_extras
 from webui.ui.img2img import build_img2img
 from webui.ui.jobs import Session, queue_status_html
+from webui.ui.merger import build_merger
 from webui.ui.pnginfo import build_pnginfo
 from webui.ui.sendto import wire_send_buttons
 from webui.ui.settings import build_settings
@@ -35,6 +37,10 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 pnginfo = build_pnginfo()
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab_evaluate"):
                 build_evaluate(ctx)
+            with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
+                build_merger(ctx, topbar)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
+                build_extensions_tab(ctx)
             # Last: its "Save UI defaults" button reads every control registered above.
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings(ctx, defaults, blocks)

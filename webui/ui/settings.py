@@ -19,6 +19,8 @@ _CHOICES = {"default_sampler": lambda: list(SAMPLERS)}
 #: Options the top bar shows and saves (checkpoint, VAE, clip skip): a second control here would repeat
 #: the top bar's elem_id and could disagree with it.
 TOP_BAR_OPTIONS = frozenset({"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"})
+#: Options not shown here: the top bar's, and those another tab manages (the Extensions tab's list).
+NOT_IN_SETTINGS = TOP_BAR_OPTIONS | {"disabled_extensions"}
 #: Headings of the tab and the options under each (a name ending in "*" is a prefix). An option
 #: no section names is shown under "Other", so a new option is never left out of the tab.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -33,7 +35,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def option_sections() -> list[tuple[str, list[str]]]:
     """Every option but the top bar's under its heading, in :data:`SECTIONS` order then declaration
     order; "Other" last."""
-    names = [name for name in Options.model_fields if name not in TOP_BAR_OPTIONS]
+    names = [name for name in Options.model_fields if name not in NOT_IN_SETTINGS]
     taken: set[str] = set()
     sections = []
     for title, patterns in SECTIONS:

@@ -117,6 +117,11 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
 
     bar.checkpoint.input(load, inputs=[bar.checkpoint, bar.vae], show_progress="minimal")
 
+    # A page opened later lists the models there now (a merge, a download), not those of the start: its
+    # value (the loaded model) may be one of them.
+    gr.on(None, lambda: (gr.update(choices=checkpoint_titles(ctx)), gr.update(choices=vae_choices(ctx))),
+          outputs=[bar.checkpoint, bar.vae], show_progress="hidden", queue=False, api_visibility="private")
+
     # Kept for the next start and for API requests that name none, as A1111's quicksettings are.
     def keep_vae(vae: str | None) -> None:
         ctx.update_options({"sd_vae": vae or "Automatic"})
