@@ -13,6 +13,7 @@ from webui.ui.sendto import wire_send_buttons
 from webui.ui.settings import build_settings
 from webui.ui.tokens import TokenCounter
 from webui.ui.topbar import build_topbar
+from webui.ui.train import build_train
 from webui.ui.txt2img import build_txt2img
 from webui.ui.ui_config import UiDefaults
 
@@ -32,6 +33,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 extras = build_extras(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                build_train(ctx)
             # Last: its "Save UI defaults" button reads every control registered above.
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 build_settings(ctx, defaults, blocks)
