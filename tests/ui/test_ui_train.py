@@ -58,7 +58,8 @@ def test_check_dataset_names_the_bad_files(page, ui_server):
     fill_text(page, "train_dataset", "pictures")
     page.locator("#train_check").click()
     report = page.locator("#train_dataset_report textarea")
-    page.wait_for_function("() => document.querySelector('#train_dataset_report textarea').value.includes('problems')")
+    page.wait_for_function(
+        "() => (document.querySelector('#train_dataset_report textarea')?.value ?? '').includes('problems')")
     text = report.input_value()
     assert "4 usable images (6 per epoch with repeats)" in text, text
     assert "- broken.png: cannot be read as an image" in text, text
@@ -97,9 +98,10 @@ def test_a_short_run_shows_its_loss_plot_and_samples_and_its_settings_load_back(
     assert "step 4/4" in progress and "it/s" in progress and "loss " in progress, progress
     # The plot draws the four losses; the gallery shows the samples of steps 2 and 4.
     page.locator("#train_loss_plot canvas, #train_loss_plot svg").first.wait_for()
-    page.wait_for_function("() => document.querySelectorAll('#train_gallery img').length >= 2")
+    page.wait_for_function("() => [...document.querySelectorAll('#train_gallery img')]"
+                           ".filter(img => img.complete && img.naturalWidth === 64).length === 2")
     captions = page.locator("#train_gallery").inner_text()
-    assert "step 2: sks, red circle" in captions or page.locator("#train_gallery img").count() >= 2
+    assert "step 2: sks, red circle" in captions and "step 4: sks, red circle" in captions, captions
 
     ctx = ui_server.ctx
     folder = ctx.engine.paths.outputs_dir / "train" / "ui-run"

@@ -24,8 +24,9 @@ def test_controls_follow_the_declarations():
     assert [choice[1] for choice in built["lr_scheduler"].choices][:2] == ["constant", "constant_with_warmup"]
     rank = built["rank"]
     assert isinstance(rank, gr.Number) and (rank.minimum, rank.maximum, rank.value, rank.precision) == (1, 1024, 16, 0)
-    assert rank.info == "LoRA rank (network dim)"
+    assert rank.info == "LoRA rank (network dim)" and built["text_encoder_lr"].info.endswith("(0: none)")
     assert built["learning_rate"].precision is None and built["learning_rate"].value == 1e-4
+    assert built["name"].value == "" and built["dataset"].value == ""  # required: no default, an empty box
     assert isinstance(built["sample_prompts"], gr.Textbox) and built["sample_prompts"].lines == 3
 
 

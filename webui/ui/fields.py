@@ -31,8 +31,9 @@ def bounds(model: type[BaseModel], name: str) -> tuple[float | None, float | Non
 
 
 def default(model: type[BaseModel], name: str) -> Any:
-    """The field's default value."""
-    return field_info(model, name).get_default(call_default_factory=True)
+    """The field's default value; None for a required field (it has none)."""
+    info = field_info(model, name)
+    return None if info.is_required() else info.get_default(call_default_factory=True)
 
 
 def description(model: type[BaseModel], name: str) -> str:
@@ -61,9 +62,9 @@ def number(model: type[BaseModel], name: str, label: str, *, value: Any = None, 
            **kwargs: Any) -> gr.Number:
     """A number box bounded by the field's range (whole numbers unless ``precision`` is None)."""
     low, high = bounds(model, name)
+    info = kwargs.pop("info", description(model, name))
     return gr.Number(label=label, minimum=low, maximum=high, precision=precision,
-                     value=default(model, name) if value is None else value,
-                     info=description(model, name), **kwargs)
+                     value=default(model, name) if value is None else value, info=info, **kwargs)
 
 
 def checkbox(model: type[BaseModel], name: str, label: str, *, value: Any = None, **kwargs: Any) -> gr.Checkbox:
@@ -90,12 +91,14 @@ def control(model: type[BaseModel], name: str, label: str, **kwargs: Any) -> gr.
     """The control for any field, chosen by its type: a checkbox (bool), a dropdown (Literal), a number box
     (int: whole numbers; float), a text box (str; ``list[str]``: one item a line). Its value goes back into
     the model through :func:`value_for`."""
-    annotation, _ = _optional(field_info(model, name).annotation)
+    annotation, optional = _optional(field_info(model, name).annotation)
     if annotation is bool:
         return checkbox(model, name, label, **kwargs)
     if get_origin(annotation) is Literal:
         return dropdown(model, name, label, **kwargs)
     if annotation in (int, float):
+        if optional and _excludes_zero(model, name):  # see value_for: 0 stands for "none"
+            kwargs.setdefault("info", f"{description(model, name)} (0: none)".lstrip())
         return number(model, name, label, precision=0 if annotation is int else None, **kwargs)
     if annotation is str or get_origin(annotation) is list:
         value = default(model, name)

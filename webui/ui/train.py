@@ -44,6 +44,7 @@ CHECKPOINT = "checkpoint"
 LABELS = {"lr_scheduler": "LR scheduler", "lr_warmup_steps": "LR warm-up steps", "text_encoder_lr": "Text encoder LR",
           "min_snr_gamma": "Min-SNR gamma", "max_grad_norm": "Max gradient norm", "clip_skip": "Clip skip",
           "name": "Output name", "dataset": "Dataset folder"}
+PER_ROW = 3
 FINISHED = ("done", "stopped", "failed")
 SETTINGS_SUFFIX = ".train.json"
 
@@ -64,6 +65,7 @@ class TrainTab:
     timer: gr.Timer
     progress: gr.HTML
     report: gr.Textbox
+    images: gr.Dataframe
     loss_plot: gr.LinePlot
     gallery: gr.Gallery
 
@@ -165,16 +167,24 @@ def build_train(ctx: AppContext) -> TrainTab:
             with gr.Row(equal_height=True):
                 make("dataset")
                 check = gr.Button("Check dataset", elem_id="train_check", scale=0, min_width=140)
+            with gr.Accordion("Dataset report", open=True, visible=False, elem_id="train_report_box") as report_box:
+                report = gr.Textbox("", show_label=False, lines=4, max_lines=30, interactive=False,
+                                    elem_id="train_dataset_report")
+                images = gr.Dataframe(headers=["file", "size", "bucket", "repeats", "caption"], value=None,
+                                      label="Usable images", interactive=False, elem_id="train_dataset_images",
+                                      wrap=True, max_height=300)
             controls[CHECKPOINT] = gr.Dropdown(
                 checkpoint_titles(ctx), value=lambda: initial_checkpoint(ctx), label="Checkpoint",
                 info=fields.description(TrainingSettings, CHECKPOINT), elem_id="train_checkpoint")
-            for number, (title, names) in enumerate(GROUPS):
-                with gr.Accordion(title, open=number == 0, elem_id=f"train_group_{number}"):
-                    for name in names:
-                        make(name)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train_start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train_stop")
+            for number, (title, names) in enumerate(GROUPS):
+                with gr.Accordion(title, open=number == 0, elem_id=f"train_group_{number}"):
+                    for first in range(0, len(names), PER_ROW):
+                        with gr.Row(equal_height=True):
+                            for name in names[first: first + PER_ROW]:
+                                make(name)
         with gr.Column(scale=1):
             progress = gr.HTML("", elem_id="train_progress")
             loss_plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Loss", label="Loss",
@@ -182,11 +192,6 @@ def build_train(ctx: AppContext) -> TrainTab:
             loss_csv = gr.Textbox("", label="Loss log (CSV)", interactive=False, elem_id="train_loss_csv")
             gallery = gr.Gallery(label="Samples", elem_id="train_gallery", columns=4, height="auto",
                                  object_fit="contain", interactive=False)
-            report = gr.Textbox("", label="Dataset report", lines=6, max_lines=30, interactive=False,
-                                elem_id="train_dataset_report")
-            images = gr.Dataframe(headers=["file", "size", "bucket", "repeats", "caption"], value=None,
-                                  label="Usable images", interactive=False, elem_id="train_dataset_images",
-                                  wrap=True)
 
     order = setting_names()
     inputs = [controls[name] for name in order] + [controls[CHECKPOINT]]
@@ -196,10 +201,10 @@ def build_train(ctx: AppContext) -> TrainTab:
             summary, rows = dataset_check(ctx, folder, resolution, missing)
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        return summary, rows
+        return gr.Accordion(visible=True), summary, rows
 
     check.click(check_dataset, inputs=[controls["dataset"], controls["resolution"], controls["missing_captions"]],
-                outputs=[report, images])
+                outputs=[report_box, report, images])
 
     def start_run(*values: Any):
         *generic, checkpoint = values
@@ -263,5 +268,5 @@ def build_train(ctx: AppContext) -> TrainTab:
         return gr.update(choices=names, value=current if current in names else None), gr.update(choices=titles)
 
     refresh.click(refresh_saved, inputs=[load], outputs=[load, controls[CHECKPOINT]], show_progress="hidden")
-    return TrainTab(controls, run_id, timer, progress, report, loss_plot, gallery)
+    return TrainTab(controls, run_id, timer, progress, report, images, loss_plot, gallery)
 
