@@ -75,6 +75,7 @@ def test_check_dataset_names_the_bad_files(page, ui_server):
 
 def test_a_short_run_shows_its_loss_plot_and_samples_and_its_settings_load_back(page, ui_server):
     open_train(page)
+    assert page.locator("#train_name input, #train_name textarea").first.input_value() == ""  # no default name
     fill_text(page, "train_name", "ui-run")
     fill_text(page, "train_dataset", "pictures")
     page.locator("#train_checkpoint input").first.click()
