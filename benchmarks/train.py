@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,10 @@ def ours(model: Path, size: int, steps: int, rank: int) -> dict:
     settings = TrainingSettings(name="bench", dataset="pictures", checkpoint=model.name, resolution=size,
                                 steps=steps, rank=rank, alpha=rank, learning_rate=1e-4, batch_size=1)
     times: list[float] = []
-    train(engine, settings, dataset, on_step=lambda state: times.append(time.perf_counter()))
+    try:
+        train(engine, settings, dataset, on_step=lambda state: times.append(time.perf_counter()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {"step_seconds": times, "peak_rss_mb": _peak_mb()}
 
 
@@ -92,7 +96,8 @@ def theirs(model: Path, size: int, steps: int, rank: int) -> dict:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
-    pictures = write_images(Path(tempfile.mkdtemp(prefix="sd-bench-train-")), size)
+    scratch = Path(tempfile.mkdtemp(prefix="sd-bench-train-"))
+    pictures = write_images(scratch, size)
     batches = []
     for number, caption in enumerate(CAPTIONS):
         with Image.open(pictures / f"image{number}.png") as image:
@@ -101,6 +106,7 @@ def theirs(model: Path, size: int, steps: int, rank: int) -> dict:
         input_ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length",
                               truncation=True, return_tensors="pt").input_ids
         batches.append((pixel_values, input_ids))
+    shutil.rmtree(scratch, ignore_errors=True)
     times = []
     unet.train()
     for step in range(steps):
@@ -142,7 +148,12 @@ def run(model: Path | None, size: int, steps: int, rank: int) -> dict:
     if model is None:
         from benchmarks.models import build_random_model
 
-        model = build_random_model(Path(tempfile.mkdtemp(prefix="sd-bench-train-model-")), "sd15")
+        with tempfile.TemporaryDirectory(prefix="sd-bench-train-model-") as folder:
+            return _figures(build_random_model(Path(folder), "sd15"), size, steps, rank)
+    return _figures(model, size, steps, rank)
+
+
+def _figures(model: Path, size: int, steps: int, rank: int) -> dict:
     sides = {side: _in_child(side, model, size, steps + 1, rank) for side in ("theirs", "ours")}
     figures = {side: {"seconds_per_step": round(_step_time(result["step_seconds"]), 3),
                       "peak_rss_mb": round(result["peak_rss_mb"])} for side, result in sides.items()}
