@@ -34,7 +34,8 @@ def training_runs(ctx: AppContext) -> TrainingRuns:
 
 
 def dataset_roots(ctx: AppContext) -> list:
-    return [ctx.engine.paths.data_dir]
+    """Where a dataset folder may be: the data dir (relative names start there) and the allowed folders."""
+    return list(ctx.engine.roots.folders)
 
 
 def describe(run: TrainingRun, images: bool = True) -> dict:

@@ -16,6 +16,7 @@ from webui.ui.sendto import wire_send_buttons
 from webui.ui.settings import build_settings
 from webui.ui.tokens import TokenCounter
 from webui.ui.topbar import build_topbar
+from webui.ui.train import build_train
 from webui.ui.txt2img import build_txt2img
 from webui.ui.ui_config import UiDefaults
 
@@ -35,6 +36,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 extras = build_extras(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo()
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                build_train(ctx)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab_evaluate"):
                 build_evaluate(ctx)
             with gr.Tab("Checkpoint Merger", id="modelmerger", elem_id="tab_modelmerger"):
