@@ -12,13 +12,12 @@ copy made with :meth:`Options.with_overrides`: the Settings tab, ``/sdapi/v1/opt
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
+from pipelines.files import write_atomically
 from pipelines.images.saving import dated_output_dir
 from pipelines.paths import AllowedRoots, confine, confine_writable
 
@@ -210,12 +209,4 @@ class Options(BaseModel):
 
     def save(self, path: Path) -> None:
         """Write atomically, so a crash never leaves a half-written config."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.model_dump(), f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, json.dumps(self.model_dump(), indent=2).encode("utf-8"))

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+from pipelines.files import write_atomically
 
 #: Output format name -> (Pillow format, file extension).
 FORMATS: dict[str, tuple[str, str]] = {
@@ -225,19 +226,6 @@ def next_counter(directory: Path) -> int:
     return highest + 1
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # The temporary name starts with "." so that a crash never leaves a file that looks like output.
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
 
 def save_image(
     image: Image.Image,
@@ -267,7 +255,7 @@ def save_image(
     directory.mkdir(parents=True, exist_ok=True)
     with _save_lock:
         path = directory / f"{next_counter(directory):05d}-{stem}{suffix}.{extension}"
-        _write_atomically(path, data)
+        write_atomically(path, data)
     return path
 
 

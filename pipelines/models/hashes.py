@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from pipelines.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,8 @@ class HashCache:
 
     def _save(self) -> None:
         # Called with self._lock held.
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"format": _CACHE_FORMAT, "sections": self._sections}, indent=1, sort_keys=True)
-        handle, temp_name = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as temp:
-                temp.write(payload)
-            os.replace(temp_name, self.cache_file)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        write_atomically(self.cache_file, payload.encode("utf-8"))
 
     def _cached(self, section: str, path: Path, compute: Callable[[Path], str]) -> str:
         key = str(Path(path).resolve())

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipelines.files import atomic_output
 from pipelines.job_control import JobControl
 from pipelines.models.catalog import ModelFile, ModelRegistry
 from pipelines.models.hashes import legacy_hash
@@ -372,20 +371,12 @@ def _write(target: Path, plan: _Merge, metadata: dict[str, str], control: JobCon
     if control is not None:
         control.start(1, len(plan.layout))
         control.update(textinfo="Merging")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".merge-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writer = SafetensorsWriter(handle, plan.layout, metadata)
-            for step, (key, info) in enumerate(plan.layout, start=1):
-                if control is not None:
-                    control.check()
-                writer.write(key, plan.tensor(key, info))
-                if control is not None:
-                    control.update(step=step)
-            writer.close()
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(target, prefix=".merge-") as handle:
+        writer = SafetensorsWriter(handle, plan.layout, metadata)
+        for step, (key, info) in enumerate(plan.layout, start=1):
+            if control is not None:
+                control.check()
+            writer.write(key, plan.tensor(key, info))
+            if control is not None:
+                control.update(step=step)
+        writer.close()

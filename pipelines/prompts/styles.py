@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.files import write_atomically
 
 FIELDS = ("name", "prompt", "negative_prompt")
 PLACEHOLDER = "{prompt}"
@@ -96,18 +97,10 @@ class StyleDatabase:
             self._styles = styles
 
     def _write(self, styles: dict[str, Style]) -> None:
-        # Temp file in the same folder + rename, so a crash never leaves a half-written styles.csv.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temp_name = tempfile.mkstemp(prefix=".styles-", suffix=".csv", dir=self.path.parent)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=FIELDS)
-                writer.writeheader()
-                for style in styles.values():
-                    writer.writerow(
-                        {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
-                    )
-            os.replace(temp_name, self.path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        # Written atomically, so a crash never leaves a half-written styles.csv.
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=FIELDS)
+        writer.writeheader()
+        for style in styles.values():
+            writer.writerow({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt})
+        write_atomically(self.path, text.getvalue().encode("utf-8"))

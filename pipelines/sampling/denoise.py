@@ -151,12 +151,7 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     denoised: torch.Tensor | None = None
     for i, t in enumerate(inputs.timesteps):
         step = min(i // order, inputs.steps - 1)
-        try:
-            on_step(step, latents)
-        except JobStopped as stop:  # interrupt / skip: hand over the best estimate of the image so far
-            if stop.latents is None:
-                stop.latents = denoised if denoised is not None else latents
-            raise
+        _report_step(on_step, step, latents, denoised)
         noise_pred, _ = predict(i, step, latents, t)
         if own_noise:
             step_kwargs["variance_noise"] = step_noise(inputs.generators, tuple(noise_pred.shape), device)
@@ -171,6 +166,17 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
             if denoised is not None:
                 denoised = (1 - inpaint.mask) * inpaint.image_latents + inpaint.mask * denoised
     return latents
+
+
+def _report_step(on_step: StepHook, step: int, latents: torch.Tensor, denoised: torch.Tensor | None) -> None:
+    """Report ``step``; when the job is interrupted or skipped there, hand the stop the best estimate of the
+    finished image so far (the last denoised prediction, else the current latents) to decode."""
+    try:
+        on_step(step, latents)
+    except JobStopped as stop:
+        if stop.latents is None:
+            stop.latents = denoised if denoised is not None else latents
+        raise
 
 
 def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: StepHook,
@@ -190,12 +196,7 @@ def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: 
     def model(x: torch.Tensor, sigma: float, step: int) -> Prediction:
         nonlocal calls, last_denoised
         step = max(0, min(step, inputs.steps - 1))
-        try:
-            on_step(step, x)
-        except JobStopped as stop:  # interrupt / skip: hand over the best estimate of the image so far
-            if stop.latents is None:
-                stop.latents = last_denoised if last_denoised is not None else x
-            raise
+        _report_step(on_step, step, x, last_denoised)
         t = torch.tensor(scheduler.timestep_of(sigma), device=device, dtype=torch.float32)
         guided, uncond = predict(calls, step, x, t)
         calls += 1

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import safetensors.torch
 import torch
+
+from pipelines.files import write_atomically
 
 ADAPTER = "sdui_training"
 _A, _B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
@@ -111,21 +111,6 @@ def tensor_hashes(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     stream.seek(0x100000)
     return hashlib.sha256(data[8 + header:]).hexdigest(), hashlib.sha256(stream.read(0x10000)).hexdigest()[:8]
 
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, then rename it: a reader, or a process
-    killed half way, never sees half a file; the previous file stays until the new one is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

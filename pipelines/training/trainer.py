@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from pipelines.files import write_atomically
 from pipelines.images.saving import embed_infotext
 from pipelines.job_control import JobControl, JobInterrupted
 from pipelines.models.weights import read_weights_raw
@@ -250,7 +251,7 @@ class _Run:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         step = self._resume(optimizer, lr_scheduler) if s.resume else 0
-        lora.write_atomically(self.folder / "settings.json", s.model_dump_json(indent=2).encode())
+        write_atomically(self.folder / "settings.json", s.model_dump_json(indent=2).encode())
         self._rewrite_loss_log()
         self.control.start(job_count=1, sampling_steps=total)
         self.state.step = step
@@ -347,7 +348,7 @@ class _Run:
 
     def _rewrite_loss_log(self) -> None:
         rows = ["step,loss,lr,time"] + [f"{step},{loss:.6f},," for step, loss in self.state.losses]
-        lora.write_atomically(self.folder / "loss.csv", ("\n".join(rows) + "\n").encode())
+        write_atomically(self.folder / "loss.csv", ("\n".join(rows) + "\n").encode())
 
     # --- saving, resuming, samples ------------------------------------------------------------------
 
@@ -413,13 +414,13 @@ class _Run:
             lora.write_lora(path, tensors, metadata)
             self.state.saves.append(path)
         settings = self.s.model_dump_json(indent=2).encode()
-        lora.write_atomically(final.with_suffix(".train.json"), settings)
+        write_atomically(final.with_suffix(".train.json"), settings)
         buffer = io.BytesIO()
         torch.save({"step": step, "lora": {f"{p}{k}": v for p, w in self._parts().items() for k, v in w.items()},
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "losses": [[st, lo] for st, lo in self.state.losses],
                     "settings": self.s.model_dump(mode="json")}, buffer)
-        lora.write_atomically(self.folder / "train-state.pt", buffer.getvalue())
+        write_atomically(self.folder / "train-state.pt", buffer.getvalue())
         if not intermediate:
             self.state.output = final
 
@@ -460,7 +461,7 @@ class _Run:
             image, infotext = result.images[0], result.infotexts[0]
             infotext += f", LoRA training: {s.name} step {step}"
             path = samples / f"step{step:08d}-{number:02d}.png"
-            lora.write_atomically(path, embed_infotext(image, infotext, "png"))
+            write_atomically(path, embed_infotext(image, infotext, "png"))
             self.state.samples.append(SampleImage(step, prompt, path, image, infotext))
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+
+from pipelines.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,5 @@ class UiDefaults:
         self._write({**self.values, **values})
 
     def _write(self, merged: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ui-config-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(merged, handle, indent=2, ensure_ascii=False)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, json.dumps(merged, indent=2, ensure_ascii=False).encode("utf-8"))
         self.values = merged
