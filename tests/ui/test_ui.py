@@ -282,19 +282,24 @@ def test_app_without_models_says_where_to_put_one(tmp_path, monkeypatch):
     assert problem and "127.0.0.1:9 cannot be reached" in problem
 
 
-def test_notes_of_an_interrupted_job_count_images_only_without_a_script():
+def test_notes_of_an_interrupted_or_skipped_job():
     from pipelines.processing import GenerationResult
     from webui.ui.generation import result_notes
 
     plain = GenerationRequest(prompt="x", batch_size=2, n_iter=2)
     result = GenerationResult(request=plain, model_title="m", images=[Image.new("RGB", (8, 8))] * 3,
                               warnings=["a warning"], interrupted=True, seconds=1.5)
-    assert result_notes(plain, result) == ["a warning", "Interrupted: 3 of 4 images finished.", "Time taken: 1.50 s"]
+    assert result_notes(plain, result) == [
+        "a warning", "Interrupted: 3 of 4 images; the last batch is shown as it was at the interrupted step.",
+        "Time taken: 1.50 s"]
     # a script's result holds grids and cells of several jobs: it reports its own progress
     scripted = plain.model_copy(update={"script_name": "X/Y/Z plot"})
     assert result_notes(scripted, result)[1] == "Interrupted: what the script finished is shown."
     result.interrupted = False
     assert result_notes(plain, result) == ["a warning", "Time taken: 1.50 s"]
+    # Skip keeps the skipped batch's images and says so
+    result.skipped_batches = [0]
+    assert result_notes(plain, result)[1] == "Skipped batch 1 of 2: its images are shown as they were when skipped."
 
 
 def test_gradio_auth_parsing(tmp_path):

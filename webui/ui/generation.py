@@ -57,7 +57,12 @@ def result_notes(request: GenerationRequest, result: GenerationResult) -> list[s
     if result.interrupted and request.script_name:  # its images include grids: the script says what it did
         notes.append("Interrupted: what the script finished is shown.")
     elif result.interrupted:
-        notes.append(f"Interrupted: {len(result.images)} of {request.image_count} images finished.")
+        notes.append(f"Interrupted: {len(result.images)} of {request.image_count} images; the last batch is "
+                     "shown as it was at the interrupted step.")
+    if result.skipped_batches and not request.script_name:
+        batches = ", ".join(str(number + 1) for number in result.skipped_batches)
+        notes.append(f"Skipped batch {batches} of {request.n_iter}: its images are shown as they were when "
+                     "skipped.")
     notes.append(f"Time taken: {result.seconds:.2f} s")
     return notes
 
