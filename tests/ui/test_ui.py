@@ -213,6 +213,10 @@ def test_interrupt_a_long_job(page, ui_server):
     assert time.monotonic() - started < 30
     page.wait_for_function("() => document.querySelector('#html_log_txt2img').innerText.includes('Interrupted')")
     assert ui_server.ctx.queue.running is None
+    # Interrupt keeps work: the image of the interrupted step is shown (decoded from its latents)
+    page.locator("#txt2img_gallery img").first.wait_for(timeout=30_000)
+    notes = page.locator("#html_log_txt2img").inner_text()
+    assert "shown as it was at the interrupted step" in notes and "Interrupted: 0 of" not in notes, notes
 
 
 def test_settings_and_ui_defaults_are_saved(page, ui_server):
