@@ -105,7 +105,8 @@ class Options(BaseModel):
     enable_pnginfo: bool = Field(True, description="Write the infotext into saved images (PNG text chunk, "
                                                    "JPEG/WebP EXIF UserComment) and into API images.")
     eta_noise_seed_delta: int = Field(
-        0, ge=0, description="Eta noise seed delta (ENSD): added to each image's seed for the noise ancestral and "
+        0, ge=0, le=4294967295,
+        description="Eta noise seed delta (ENSD): added to each image's seed for the noise ancestral and "
         "SDE samplers draw at every step; 0 = off. Written to the infotext as \"ENSD\".")
     return_grid: bool = Field(True, description="API: put the grid of a batch (when one was made) first "
                                                 "in the answer's images.")

@@ -53,6 +53,10 @@ class EvaluateStatus(BaseModel):
     results: EvaluateResults | None = None
 
 
+#: The answer for an id no evaluation job has (or one forgotten: only the last jobs are kept).
+UNKNOWN_JOB: dict[int | str, dict] = {404: {"description": "No evaluation job has this id."}}
+
+
 def router(ctx: AppContext, route_class: type) -> APIRouter:
     """The evaluation routes on ``ctx``."""
     api = APIRouter(route_class=route_class, tags=["evaluation"])
@@ -70,13 +74,13 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
         job = jobs.start(body, source="api")
         return {"id": job.id, "state": job.state}
 
-    @api.get("/sdapi/v1/evaluate/{job_id}", response_model=EvaluateStatus)
+    @api.get("/sdapi/v1/evaluate/{job_id}", response_model=EvaluateStatus, responses=UNKNOWN_JOB)
     def evaluate_status(job_id: str, include_images: bool = Query(
             False, description="Add the chart and contact sheets as base64 PNGs.")) -> dict:
         """Progress of an evaluation and, when it is done, its results."""
         return find(job_id).status(include_images)
 
-    @api.post("/sdapi/v1/evaluate/{job_id}/interrupt", response_model=EvaluateStatus)
+    @api.post("/sdapi/v1/evaluate/{job_id}/interrupt", response_model=EvaluateStatus, responses=UNKNOWN_JOB)
     def evaluate_interrupt(job_id: str) -> dict:
         """Stop an evaluation after its current step (or take it out of the queue if it waits)."""
         job = find(job_id)

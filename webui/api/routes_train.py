@@ -25,6 +25,10 @@ from webui.context import AppContext
 _RUNS: weakref.WeakKeyDictionary[AppContext, TrainingRuns] = weakref.WeakKeyDictionary()
 
 
+#: The answer for an id no training run has.
+UNKNOWN_RUN: dict[int | str, dict] = {404: {"description": "No training run has this id."}}
+
+
 def training_runs(ctx: AppContext) -> TrainingRuns:
     """The app's training runs (shared by the API and the Train tab)."""
     if ctx not in _RUNS:
@@ -78,14 +82,14 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
         run = training_runs(ctx).start(body, folder)
         return {"id": run.id, "status": run.status}
 
-    @api.get("/sdapi/v1/train/{run_id}")
+    @api.get("/sdapi/v1/train/{run_id}", responses=UNKNOWN_RUN)
     def progress(run_id: str, images: bool = True) -> dict:
         run = training_runs(ctx).get(run_id)
         if run is None:
             raise HTTPException(404, f"no training run {run_id!r}")
         return describe(run, images)
 
-    @api.post("/sdapi/v1/train/{run_id}/stop")
+    @api.post("/sdapi/v1/train/{run_id}/stop", responses=UNKNOWN_RUN)
     def stop(run_id: str) -> dict:
         run = training_runs(ctx).get(run_id)
         if run is None:
