@@ -7,8 +7,10 @@ every operation gets a few examples generated from it (derandomized, so a run re
 401/413/422/429 of every route, plus what a route documents itself).
 
 Left out, to keep the run short: the generation routes (``txt2img``, ``img2img``: a job each, seconds under
-load) and training (``/sdapi/v1/train...``: starts long runs); their inputs are checked by
-``tests/api/test_api.py``, ``tests/api/test_security_limits.py`` and ``tests/api/test_train_api.py``.
+load), training (``/sdapi/v1/train...``) and starting an evaluation (``POST /sdapi/v1/evaluate``): both start
+runs in the background that a generated spec can make long, still running when the tests end; their inputs
+are checked by ``tests/api/test_api.py``, ``tests/api/test_security_limits.py``,
+``tests/api/test_train_api.py`` and ``tests/api/test_evaluate_api.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 from tests.fixtures.api_helpers import ApiServer
 
 #: Operations left out (see the module docstring), as a regular expression on the path.
-SLOW_PATHS = r"^/sdapi/v1/(txt2img|img2img|train)"
+SLOW_PATHS = r"^/sdapi/v1/(txt2img|img2img|train|evaluate$)"
 #: Examples per operation.
 MAX_EXAMPLES = 4
 
