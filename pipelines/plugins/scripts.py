@@ -91,6 +91,22 @@ def _declared_args(cls: type) -> type[BaseModel] | None:
     return None
 
 
+class _DeclaredArgs:
+    """What both kinds of script share: ``Args``, the pydantic model of their arguments, taken from the type
+    parameter of a subclass (``class Sharpen(AlwaysOnScript[SharpenArgs])``) unless the subclass sets it."""
+
+    #: The pydantic model of the arguments (A1111's positional list maps onto its fields in order). Taken from
+    #: the type parameter when that is a pydantic model; set it when ``parse_args`` returns something else.
+    Args: ClassVar[type[BaseModel] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Args" not in cls.__dict__:
+            declared = _declared_args(cls)
+            if declared is not None:
+                cls.Args = declared
+
+
 @dataclass(frozen=True)
 class UnetCall:
     """One UNet call of the denoising loop, as a :data:`UnetPatch` sees it.
@@ -182,7 +198,7 @@ class Job(Generic[ArgsT]):
         self._undo.callback(undo)
 
 
-class AlwaysOnScript(Generic[ArgsT]):
+class AlwaysOnScript(_DeclaredArgs, Generic[ArgsT]):
     """Base class of an always-on script; override what you need.
 
     ``name`` is the key in ``alwayson_scripts`` (lowercase); ``title`` is shown in the UI and in
@@ -192,16 +208,6 @@ class AlwaysOnScript(Generic[ArgsT]):
 
     name: str = ""
     title: str = ""
-    #: The pydantic model of the arguments (A1111's positional list maps onto its fields in order). Taken from
-    #: the type parameter when that is a pydantic model; set it when ``parse_args`` returns something else.
-    Args: ClassVar[type[BaseModel] | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "Args" not in cls.__dict__:
-            declared = _declared_args(cls)
-            if declared is not None:
-                cls.Args = declared
 
     def parse_args(self, args: Sequence[Any]) -> ArgsT | None:
         """Validate the raw argument list; return the value :attr:`Job.args` holds, or None to stay off for
@@ -358,7 +364,7 @@ class ScriptJobs:
         return self.run(request)
 
 
-class SelectableScript(Generic[ArgsT]):
+class SelectableScript(_DeclaredArgs, Generic[ArgsT]):
     """Base class of a script chosen in the Script dropdown (API: ``script_name`` + ``script_args``).
 
     Such a script takes over the whole job: :meth:`run` receives the request (its own fields cleared) and a
@@ -369,15 +375,6 @@ class SelectableScript(Generic[ArgsT]):
     """
 
     title: str = ""
-    #: The pydantic model of ``script_args`` (see :attr:`AlwaysOnScript.Args`).
-    Args: ClassVar[type[BaseModel] | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "Args" not in cls.__dict__:
-            declared = _declared_args(cls)
-            if declared is not None:
-                cls.Args = declared
 
     def parse_args(self, args: Sequence[Any]) -> ArgsT:
         """Validate the raw argument list before anything runs; ValueError naming the field otherwise.
