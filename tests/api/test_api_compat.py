@@ -10,20 +10,18 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from typing import Any
 
 import pytest
 import requests
-import uvicorn
 import webuiapi
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, TypeAdapter
 
-from tests.fixtures.api_helpers import b64_png, decode_png
+from tests.fixtures.api_helpers import ApiServer, b64_png, decode_png
 from tests.fixtures.pictures import picture
 from tests.fixtures.tiny_controlnets import write_tiny_controlnets
 
@@ -95,26 +93,9 @@ def compat_engine(tiny_models, engine_factory, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(compat_engine):
     """(port, AppContext) of the API server."""
-    from webui.app import create_api_app
-    from webui.context import AppContext
-    from webui.flags import Flags
-
-    data = compat_engine.paths.data_dir
-    ctx = AppContext(Flags(nowebui=True, data_dir=str(data)), compat_engine, data / "config.json",
-                     compat_engine.loaded_extensions)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_api_app(ctx), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
-        time.sleep(0.01)
-    yield sock.getsockname()[1], ctx
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    site = ApiServer(compat_engine, compat_engine.paths.data_dir, compat_engine.loaded_extensions).start()
+    yield site.port, site.ctx
+    site.stop()
 
 
 @pytest.fixture()

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
 import requests
-import uvicorn
 import webuiapi
 from PIL import Image, ImageDraw
 
@@ -18,7 +14,7 @@ from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.plugins.scripts import ScriptError
 from pipelines.request import Img2ImgRequest
-from tests.fixtures.api_helpers import b64_png, decode_png
+from tests.fixtures.api_helpers import ApiServer, b64_png, decode_png
 from tests.fixtures.pictures import half_mask, picture
 from tests.fixtures.tiny_controlnets import write_tiny_controlnets
 from tests.helpers import SD15, txt2img
@@ -221,26 +217,9 @@ def test_accordion_builds_three_units_whose_values_are_unit_dicts(cn_engine):
 
 @pytest.fixture(scope="module")
 def server(cn_engine):
-    from webui.app import create_api_app
-    from webui.context import AppContext
-    from webui.flags import Flags
-
-    data = cn_engine.paths.data_dir
-    ctx = AppContext(Flags(nowebui=True, data_dir=str(data)), cn_engine, data / "config.json",
-                     cn_engine.loaded_extensions)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_api_app(ctx), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
-        time.sleep(0.01)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    site = ApiServer(cn_engine, cn_engine.paths.data_dir, cn_engine.loaded_extensions).start()
+    yield site.port
+    site.stop()
 
 
 def test_api_txt2img_with_webuiapi_units_returns_the_detected_map(server):
