@@ -16,13 +16,14 @@ from pipelines.request import GenerationRequest
 from webui.context import AppContext
 from webui.job_queue import JobCancelled
 from webui.ui.controls import GenerationControls
-from webui.ui.jobs import Session, run_job
+from webui.ui.jobs import CustomJob, Session, run_job
 from webui.ui.output import OutputPanel, gallery_entries, infotext_html
 from webui.ui.prompts import PromptArea
 from webui.ui.topbar import TopBar
 
-#: Builds the tab's request from the common fields and the values of the tab's extra inputs.
-RequestBuilder = Callable[[dict[str, Any], list[Any]], GenerationRequest]
+#: Builds the tab's request from the common fields and the values of the tab's extra inputs (or a job of the
+#: tab's own, as img2img's Batch).
+RequestBuilder = Callable[[dict[str, Any], list[Any]], GenerationRequest | CustomJob]
 
 
 def describe_error(error: BaseException) -> str:
@@ -94,13 +95,15 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
                     panel.infotext: stale_infotext(session.selected_infotext) if session.images else ""}
 
         try:
-            request = build_request(common, list(values[len(names):]))
+            built = build_request(common, list(values[len(names):]))
         except (ValidationError, ValueError, LookupError) as error:
             yield refused(describe_error(error))
             return
+        custom = built if isinstance(built, CustomJob) else None
+        request = built.request if isinstance(built, CustomJob) else built
         yield {**running, panel.log: "", panel.preview: gr.update(visible=True, value=None)}
         shown_preview = None
-        for update in run_job(ctx, session, request):
+        for update in run_job(ctx, session, request, custom):
             if update.result is None and update.error is None:
                 changes: dict = {panel.progress: update.progress_html}
                 if update.preview is not None and update.preview is not shown_preview:
@@ -122,7 +125,7 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
             yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None,
                                                     elem_classes=[]),
                    panel.infotext: infotext_html(session.selected_infotext),
-                   panel.log: _log_html(result_notes(request, result))}
+                   panel.log: _log_html(custom.notes(result) if custom else result_notes(request, result))}
 
     outputs = [panel.gallery, panel.preview, panel.progress, panel.infotext, panel.log, area.generate,
                area.interrupt, area.skip, area.error]

@@ -2,8 +2,9 @@
 
 Gradio decodes an uploaded image before the event handler runs; a file that PIL cannot read (a text file
 named ``.png``) would fail there with "Could not preprocess input component ..." and server paths. An
-:func:`ImageInput` hands the handler a :class:`NotAnImage` instead, and the handler reports its message
-where the user looks (under Generate, in the PNG Info panel).
+:func:`ImageInput` (and an :func:`ImageEditorInput`, the img2img sketch and inpaint editors) hands the
+handler a :class:`NotAnImage` instead, and the handler reports its message where the user looks (under
+Generate, in the PNG Info panel).
 """
 
 from __future__ import annotations
@@ -42,11 +43,37 @@ def ImageInput(**kwargs: Any) -> gr.Image:  # noqa: N802 - used like the compone
         except gr.Error:
             raise
         except Exception:  # noqa: BLE001 - whatever PIL raises for a file that is not an image
-            name = getattr(payload, "orig_name", None) or Path(str(getattr(payload, "path", "") or "file")).name
-            return NotAnImage(not_an_image_message(image.label, Path(name).name))
+            return NotAnImage(not_an_image_message(image.label, _upload_name(payload)))
 
     image.preprocess = preprocess  # type: ignore[method-assign]
     return image
+
+
+def _upload_name(payload: Any) -> str:
+    """The name the user's file had (never the server's temporary path)."""
+    name = getattr(payload, "orig_name", None) or Path(str(getattr(payload, "path", "") or "file")).name
+    return Path(name).name
+
+
+def ImageEditorInput(**kwargs: Any) -> gr.ImageEditor:  # noqa: N802 - used like the component class it builds
+    """A ``gr.ImageEditor`` whose unreadable upload becomes :class:`NotAnImage` (its background's file name
+    in the message), as :func:`ImageInput` does for a plain image input."""
+    editor = gr.ImageEditor(**kwargs)
+    decode = editor.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - whatever PIL raises for a file that is not an image
+            files = [getattr(payload, "background", None), getattr(payload, "composite", None),
+                     *(getattr(payload, "layers", None) or [])]
+            named = next((item for item in files if item is not None and not isinstance(item, bytes)), None)
+            return NotAnImage(not_an_image_message(editor.label, _upload_name(named) if named else "file"))
+
+    editor.preprocess = preprocess  # type: ignore[method-assign]
+    return editor
 
 
 def check_image(value: Any) -> Any:

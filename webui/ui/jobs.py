@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -61,6 +61,18 @@ class Session:
         if not self.images:
             return None
         return self.images[min(self.selected, len(self.images) - 1)]
+
+
+@dataclass
+class CustomJob:
+    """A tab's own job in place of ``Engine.generate(request)`` (img2img's Batch): ``run(control)`` does the work
+    inside the queue and returns what the gallery shows; ``notes(result)`` are the lines under it; ``request``
+    stands for the job (its prompt, its settings) where one is needed."""
+
+    request: GenerationRequest
+    run: Callable[[JobControl], GenerationResult]
+    notes: Callable[[GenerationResult], list[str]]
+    description: str = ""
 
 
 @dataclass
@@ -118,8 +130,10 @@ def _describe(ctx: AppContext, ticket: Ticket | None) -> tuple[float, str, Image
     return progress.fraction, text, progress.preview
 
 
-def run_job(ctx: AppContext, session: Session, request: GenerationRequest) -> Iterator[JobUpdate]:
-    """Queue ``request`` behind other UI and API jobs, yield progress while it waits and runs, then the result.
+def run_job(ctx: AppContext, session: Session, request: GenerationRequest,
+            custom: CustomJob | None = None) -> Iterator[JobUpdate]:
+    """Queue ``request`` (or ``custom``'s work) behind other UI and API jobs, yield progress while it waits and
+    runs, then the result.
 
     If the browser goes away (the generator is closed), the job is cancelled.
     """
@@ -133,10 +147,12 @@ def run_job(ctx: AppContext, session: Session, request: GenerationRequest) -> It
 
     def work() -> None:
         try:
-            outcome["result"] = ctx.queue.run(
-                lambda job_control: ctx.engine.generate(request, control=job_control, options=ctx.options),
-                source="ui", description=f"{request.mode}: {request.prompt[:40]}", control=control,
-                on_ticket=on_ticket)
+            work = custom.run if custom is not None else (
+                lambda job_control: ctx.engine.generate(request, control=job_control, options=ctx.options))
+            description = custom.description if custom is not None and custom.description else \
+                f"{request.mode}: {request.prompt[:40]}"
+            outcome["result"] = ctx.queue.run(work, source="ui", description=description, control=control,
+                                              on_ticket=on_ticket)
         except BaseException as error:  # handed to the browser below, not swallowed
             outcome["error"] = error
         finally:

@@ -29,3 +29,33 @@ document.addEventListener("input", (event) => {
     group.classList.toggle("sdui-hidden", !shown);
   });
 });
+
+// img2img's editors (Sketch, Inpaint, Inpaint sketch) decode an upload in the browser, so a file that is not
+// an image never reaches the server and the editor just stays empty. Note its name in a hidden box, so that
+// Generate answers in one sentence that the file is not an image (webui/ui/img2img_modes.py).
+const SDUI_EDITORS = ["img2img_sketch", "img2maskimg", "inpaint_sketch"];
+
+function sduiNoteUnreadable(editorId, name) {
+  const box = document.querySelector("#img2img_unreadable_uploads textarea, #img2img_unreadable_uploads input");
+  if (!box) return;
+  let state = {};
+  try { state = JSON.parse(box.value || "{}"); } catch (error) { state = {}; }
+  if (name) state[editorId] = name; else delete state[editorId];
+  box.value = JSON.stringify(state);
+  box.dispatchEvent(new Event("input", { bubbles: true }));
+}
+
+function sduiCheckEditorFile(target, files) {
+  const editor = target && target.closest ? SDUI_EDITORS.find((id) => target.closest("#" + id)) : undefined;
+  if (!editor || !files || !files.length) return;
+  const file = files[0];
+  createImageBitmap(file).then((bitmap) => { bitmap.close(); sduiNoteUnreadable(editor, null); },
+                               () => sduiNoteUnreadable(editor, file.name));
+}
+
+document.addEventListener("change", (event) => {
+  if (event.target && event.target.type === "file") sduiCheckEditorFile(event.target, event.target.files);
+}, true);
+document.addEventListener("drop", (event) => {
+  sduiCheckEditorFile(event.target, event.dataTransfer && event.dataTransfer.files);
+}, true);
