@@ -21,6 +21,7 @@ the others still run. Interrupt stops the batch after the image being made (kept
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,7 @@ def run_img2img_batch(engine: Engine, template: Mapping[str, Any], folders: Batc
     """Run the batch (see the module doc). ``template`` holds the Img2ImgRequest fields of every job but the
     init image and mask. Returns the first :data:`SHOW_LIMIT` images as one result (every image is saved
     when the request saves) and the report of what was done and skipped."""
+    started = time.monotonic()
     options = options or engine.options
     control = control or JobControl(preview_every=options.show_progress_every_n_steps)
     template = dict(template)
@@ -273,6 +275,7 @@ def run_img2img_batch(engine: Engine, template: Mapping[str, Any], folders: Batc
         probe = Img2ImgRequest(**{**template, "init_images": [Image.new("RGB", (8, 8))]})
         combined = GenerationResult(request=probe)
     combined.interrupted = report.interrupted
+    combined.seconds = time.monotonic() - started
     return combined, report
 
 

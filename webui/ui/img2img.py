@@ -85,16 +85,17 @@ def mask_from_layers(editor: dict | None) -> Image.Image | None:
 
 def source_images(mode: str, image, sketch, inpaint, base, mask, color_sketch=None, mask_blur: int = 4,
                   mask_alpha: float = 0) -> tuple[Image.Image, Image.Image | None]:
-    """The init image and mask of the active sub-tab; ValueError says what is missing (or not an image)."""
-    image, base, mask = check_image(image), check_image(base), check_image(mask)
-    sketch, inpaint = check_image(sketch), check_image(inpaint)
+    """The init image and mask of the active sub-tab; ValueError says what is missing (or not an image).
+    Only the active sub-tab's inputs are looked at: an unreadable upload left in another one does not matter."""
     if mode == INPAINT_SKETCH:
         return inpaint_sketch_source(color_sketch, mask_blur, mask_alpha)
     if mode == "sketch":
+        sketch = check_image(sketch)
         if not sketch or sketch.get("composite") is None:
             raise ValueError("init_images: draw or upload an image in the Sketch tab first")
         return sketch_init_image(sketch["composite"]), None
     if mode == "inpaint":
+        inpaint = check_image(inpaint)
         if not inpaint or inpaint.get("background") is None:
             raise ValueError("init_images: upload an image in the Inpaint tab first")
         drawn = mask_from_layers(inpaint)
@@ -102,9 +103,11 @@ def source_images(mode: str, image, sketch, inpaint, base, mask, color_sketch=No
             raise ValueError("mask: paint over the part of the image to redraw")
         return inpaint["background"].convert("RGB"), drawn
     if mode == "inpaint_upload":
+        base, mask = check_image(base), check_image(mask)
         if base is None or mask is None:
             raise ValueError("init_images/mask: upload both the image and the mask in the Inpaint upload tab")
         return base.convert("RGB"), mask.convert("L")
+    image = check_image(image)
     if image is None:
         raise ValueError("init_images: upload an image in the img2img tab first")
     return image.convert("RGB"), None
