@@ -136,7 +136,8 @@ def read_image(path: Path) -> Image.Image:
             image.info = dict(opened.info)  # the infotext, for "Append png info"
             return image
     except Exception as error:  # noqa: BLE001 - whatever Pillow raises for a broken or foreign file
-        reason = str(error).split("\n")[0] or type(error).__name__
+        # Pillow's message holds the full path; the user sees only the file's name.
+        reason = str(error).split("\n")[0].replace(str(path), path.name) or type(error).__name__
         raise ValueError(f"{path.name}: not an image that can be read ({reason})") from None
 
 

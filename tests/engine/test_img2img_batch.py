@@ -119,6 +119,7 @@ def test_batch_processes_a_folder_into_the_output_folder_and_skips_a_bad_file(ba
     result, report = run_img2img_batch(batch_engine, template(seed=-1), folders, settings, control)
     assert report.done == ["a.png", "sub/b.jpg"]
     assert len(report.skipped) == 1 and report.skipped[0].startswith("broken.png: not an image")
+    assert str(data) not in report.skipped[0]  # the name, never the server's path
     saved = sorted((data / "batch-out").iterdir())
     assert [p.name for p in saved] == ["00000-a.png", "00001-b.png"]
     assert not [p for p in (data / "batch-out").iterdir() if p.name.startswith(".")]  # no temporary left

@@ -40,6 +40,7 @@ def test_img2img_batch_over_a_folder(page, ui_server, tmp_path):
     generate_and_wait(page, "img2img")
     log = page.locator("#html_log_img2img").inner_text()
     assert "2 of 3 image(s) processed" in log and "broken.png: not an image" in log, log
+    assert str(data) not in log
     saved = sorted(p.name for p in (data / "batch-out").iterdir())
     assert saved == ["00000-first.png", "00001-second.png"]
     info = read_infotext(data / "batch-out" / "00001-second.png")
@@ -114,3 +115,13 @@ def test_a_file_that_is_not_an_image_in_the_image_editors_gives_one_sentence(pag
         body = page.locator("body").inner_text()
         assert "Could not preprocess" not in body and str(tmp_path) not in body
     screenshot(page, "img2img-editor-not-an-image")
+
+
+def test_the_new_sub_tabs_fit_a_phone(page, ui_server):
+    page.set_viewport_size({"width": 400, "height": 900})
+    for tab in ("img2img_inpaint_sketch_tab", "img2img_batch_tab"):
+        open_sub_tab(page, tab)
+        page.wait_for_timeout(800)
+        screenshot(page, f"img2img-phone-{tab}")
+        width = page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= 400, (tab, width)
