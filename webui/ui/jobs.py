@@ -147,11 +147,11 @@ def run_job(ctx: AppContext, session: Session, request: GenerationRequest,
 
     def work() -> None:
         try:
-            work = custom.run if custom is not None else (
+            job = custom.run if custom is not None else (
                 lambda job_control: ctx.engine.generate(request, control=job_control, options=ctx.options))
             description = custom.description if custom is not None and custom.description else \
                 f"{request.mode}: {request.prompt[:40]}"
-            outcome["result"] = ctx.queue.run(work, source="ui", description=description, control=control,
+            outcome["result"] = ctx.queue.run(job, source="ui", description=description, control=control,
                                               on_ticket=on_ticket)
         except BaseException as error:  # handed to the browser below, not swallowed
             outcome["error"] = error
