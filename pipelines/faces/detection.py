@@ -173,5 +173,8 @@ def detect_faces(model: RetinaFace, bgr: np.ndarray, *, threshold: float = 0.97,
     keep = scores > threshold
     boxes, points, scores = boxes[keep], points[keep], scores[keep]
     kept = torchvision.ops.nms(boxes, scores, nms_threshold)
-    return [Face(tuple(float(v) for v in boxes[i]), float(scores[i]), points[i].numpy().astype(np.float64))
-            for i in kept.tolist()]
+    faces = []
+    for i in kept.tolist():
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        faces.append(Face((x0, y0, x1, y1), float(scores[i]), points[i].numpy().astype(np.float64)))
+    return faces
