@@ -65,6 +65,8 @@ class Restorer:
         return self.kind != "gfpgan" or "gfpgan" in path.name.lower()
 
 
+#: The model folders the restorers read (models/GFPGAN/ also holds the detector).
+FACE_MODEL_KINDS = ("gfpgan", "codeformer")
 #: A1111's order: CodeFormer, then GFPGAN.
 RESTORERS = {
     "CodeFormer": Restorer("CodeFormer", "codeformer", "Codeformer", "codeformer-v0.1.0.pth"),
