@@ -2,7 +2,8 @@
 
 1. check inputs (names were resolved by :meth:`~pipelines.engine.Engine.plan`) -> 2. prompts ->
 3. conditioning -> 4. the job's infotext parameters -> then per batch: 5. latents -> 6. denoise ->
-7. hires pass (:func:`~pipelines.sampling.hires.run_hires_pass`) -> 8. decode -> 9. infotext -> 10. save;
+7. hires pass (:func:`~pipelines.sampling.hires.run_hires_pass`) -> 8. decode (-> 8b. restore faces) ->
+9. infotext -> 10. save;
 and last 11. the grid.
 
 Each stage is a plain function of explicit inputs; the :class:`~pipelines.engine.Engine` adds the model
