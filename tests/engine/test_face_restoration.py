@@ -130,3 +130,15 @@ def test_extras_visibility(face_engine, tmp_path):
 def test_extras_check_names_the_missing_file(engine):
     with pytest.raises(MissingFaceModel, match=r"codeformer_visibility: .*models/Codeformer/"):
         ExtrasSettings(codeformer_visibility=1.0).check(engine.upscalers, engine.face_restorers)
+
+
+def test_settings_section_face_restoration():
+    from webui.ui.settings import option_control, option_sections
+
+    sections = dict(option_sections())
+    assert sections["Face restoration"] == ["face_restoration", "face_restoration_model", "code_former_weight",
+                                            "face_restoration_unload", "save_images_before_face_restoration"]
+    weight = option_control("code_former_weight", 0.5)
+    assert (weight.minimum, weight.maximum, weight.value) == (0, 1, 0.5)
+    assert option_control("face_restoration_model", "CodeFormer").choices == [("CodeFormer", "CodeFormer"),
+                                                                             ("GFPGAN", "GFPGAN")]
