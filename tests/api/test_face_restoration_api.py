@@ -79,3 +79,17 @@ def test_face_model_folder_flags():
     paths = flags.paths()
     assert paths.model_dirs("gfpgan")[-1].as_posix() == "/srv/gfpgan"
     assert paths.model_dirs("codeformer")[-1].as_posix() == "/srv/cf"
+
+
+def test_extra_batch_images_with_codeformer(url):
+    source = picture((64, 64))
+    body = {"imageList": [{"data": b64_png(source), "name": "a.png"}], "upscaling_resize": 1,
+            "codeformer_visibility": 0.5, "codeformer_weight": 0.25}
+    answer = requests.post(f"{url}/extra-batch-images", json=body, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    [encoded] = answer.json()["images"]
+    image = decode_png(encoded)
+    assert image.size == source.size
+    assert np.abs(np.asarray(image.convert("RGB"), dtype=np.int16) - np.asarray(source, dtype=np.int16)).max() > 0
+    params = parse_infotext(read_infotext(image))
+    assert params["CodeFormer visibility"] == 0.5 and params["CodeFormer weight"] == 0.25

@@ -45,6 +45,7 @@ def test_extras_gfpgan_slider_restores_the_face(page, ui_server, tmp_path):
     source = picture((96, 96))
     source.save(tmp_path / "face.png")
     _open_extras_with(page, tmp_path / "face.png")
+    fill_number(page, "extras_upscaling_resize", 1)  # restore only, at the source's size
     page.locator("#extras_gfpgan").get_by_text("GFPGAN").first.click()  # open the accordion
     fill_number(page, "extras_gfpgan_visibility", 1)
     page.locator("#extras_generate").click()
