@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import torch
 
+from pipelines.faces import FaceRestorers, MissingFaceModel
 from pipelines.job_control import JobControl
 from pipelines.models import acceleration
 from pipelines.models.catalog import ModelRegistry
@@ -32,7 +33,7 @@ from pipelines.paths import check_writable
 from pipelines.plan import JobPlan, RequestError, ScriptRequestError, script_field, unknown_styles_message
 from pipelines.plugins.extra_networks import ExtraNetworkRegistry
 from pipelines.plugins.scripts import ScriptError, ScriptJobs, ScriptRegistry, SelectableScriptRegistry
-from pipelines.processing import GenerationResult, JobContext, run_job
+from pipelines.processing import GenerationResult, JobContext, restores_faces, run_job
 from pipelines.prompts.embeddings import EmbeddingDatabase
 from pipelines.prompts.styles import StyleDatabase
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
@@ -62,6 +63,8 @@ class Engine:
         self.embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
         device = self.models.device
         self.upscalers = Upscalers(self.paths, device.device, half=device.dtype != torch.float32)
+        #: GFPGAN / CodeFormer with the face detector (models/GFPGAN/, models/Codeformer/).
+        self.face_restorers = FaceRestorers(self.paths, device.device)
         #: Handlers of ``<name:args>`` prompt tags (LoRA and other extensions register here).
         self.extra_networks = ExtraNetworkRegistry()
         #: Always-on scripts (ControlNet and other extensions register here).
@@ -99,9 +102,13 @@ class Engine:
         """What a request's ``hr_upscaler`` may be: the latent modes, then the image upscalers found now."""
         return [*LATENT_UPSCALE_MODES, *self.upscalers.names]
 
-    def plan(self, request: GenerationRequest) -> JobPlan:
+    def plan(self, request: GenerationRequest, options: Options | None = None) -> JobPlan:
         """Resolve every name ``request`` holds, once, before any model work; :class:`RequestError` names the
-        field and what is available. A1111-style names ("name [hash]" titles, hashes) resolve as everywhere."""
+        field and what is available. A1111-style names ("name [hash]" titles, hashes) resolve as everywhere.
+
+        ``options`` (default: the current ones) decide whether faces are restored, and with which model: its
+        files must be there (a RequestError for ``restore_faces`` names the file and the folder otherwise)."""
+        self.check_face_restoration(request, options or self.options)
         checkpoint = self._resolve("checkpoint", lambda: self.models.resolve(request.checkpoint))
         vae = None
         if request.vae not in ("Automatic", "None", ""):
@@ -132,6 +139,15 @@ class Engine:
         return JobPlan(request=request, checkpoint=checkpoint, vae=vae, hires_checkpoint=hires_checkpoint,
                        hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
 
+    def check_face_restoration(self, request: GenerationRequest, options: Options) -> None:
+        """:class:`RequestError` for ``restore_faces`` when the job restores faces and a model file is missing."""
+        if not restores_faces(request, options):
+            return
+        try:
+            self.face_restorers.check(options.face_restoration_model)
+        except MissingFaceModel as error:
+            raise RequestError("restore_faces", f"restore_faces: {error}") from None
+
     @staticmethod
     def _resolve(field: str, find: Callable[[], T], prefix: str | None = None) -> T:
         """``find()``, its LookupError as a RequestError whose message starts with ``field:`` (in place of
@@ -155,7 +171,7 @@ class Engine:
         available ones (:class:`RequestError`, a LookupError).
         Out of memory frees what the job held and raises :class:`EngineError`; the next job works.
         """
-        plan = request if isinstance(request, JobPlan) else self.plan(request)
+        plan = request if isinstance(request, JobPlan) else self.plan(request, options)
         request = plan.request
         options = (options or self.options).bound_to(self.roots)
         self.check_output_dirs(request, options)
@@ -175,7 +191,8 @@ class Engine:
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
-                                 upscalers=self.upscalers, scripts=list(plan.scripts), notice=notice or "",
+                                 upscalers=self.upscalers, face_restorers=self.face_restorers,
+                                 scripts=list(plan.scripts), notice=notice or "",
                                  hires_checkpoint=plan.hires_checkpoint,
                                  load_model=lambda title: self.models.get(title, request.vae))
                 return run_job(request, ctx)

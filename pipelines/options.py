@@ -116,6 +116,21 @@ class Options(BaseModel):
     save_incomplete_images: bool = Field(
         False, description="Also save the images of a batch stopped by Interrupt or Skip (they are always "
         "returned and shown).")
+    # A1111's face restoration options (its "Face restoration" section, keys and defaults).
+    face_restoration: bool = Field(
+        False, description="Restore faces: after decoding, restore every face found in each image with the face "
+        "restoration model (a request's restore_faces wins); written to the infotext as \"Face restoration\".")
+    face_restoration_model: Literal["CodeFormer", "GFPGAN"] = Field(
+        "CodeFormer", description="Face restoration model: CodeFormer (models/Codeformer/codeformer-v0.1.0.pth) or "
+        "GFPGAN (models/GFPGAN/GFPGANv1.4.pth); both need the face detector "
+        "models/GFPGAN/detection_Resnet50_Final.pth.")
+    code_former_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="CodeFormer weight: 0 = maximum effect, 1 = minimum effect.")
+    face_restoration_unload: bool = Field(
+        False, description="Move the face restoration models from VRAM into RAM after processing.")
+    save_images_before_face_restoration: bool = Field(
+        False, description="Also save each image before its faces are restored (file name suffix "
+        "-before-face-restoration).")
     # The Extensions tab's choice (A1111's key), read when the server starts.
     disabled_extensions: list[str] = Field(
         default_factory=list, description="Extensions not loaded at the next start (the Extensions tab)."

@@ -2,7 +2,8 @@
 
 1. check inputs (names were resolved by :meth:`~pipelines.engine.Engine.plan`) -> 2. prompts ->
 3. conditioning -> 4. the job's infotext parameters -> then per batch: 5. latents -> 6. denoise ->
-7. hires pass (:func:`~pipelines.sampling.hires.run_hires_pass`) -> 8. decode -> 9. infotext -> 10. save;
+7. hires pass (:func:`~pipelines.sampling.hires.run_hires_pass`) -> 8. decode (-> 8b. restore faces) ->
+9. infotext -> 10. save;
 and last 11. the grid.
 
 Each stage is a plain function of explicit inputs; the :class:`~pipelines.engine.Engine` adds the model
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 import pipelines
+from pipelines.faces import FaceRestorers
 from pipelines.images.infotext import build_infotext, infotext_params_from_fields
 from pipelines.images.saving import filename_from_pattern, make_grid, save_image
 from pipelines.job_control import JobControl, JobInterrupted, JobStopped
@@ -209,6 +211,8 @@ class JobContext:
     extra_networks: ExtraNetworkRegistry
     upscalers: Upscalers
     device: torch.device
+    #: The face restorers, for jobs that restore faces (:func:`restores_faces`).
+    face_restorers: FaceRestorers | None = None
     #: Shown with the first batch's progress (e.g. "compiling the UNet for 512x512").
     notice: str = ""
     #: The always-on scripts this job enables, with their parsed arguments.
@@ -304,6 +308,8 @@ def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: Load
         extra["TI hashes"] = conditioning.ti_hashes
     if ctx.options.eta_noise_seed_delta:
         extra["ENSD"] = ctx.options.eta_noise_seed_delta
+    if restores_faces(request, ctx.options):
+        extra["Face restoration"] = ctx.options.face_restoration_model
     return extra
 
 
@@ -378,6 +384,8 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                         _record_batch(request, ctx, model, plan, first, prompts, images, result,
                                       suffix="-before-highres-fix")
                 images, stopped = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts, before_hires)
+                if restores_faces(request, ctx.options):
+                    images = _restore_faces(request, ctx, model, plan, first, prompts, images, result)
                 _record_batch(request, ctx, model, plan, first, prompts, images, result,
                               save=stopped is None or ctx.options.save_incomplete_images)
                 if isinstance(stopped, JobInterrupted):
@@ -387,6 +395,27 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
     except JobInterrupted:
         result.interrupted = True
     control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
+
+
+def restores_faces(request: GenerationRequest, options: Options) -> bool:
+    """Whether a job restores faces: its ``restore_faces``, or when that is None the ``face_restoration`` option."""
+    return options.face_restoration if request.restore_faces is None else request.restore_faces
+
+
+def _restore_faces(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, first: int,
+                   prompts: PreparedPrompts, images: list[Image.Image], result: GenerationResult) -> list[Image.Image]:
+    """Stage 8b (A1111's place: after decoding, before the infotext and saving): every face restored with the
+    ``face_restoration_model`` option's model; the images saved first when ``save_images_before_face_restoration``
+    is on."""
+    options = ctx.options
+    if ctx.face_restorers is None:
+        raise RuntimeError("restore_faces: this job was given no face restorers")
+    if request.save_images and options.samples_save and options.save_images_before_face_restoration:
+        _record_batch(request, ctx, model, plan, first, prompts, images, result, suffix="-before-face-restoration")
+    ctx.control.update(textinfo=f"Restoring faces ({options.face_restoration_model})")
+    return [ctx.face_restorers.restore(image, options.face_restoration_model,
+                                       codeformer_weight=options.code_former_weight,
+                                       unload=options.face_restoration_unload) for image in images]
 
 
 def _record_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, first: int,

@@ -67,6 +67,9 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(1, ge=1, le=100, description="Batch count: how many batches run one after another.")
     clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's N-th layer from the end.")
     tiling: bool = Field(False, description="Make the image tile seamlessly.")
+    restore_faces: bool | None = Field(
+        None, description="Restore faces after decoding, with the face_restoration_model option's model; "
+        "None: the face_restoration option decides.")
     checkpoint: str | None = Field(None, description="Checkpoint title, file name, name or hash; None: current.")
     denoising_strength: float = Field(0.7, ge=0.0, le=1.0, description="How much the hires pass (or img2img) redraws.")
     enable_hr: bool = Field(False, description="Hires. fix: upscale the first pass, then redraw it at the larger size.")

@@ -83,10 +83,11 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
     ModelKind("evaluation", "evaluation", "evaluation weights",
               "Weights of image-quality metrics: the Inception network of FID, KID and Inception Score "
               "(weights-inception-2015-12-05-6726825d.pth, as torch-fidelity uses).", (".pth",)),
-    ModelKind("gfpgan", "GFPGAN", "GFPGAN models", "GFPGAN face restoration models.", (".pth",),
-              in_use=False),
-    ModelKind("codeformer", "Codeformer", "CodeFormer models", "CodeFormer face restoration models.", (".pth",),
-              in_use=False),
+    ModelKind("gfpgan", "GFPGAN", "GFPGAN models",
+              "GFPGAN face restoration models (GFPGANv1.4.pth: a name containing GFPGAN) and the face detector "
+              "both restorers use (detection_Resnet50_Final.pth).", (".pth",)),
+    ModelKind("codeformer", "Codeformer", "CodeFormer models",
+              "CodeFormer face restoration models (codeformer-v0.1.0.pth).", (".pth",)),
     ModelKind("clip_vision", "clip_vision", "CLIP vision encoders",
               "CLIP vision encoders for image prompts (IP-Adapter).", (".safetensors",), in_use=False),
 )}

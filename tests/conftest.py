@@ -41,3 +41,26 @@ def engine_factory(tiny_models, tmp_path_factory):
 def engine(engine_factory):
     """One engine shared by the tests that only generate (its model cache holds all tiny models)."""
     return engine_factory(checkpoint_cache=5)
+
+
+@pytest.fixture(scope="session")
+def face_models(tmp_path_factory) -> Path:
+    """A folder with GFPGAN/ (GFPGANv1.4.pth, detection_Resnet50_Final.pth) and Codeformer/
+    (codeformer-v0.1.0.pth), random weights in the published layouts (written once per session, ~380 MB)."""
+    from tests.fixtures.tiny_faces import write_face_models
+
+    root = tmp_path_factory.mktemp("face-models")
+    write_face_models(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def face_engine(tiny_models, face_models, tmp_path_factory):
+    """An engine on the tiny models that also finds the face models (as --gfpgan/--codeformer-models-path)."""
+    from pipelines.engine import Engine
+    from pipelines.settings import EngineSettings, Paths
+
+    data = tmp_path_factory.mktemp("face-data")
+    paths = Paths(data_dir=data, models_dir=tiny_models, outputs_dir=data / "outputs",
+                  extra_dirs={"gfpgan": (face_models / "GFPGAN",), "codeformer": (face_models / "Codeformer",)})
+    return Engine(EngineSettings(paths=paths, device="cpu"))

@@ -38,6 +38,8 @@ class Flags:
     lora_dir: str | None = None
     controlnet_dir: str | None = None
     esrgan_models_path: str | None = None
+    gfpgan_models_path: str | None = None
+    codeformer_models_path: str | None = None
     allowed_dir: tuple[str, ...] = ()
     default_model_url: str | None = None
     medvram: bool = False
@@ -91,6 +93,7 @@ class Flags:
             for kind, folder in (
                 ("checkpoint", self.ckpt_dir), ("vae", self.vae_dir), ("lora", self.lora_dir),
                 ("controlnet", self.controlnet_dir), ("esrgan", self.esrgan_models_path),
+                ("gfpgan", self.gfpgan_models_path), ("codeformer", self.codeformer_models_path),
             )
             if folder
         }
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-dir", help="An extra folder of LoRAs.")
     add("--controlnet-dir", help="An extra folder of ControlNet models.")
     add("--esrgan-models-path", help="An extra folder of ESRGAN upscalers.")
+    add("--gfpgan-models-path", help="An extra folder of GFPGAN models (and the face detector).")
+    add("--codeformer-models-path", help="An extra folder of CodeFormer models.")
     add("--allowed-dir", action="append", default=[], metavar="PATH",
         help="A folder users may save images into and read images from (output folder options, Extras' "
         "Batch from Directory), besides the data dir and the model folders; repeat for several.")

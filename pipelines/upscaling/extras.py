@@ -1,8 +1,10 @@
-"""The Extras job shared by the Extras tab and the extras API: upscale images, blend a second upscaler, save.
+"""The Extras job shared by the Extras tab and the extras API: upscale images, blend a second upscaler, restore
+faces (GFPGAN, then CodeFormer, each blended in by its visibility: A1111's order), save.
 
 Each output keeps the infotext of its source image, with A1111's postprocessing keys added
 (``Postprocess upscale by``/``to``, ``Postprocess upscaler``, ``Postprocess upscaler 2``), so pasting
-it still gives the generation parameters. Image upscalers run with the ``upscaler_tile`` and
+it still gives the generation parameters; face restoration adds ``GFPGAN visibility``, ``CodeFormer
+visibility`` and ``CodeFormer weight``. Image upscalers run with the ``upscaler_tile`` and
 ``upscaler_tile_overlap`` options; results go to ``outdir_extras_samples`` (default
 ``outputs/extras-images/<date>/``).
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.faces import FaceRestorers, MissingFaceModel
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext, save_image
 from pipelines.job_control import BatchSkipped, JobControl, JobInterrupted
@@ -36,9 +39,13 @@ class ExtrasSettings:
     upscaler_1: str = "None"
     upscaler_2: str = "None"
     upscaler_2_visibility: float = 0.0
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
 
-    def check(self, upscalers: Upscalers) -> None:
-        """Raise ValueError naming the field for a value the job cannot use."""
+    def check(self, upscalers: Upscalers, faces: FaceRestorers | None = None) -> None:
+        """Raise ValueError naming the field for a value the job cannot use (with ``faces``: also a face
+        restorer asked for whose files are missing, naming the file and the folder)."""
         if self.resize_mode not in (0, 1):
             raise ValueError(f"resize_mode must be 0 (scale by) or 1 (scale to), got {self.resize_mode}")
         if self.resize_mode == 0 and not 0 < self.scale <= 8:
@@ -47,6 +54,12 @@ class ExtrasSettings:
             raise ValueError(f"upscaling_resize_w/h must be between 1 and 8192, got {self.width}x{self.height}")
         if not 0 <= self.upscaler_2_visibility <= 1:
             raise ValueError(f"extras_upscaler_2_visibility must be between 0 and 1, got {self.upscaler_2_visibility}")
+        for field in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ValueError(f"{field} must be between 0 and 1, got {getattr(self, field)}")
+        for field, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
+            if faces is not None and getattr(self, field) > 0:
+                faces.check(restorer, field)  # MissingFaceModel, a ValueError
         for field, name in (("upscaler_1", self.upscaler_1), ("upscaler_2", self.upscaler_2)):
             try:
                 upscalers.find(name)
@@ -70,6 +83,11 @@ class ExtrasSettings:
         if self.uses_second:
             params["Postprocess upscaler 2"] = self.upscaler_2
             params["Postprocess upscaler 2 visibility"] = f"{self.upscaler_2_visibility:g}"
+        if self.gfpgan_visibility > 0:
+            params["GFPGAN visibility"] = round(self.gfpgan_visibility, 3)
+        if self.codeformer_visibility > 0:
+            params["CodeFormer visibility"] = round(self.codeformer_visibility, 3)
+            params["CodeFormer weight"] = round(self.codeformer_weight, 3)
         return params
 
 
@@ -92,6 +110,23 @@ def extras_infotext(source: str | None, params: dict[str, object]) -> str:
     last = source.strip().splitlines()[-1].strip()
     has_params_line = last not in f"{parsed['Prompt']}\n{parsed['Negative prompt']}"
     return f"{source}, {line}" if has_params_line else f"{source}\n{line}"
+
+
+def restore_faces_one(faces: FaceRestorers, image: Image.Image, settings: ExtrasSettings, *,
+                      unload: bool = False) -> Image.Image:
+    """``image`` with GFPGAN, then CodeFormer, blended in at their visibilities (0: that restorer is not run)."""
+    for name, visibility, field in (("GFPGAN", settings.gfpgan_visibility, "gfpgan_visibility"),
+                                    ("CodeFormer", settings.codeformer_visibility, "codeformer_visibility")):
+        if visibility <= 0:
+            continue
+        with model_file_field(field):
+            try:
+                restored = faces.restore(image, name, codeformer_weight=settings.codeformer_weight, unload=unload)
+            except MissingFaceModel as error:
+                error.field = error.field or field
+                raise
+        image = restored if visibility >= 1 else Image.blend(image, restored.convert(image.mode), visibility)
+    return image
 
 
 def upscale_one(upscalers: Upscalers, image: Image.Image, settings: ExtrasSettings,
@@ -157,13 +192,15 @@ def open_image(path: str | Path) -> Image.Image:
 
 def run_extras(upscalers: Upscalers, images: Iterable[Image.Image | str | Path], settings: ExtrasSettings,
                options: Options, outputs_dir: Path, control: JobControl | None = None, *,
-               save: bool | None = None) -> list[ExtrasResult]:
+               save: bool | None = None, faces: FaceRestorers | None = None) -> list[ExtrasResult]:
     """Process every image in turn, with the ``upscaler_tile``/``upscaler_tile_overlap`` options; saved
     (``Options.output_dir``) when ``save`` (default: the ``samples_save`` option) is true, in the
     ``samples_format`` format.
 
-    ``images`` may hold file paths: each is opened only when its turn comes and let go after it is
-    saved, so a large folder is never all in memory (an unreadable one raises ValueError naming it).
+    Faces are restored after upscaling (``faces``: needed when a visibility is above 0), with the
+    ``face_restoration_unload`` option. ``images`` may hold file paths: each is opened only when its turn
+    comes and let go after it is saved, so a large folder is never all in memory (an unreadable one raises
+    ValueError naming it).
     Interrupt (or skip) stops the job; the images finished by then are returned.
     """
     save = options.samples_save if save is None else save
@@ -179,6 +216,12 @@ def run_extras(upscalers: Upscalers, images: Iterable[Image.Image | str | Path],
                 control.check()
             result = upscale_one(upscalers, image, settings, control, tile=options.upscaler_tile,
                                  overlap=options.upscaler_tile_overlap)
+            if settings.gfpgan_visibility > 0 or settings.codeformer_visibility > 0:
+                if faces is None:
+                    raise ValueError("gfpgan_visibility / codeformer_visibility: no face restorers were given")
+                if control is not None:
+                    control.check()
+                result = restore_faces_one(faces, result, settings, unload=options.face_restoration_unload)
         except (JobInterrupted, BatchSkipped):
             break
         path = None

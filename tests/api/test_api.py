@@ -370,8 +370,12 @@ def test_lists(url, api_engine):
     assert get("prompt-styles").json() == [{"name": "film", "prompt": "{prompt}, grain", "negative_prompt": "ugly"}]
     assert get("embeddings").json() == {"loaded": {}, "skipped": {}}
     assert set(get("scripts").json()) == {"txt2img", "img2img"}
-    for route in ("face-restorers", "realesrgan-models", "hypernetworks"):
+    for route in ("realesrgan-models", "hypernetworks"):
         assert get(route).json() == []
+    # The face restorers are listed with the folder their model goes in, not ready without their files.
+    restorers = get("face-restorers").json()
+    assert [(r["name"], Path(r["cmd_dir"]).name, r["model_path"], r["ready"]) for r in restorers] == [
+        ("CodeFormer", "Codeformer", None, False), ("GFPGAN", "GFPGAN", None, False)]
     memory = get("memory").json()
     assert memory["ram"]["total"] > 0
     assert get("cmd-flags").json()["nowebui"] is True
@@ -410,11 +414,12 @@ def test_hires_fix_through_the_api(client):
     ("img2img", {"init_images": [b64_png(picture())], "mask": "bm9wZQ=="}, "mask", "not an image"),
     ("png-info", {"image": "bm90IGFuIGltYWdl"}, "image", "not an image"),
     # what A1111 has and we do not is refused, not silently dropped
-    ("txt2img", {"restore_faces": True}, "restore_faces", "no face restoration model"),
+    ("txt2img", {"restore_faces": True}, "restore_faces", "put codeformer-v0.1.0.pth (or another CodeFormer"),
     ("txt2img", {"refiner_checkpoint": "sdxl_refiner"}, "refiner_checkpoint", "refiner is not available"),
-    ("extra-single-image", {"image": b64_png(picture()), "gfpgan_visibility": 0.5}, "gfpgan_visibility", "send 0"),
+    ("extra-single-image", {"image": b64_png(picture()), "gfpgan_visibility": 0.5}, "gfpgan_visibility",
+     "put GFPGANv1.4.pth"),
     ("extra-single-image", {"image": b64_png(picture()), "codeformer_visibility": 1}, "codeformer_visibility",
-     "no face restoration model"),
+     "in models/Codeformer/"),
 ])
 def test_bad_input_is_422_naming_the_field(url, route, body, field, words):
     response = post(url, route, {**SMALL, **body})

@@ -57,7 +57,6 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "override_settings_restore_afterwards": (bool | None, _field(
         True, "false: the override_settings stay set after the request (saved in the options, as A1111 does).")),
     "send_images": (bool | None, _field(True, "Return the images in the answer.")),
-    "restore_faces": (bool | None, _field(None, "Face restoration (no face restorer is available yet).")),
     "script_name": (str | None, _field(None, "Title of a script to run (see /sdapi/v1/scripts), e.g. 'x/y/z plot'.")),
     "script_args": (list[Any] | None, _field(None, "Arguments of script_name.")),
     "alwayson_scripts": (dict[str, Any] | None, _field(
@@ -227,9 +226,13 @@ class ExtrasBaseRequest(BaseModel):
     model_config = _CONFIG
     resize_mode: int = Field(0, ge=0, le=1, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h.")
     show_extras_results: bool = Field(True, description="Return the images in the answer.")
-    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Must be 0: no face restorer is available yet.")
-    codeformer_visibility: float = Field(0, ge=0, le=1, description="Must be 0: no face restorer is available yet.")
-    codeformer_weight: float = Field(0, ge=0, le=1, description="Accepted and unused (no face restorer).")
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="Blend in GFPGAN's restored faces (0: off); needs "
+                                     "models/GFPGAN/GFPGANv1.4.pth and detection_Resnet50_Final.pth.")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="Blend in CodeFormer's restored faces (0: off); "
+                                         "needs models/Codeformer/codeformer-v0.1.0.pth and "
+                                         "models/GFPGAN/detection_Resnet50_Final.pth.")
+    codeformer_weight: float = Field(0, ge=0, le=1, description="CodeFormer weight: 0 = maximum effect, "
+                                                                "1 = minimum effect.")
     upscaling_resize: float = Field(2, gt=0, le=8, description="Scale factor when resize_mode is 0.")
     upscaling_resize_w: int = Field(512, ge=1, le=8192, description="Target width when resize_mode is 1.")
     upscaling_resize_h: int = Field(512, ge=1, le=8192, description="Target height when resize_mode is 1.")
@@ -237,7 +240,8 @@ class ExtrasBaseRequest(BaseModel):
     upscaler_1: str = Field("None", description="Name from /sdapi/v1/upscalers.")
     upscaler_2: str = Field("None", description="Name from /sdapi/v1/upscalers, blended in by its visibility.")
     extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, description="Weight of upscaler_2's result.")
-    upscale_first: bool = Field(False, description="Accepted for compatibility (no face restorer).")
+    upscale_first: bool = Field(False, description="Accepted for compatibility: as in A1111 1.x, images are "
+                                                  "always upscaled first, then GFPGAN, then CodeFormer.")
 
 
 class ExtrasSingleImageRequest(ExtrasBaseRequest):

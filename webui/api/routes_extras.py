@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from pipelines.faces import MissingFaceModel
 from pipelines.images.saving import decode_base64_image, encode_base64_png
 from pipelines.upscaling.extras import ExtrasResult, ExtrasSettings, run_extras
 from webui.api.errors import ApiError
@@ -29,17 +30,18 @@ from webui.context import AppContext
 
 
 def _settings(ctx: AppContext, body: ExtrasBaseRequest) -> ExtrasSettings:
-    for field in ("gfpgan_visibility", "codeformer_visibility"):  # refused, not silently dropped
-        if getattr(body, field) > 0:
-            raise ApiError((field,), f"{field}: no face restoration model is available; send 0")
     settings = ExtrasSettings(
         resize_mode=body.resize_mode, scale=body.upscaling_resize, width=body.upscaling_resize_w,
         height=body.upscaling_resize_h, crop=body.upscaling_crop, upscaler_1=body.upscaler_1,
         upscaler_2=body.upscaler_2, upscaler_2_visibility=body.extras_upscaler_2_visibility,
+        gfpgan_visibility=body.gfpgan_visibility, codeformer_visibility=body.codeformer_visibility,
+        codeformer_weight=body.codeformer_weight,
     )
     ctx.upscalers.refresh()  # a model file dropped in since the last request is usable at once
     try:
-        settings.check(ctx.upscalers)
+        settings.check(ctx.upscalers, ctx.engine.face_restorers)
+    except MissingFaceModel as error:
+        raise ApiError((error.field or "gfpgan_visibility",), str(error)) from None
     except ValueError as error:
         field = str(error).partition(":")[0].split()[0]
         raise ApiError((field,), str(error)) from None
@@ -58,7 +60,7 @@ async def _run(ctx: AppContext, images: list[Image.Image], settings: ExtrasSetti
     options = ctx.options  # the options when the request came, as for generation jobs
     return await ctx.queue.run_async(
         lambda control: run_extras(ctx.upscalers, images, settings, options, ctx.engine.paths.outputs_dir,
-                                   control, save=False),
+                                   control, save=False, faces=ctx.engine.face_restorers),
         source="api", description=description)
 
 

@@ -174,8 +174,20 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
 
     @api.get("/sdapi/v1/face-restorers")
     def face_restorers() -> list[dict]:
-        """Face restoration models (none yet)."""
-        return []
+        """The face restorers (A1111's: CodeFormer, GFPGAN) with the folder their model goes in (``cmd_dir``), the
+        file found there (None: not installed yet) and whether everything they need is there."""
+        faces = ctx.engine.face_restorers
+        answer = []
+        for name in faces.names:
+            model = faces.model_file(name)
+            try:
+                faces.check(name)
+                ready = True
+            except ValueError:
+                ready = False
+            answer.append({"name": name, "cmd_dir": str(faces.folder(name)),
+                           "model_path": str(model) if model else None, "ready": ready})
+        return answer
 
     @api.get("/sdapi/v1/realesrgan-models")
     def realesrgan_models() -> list[dict]:

@@ -36,11 +36,10 @@ REQUEST_OPTIONS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_s
 #: Keys GET options shows that are derived, so a client posting the whole dict back is not refused.
 READ_ONLY_OPTIONS = frozenset({"sd_checkpoint_hash"})
 #: A1111 options that scripts read and write but that have one value here: GET options shows that value; setting
-#: another one is ignored with a warning (there is no face restoration or colour correction step to save before,
+#: another one is ignored with a warning (there is no colour correction step to save before,
 #: the VAE always decodes in full, the noise is always made on the CPU, img2img runs strength x steps).
 FIXED_OPTIONS: dict[str, Any] = {
     "sd_vae_decode_method": "Full",
-    "save_images_before_face_restoration": False,
     "save_images_before_color_correction": False,
     "randn_source": "CPU",
     "img2img_fix_steps": False,
@@ -92,8 +91,6 @@ def split_sampler(name: str, scheduler: str) -> tuple[str, str]:
 
 def _refuse_unavailable(body: BaseModel) -> None:
     """Features A1111 has and we do not yet are refused, not silently dropped."""
-    if body.restore_faces:
-        raise ApiError(("restore_faces",), "restore_faces: no face restoration model is available")
     if body.refiner_checkpoint not in (None, "", "None"):
         raise ApiError(("refiner_checkpoint",), "refiner_checkpoint: the SDXL refiner is not available in this "
                                                 "version")
@@ -269,7 +266,7 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     try:
         # Every name the request holds, resolved as the engine will when the job runs (it plans again then:
         # a request without a checkpoint override runs on the checkpoint selected at that time).
-        plan = engine.plan(request)
+        plan = engine.plan(request, current.with_overrides(changes) if changes else current)
     except RequestError as error:
         option = next((key for key, name in REQUEST_OPTIONS.items() if name == error.field), None)
         loc = ("override_settings", option) if error.field in overridden else (error.field,)
@@ -332,6 +329,7 @@ def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | N
     """The ``info`` of an A1111 answer: every key of docs/compatibility.md §8, plus our warnings."""
     request = result.request
     first = lambda values, default: values[0] if values else default  # noqa: E731
+    face_model = _extra_generation_params(result).get("Face restoration")  # written when faces were restored
     return {
         "prompt": first(result.prompts, request.prompt),
         "all_prompts": result.prompts,
@@ -350,8 +348,8 @@ def info_dict(job: PreparedJob, result: GenerationResult, model: LoadedModel | N
         "steps": request.steps,
         "batch_size": request.batch_size,
         "n_iter": request.n_iter,
-        "restore_faces": False,
-        "face_restoration_model": None,
+        "restore_faces": face_model is not None,
+        "face_restoration_model": face_model,
         "sd_model_name": model.file.model_name if model else None,
         "sd_model_hash": model.file.short_hash if model else None,
         "sd_vae_name": model.vae_file.model_name if model and model.vae_file else None,

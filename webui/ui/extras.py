@@ -1,4 +1,5 @@
-"""The Extras tab: upscale one image, several files, or a folder, with up to two upscalers blended."""
+"""The Extras tab: upscale one image, several files, or a folder, with up to two upscalers blended; then restore
+faces with GFPGAN and CodeFormer at their visibilities (A1111's order)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,15 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
                 upscaler_2 = gr.Dropdown(names, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
             visibility = gr.Slider(0.0, 1.0, value=0.0, step=0.001, label="Upscaler 2 visibility",
                                    elem_id="extras_upscaler_2_visibility")
+            with gr.Accordion("GFPGAN", open=False, elem_id="extras_gfpgan"):
+                gfpgan = gr.Slider(0.0, 1.0, value=0.0, step=0.001, label="Visibility",
+                                   elem_id="extras_gfpgan_visibility")
+            with gr.Accordion("CodeFormer", open=False, elem_id="extras_codeformer"):
+                codeformer = gr.Slider(0.0, 1.0, value=0.0, step=0.001, label="Visibility",
+                                       elem_id="extras_codeformer_visibility")
+                codeformer_weight = gr.Slider(0.0, 1.0, value=0.0, step=0.001,
+                                              label="Weight (0 = maximum effect, 1 = minimum effect)",
+                                              elem_id="extras_codeformer_weight")
             run = gr.Button("Generate", variant="primary", elem_id="extras_generate")
         with gr.Column():
             # "auto": the box grows to the result (a fixed height cut a 512 px result off).
@@ -111,7 +121,8 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
     upscaler_1.focus(refresh_names, outputs=[upscaler_1, upscaler_2], show_progress="hidden")
 
     def process(mode: str, single: str | NotAnImage | None, batch: list[str] | None, directory: str, resize: int,
-                by: float, w: float, h: float, fit: bool, first: str, second: str, weight: float):
+                by: float, w: float, h: float, fit: bool, first: str, second: str, weight: float,
+                gfpgan_visibility: float, codeformer_visibility: float, cf_weight: float):
         if mode == "single":
             if isinstance(single, NotAnImage):
                 raise gr.Error(single.message)
@@ -126,14 +137,15 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
             raise gr.Error("No images to process.")
         settings = ExtrasSettings(resize_mode=resize, scale=by, width=int(w or 0), height=int(h or 0), crop=fit,
                                   upscaler_1=first or "None", upscaler_2=second or "None",
-                                  upscaler_2_visibility=weight)
+                                  upscaler_2_visibility=weight, gfpgan_visibility=gfpgan_visibility,
+                                  codeformer_visibility=codeformer_visibility, codeformer_weight=cf_weight)
         try:
-            settings.check(ctx.upscalers)
+            settings.check(ctx.upscalers, ctx.engine.face_restorers)
             # Paths, not images: run_extras opens each file in turn, so a large folder is never all in memory.
             options = ctx.options
             results = ctx.queue.run(
                 lambda control: run_extras(ctx.upscalers, paths, settings, options, ctx.engine.paths.outputs_dir,
-                                           control),
+                                           control, faces=ctx.engine.face_restorers),
                 source="ui", description=f"extras: {len(paths)} image(s) with {settings.upscaler_1}")
         except (ValueError, LookupError, JobCancelled) as error:
             raise gr.Error(str(error)) from None
@@ -143,5 +155,6 @@ def build_extras(ctx: AppContext) -> ExtrasTab:
         return _gallery_files(results), text + summary
 
     run.click(process, inputs=[source, image, files, folder, resize_mode, scale, width, height, crop,
-                               upscaler_1, upscaler_2, visibility], outputs=[gallery, info])
+                               upscaler_1, upscaler_2, visibility, gfpgan, codeformer, codeformer_weight],
+              outputs=[gallery, info])
     return ExtrasTab(source, tabs, image, gallery, info)

@@ -26,6 +26,7 @@ NOT_IN_SETTINGS = TOP_BAR_OPTIONS | {"disabled_extensions"}
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Saving images", ("samples_save", "samples_format", "grid_save", "grid_format", "outdir_*")),
     ("Upscaling", ("upscaler_*",)),
+    ("Face restoration", ("face_restoration*", "code_former_weight", "save_images_before_face_restoration")),
     ("Live previews", ("show_progress_*",)),
     ("Models and speed", ("sd_checkpoint_cache", "unet_compile", "step_cache_interval", "default_model_url")),
     ("User interface", ("default_sampler",)),
@@ -63,6 +64,11 @@ def option_control(name: str, value: object) -> gr.components.Component:
         return gr.Dropdown(list(f.choices(Options, name)), value=value, label=label, elem_id=elem_id)
     if info.annotation is bool:
         return gr.Checkbox(value=value, label=label, elem_id=elem_id)
+    if info.annotation is float:
+        low, high = f.bounds(Options, name)
+        if low is not None and high is not None:
+            return gr.Slider(low, high, step=0.01, value=value, label=label, elem_id=elem_id)
+        return gr.Number(value=value, label=label, elem_id=elem_id)
     if info.annotation is int:
         low, high = f.bounds(Options, name)
         if low is not None and high is not None:
