@@ -141,6 +141,7 @@ def serve(flags: Flags, started: float | None = None) -> int:
         server = start_server(ctx)
     except ServerStartError as error:
         log.error("%s", error)
+        ctx.close()
         return 1
     device = ctx.engine.models.device
     url = server.local_url
@@ -156,4 +157,5 @@ def serve(flags: Flags, started: float | None = None) -> int:
         server.wait()
     finally:
         server.close()
+        ctx.close()
     return 0

@@ -93,6 +93,9 @@ def queue_status_html(ctx: AppContext, own: Iterable[Session]) -> str:
         if progress.job_count > 1:
             text += f", batch {min(progress.job_no + 1, progress.job_count)}/{progress.job_count}"
     waiting = ctx.queue.waiting
+    where = ctx.queue.where(running)
+    if where:
+        text += f" on {where}"
     if waiting:
         text += f" · {waiting} waiting"
     return f"<div class='sdui-queue-status'>{html.escape(text)}</div>"
@@ -108,13 +111,17 @@ def _describe(ctx: AppContext, ticket: Ticket | None) -> tuple[float, str, Image
         return 0.0, f"In queue: position {position}{who}", None
     progress = ticket.control.progress
     if not progress.sampling_steps:
-        return 0.0, "Loading model...", None
+        where = ctx.queue.where(ticket)
+        return 0.0, "Loading model..." + (f" on {where}" if where else ""), None
     eta = progress.eta_seconds
     text = f"Step {progress.sampling_step}/{progress.sampling_steps}"
     if progress.job_count > 1:
         text = f"Batch {progress.job_no + 1}/{progress.job_count}, " + text
     if eta is not None:
         text += f" · ETA {eta:.0f}s" if eta >= 1 else " · ETA <1s"
+    where = ctx.queue.where(ticket)
+    if where:
+        text += f" · on {where}"
     return progress.fraction, text, progress.preview
 
 
@@ -136,7 +143,7 @@ def run_job(ctx: AppContext, session: Session, request: GenerationRequest) -> It
             outcome["result"] = ctx.queue.run(
                 lambda job_control: ctx.engine.generate(request, control=job_control, options=ctx.options),
                 source="ui", description=f"{request.mode}: {request.prompt[:40]}", control=control,
-                on_ticket=on_ticket)
+                on_ticket=on_ticket, pooled=True)
         except BaseException as error:  # handed to the browser below, not swallowed
             outcome["error"] = error
         finally:
