@@ -43,6 +43,7 @@ from pipelines.models.catalog import ModelFile
 from pipelines.options import Options
 from pipelines.plan import JobPlan
 from pipelines.processing import GenerationResult, PreparedPrompts, save_grid, save_sample
+from pipelines.prompts.styles import Style
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling.seeds import SeedPlan
 
@@ -103,8 +104,9 @@ class Replica(Protocol):
 
     name: str
 
-    def submit(self, key: str, request: GenerationRequest, options: Options) -> PartHandle:
-        """Start ``request`` (saving nothing) under ``key``; raises :class:`ReplicaLost` if it is down."""
+    def submit(self, key: str, request: GenerationRequest, options: Options, styles: tuple[Style, ...]) -> PartHandle:
+        """Start ``request`` (saving nothing) with the front's ``styles`` under ``key``; raises
+        :class:`ReplicaLost` if it is down."""
 
     def recover(self) -> bool:
         """After :class:`ReplicaLost`: wait until its replacement is up; False when it cannot come back."""
@@ -125,6 +127,7 @@ class Part:
     checkpoint: str
     first_batch: int
     batches: int
+    styles: tuple[Style, ...] = ()  # the front's styles the job names (a replica has not the front's styles.csv)
     attempts: list[str] = field(default_factory=list)
 
 
@@ -143,11 +146,12 @@ def split(plan: JobPlan, job: int = 0) -> list[Part]:
     checkpoint = plan.checkpoint.title
     common: dict[str, Any] = {"save_images": False, "checkpoint": checkpoint}
     if request.n_iter == 1 or not splittable(request):
-        return [Part(job, 0, request.model_copy(update=common), checkpoint, 0, request.n_iter)]
+        return [Part(job, 0, request.model_copy(update=common), checkpoint, 0, request.n_iter, plan.styles)]
     seeds = SeedPlan.for_job(request.seed, request.subseed, request.image_count, request.subseed_strength)
     size = request.batch_size
     return [Part(job, k, request.model_copy(update={**common, "n_iter": 1, "seed": seeds.seeds[k * size],
-                                                   "subseed": seeds.subseeds[k * size]}), checkpoint, k, 1)
+                                                   "subseed": seeds.subseeds[k * size]}), checkpoint, k, 1,
+                 plan.styles)
             for k in range(request.n_iter)]
 
 
@@ -164,6 +168,7 @@ class _Running:
     replica: Replica
     handle: PartHandle
     progress: Progress | None = None
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class EnginePool:
@@ -186,6 +191,9 @@ class EnginePool:
         self._keys = itertools.count(1)
         #: (job part, replica) for every part that finished, in order: which replica ran what.
         self.history: deque[tuple[str, str]] = deque(maxlen=1000)
+        #: (seconds the replica's engine spent, seconds from submitting to having the outcome) per finished part:
+        #: the difference is the pool's own cost per part (benchmarks/ray_pool.py).
+        self.timings: deque[tuple[float, float]] = deque(maxlen=1000)
 
     @property
     def size(self) -> int:
@@ -284,7 +292,7 @@ class EnginePool:
                         break
                     part = pending.popleft()
                     try:
-                        handle = replica.submit(f"p{next(self._keys)}", part.request, options)
+                        handle = replica.submit(f"p{next(self._keys)}", part.request, options, part.styles)
                     except ReplicaLost as error:
                         self._lost(replica, part, error, pending)
                         continue
@@ -311,6 +319,7 @@ class EnginePool:
                         raise
                     self._release(item.replica, outcome.loaded)
                     self.history.append((f"{item.part.job}.{item.part.index}", item.replica.name))
+                    self.timings.append((outcome.result.seconds, time.perf_counter() - item.submitted))
                     batches_done += item.part.batches
                     with self._cond:
                         results[(item.part.job, item.part.index)] = outcome

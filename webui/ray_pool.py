@@ -29,6 +29,7 @@ from pipelines.engine import Engine, EngineError
 from pipelines.job_control import JobControl, Progress
 from pipelines.options import Options
 from pipelines.plan import RequestError
+from pipelines.prompts.styles import Style, StyleDatabase
 from pipelines.request import GenerationRequest
 from pipelines.settings import EngineSettings
 from webui.pool import EnginePool, ModelInfo, PartOutcome, ReplicaLost
@@ -74,12 +75,15 @@ class ReplicaActor:
         return {"name": self.name, "pid": os.getpid(), "node": socket.gethostname(),
                 "device": str(self.engine.models.device.device), "loaded": self.engine.models.loaded_titles()}
 
-    def run(self, key: str, request: GenerationRequest, options: Options) -> PartOutcome:
+    def run(self, key: str, request: GenerationRequest, options: Options, styles: tuple[Style, ...]) -> PartOutcome:
         control = JobControl(preview_every=options.show_progress_every_n_steps)
         with self.lock:
             self.jobs[key] = control
         try:
             self.engine.models.cache_size = options.sd_checkpoint_cache
+            # The front's styles (its styles.csv), not this node's: the ones the job names, as planned there.
+            self.engine.styles = StyleDatabase(os.devnull)
+            self.engine.styles._styles = {style.name: style for style in styles}
             try:
                 plan = self.engine.plan(request)
             except RequestError as error:
@@ -157,9 +161,10 @@ class RayReplica:
         self.info = ray.get(self.actor.ready.remote(), timeout=timeout)
         return self.info
 
-    def submit(self, key: str, request: GenerationRequest, options: Options) -> RayPartHandle:
+    def submit(self, key: str, request: GenerationRequest, options: Options,
+               styles: tuple[Style, ...]) -> RayPartHandle:
         try:
-            return RayPartHandle(self.actor, key, self.actor.run.remote(key, request, options))
+            return RayPartHandle(self.actor, key, self.actor.run.remote(key, request, options, styles))
         except _LOST as error:
             raise ReplicaLost(type(error).__name__) from error
 
