@@ -88,7 +88,8 @@ def main(argv: list[str]) -> int:
         # Run again inside the venv, with the same arguments.
         return subprocess.call([str(python), str(Path(__file__).resolve()), *argv], env=env)
     if not flags.skip_install and RELAUNCHED not in os.environ:
-        ensure_venv(folder, ray=wants_ray(flags))  # started with the venv's own python: still install what requirements.txt added
+        # started with the venv's own python: still install what the requirements files added
+        ensure_venv(folder, ray=wants_ray(flags))
     if flags.test:
         return run_tests(flags)
     from webui.app import serve  # imported here: it needs the installed requirements
