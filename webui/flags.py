@@ -178,7 +178,10 @@ def parse_flags(argv: list[str] | None = None, environ: dict[str, str] | None = 
     if "--test" in args:
         i = args.index("--test")
         args, test_args = args[: i + 1], args[i + 1 :]
-    ns = build_parser().parse_args(args)
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    if ns.workers < 0:
+        parser.error(f"--workers: must be 0 or more (0 with --ray-address: one per GPU), got {ns.workers}")
     values = {k: v for k, v in vars(ns).items()}
     values["use_cpu"] = tuple(values["use_cpu"])
     values["allowed_dir"] = tuple(values["allowed_dir"])
