@@ -169,6 +169,7 @@ class _Running:
     handle: PartHandle
     progress: Progress | None = None
     submitted: float = field(default_factory=time.perf_counter)
+    interrupted: bool = False
 
 
 class EnginePool:
@@ -184,6 +185,7 @@ class EnginePool:
         self._on_close = on_close
         self._cond = threading.Condition()
         self._busy: set[str] = set()
+        self._dead: set[str] = set()  # could not be replaced
         self._loaded: dict[str, list[str]] = {r.name: [] for r in self.replicas}
         self._jobs_run: dict[str, int] = {r.name: 0 for r in self.replicas}
         self._where: dict[int, list[str]] = {}  # id(JobControl) -> replicas running its parts
@@ -298,11 +300,16 @@ class EnginePool:
                         continue
                     running.append(_Running(part, replica, handle))
                     self._set_where(control, running)
+                if pending and self._all_dead():
+                    raise PoolError("no replica is left to run the job: every one died and could not be replaced "
+                                    "(see the log)")
                 try:
                     control.check()
                 except JobInterrupted:
                     for item in running:
-                        item.handle.interrupt()
+                        if not item.interrupted:
+                            item.interrupted = True
+                            item.handle.interrupt()
                 except BatchSkipped:
                     for item in running:
                         item.handle.skip()
@@ -375,6 +382,12 @@ class EnginePool:
             self._release(replica, [])
         else:
             log.error("replica %s could not be replaced; the pool goes on without it", replica.name)
+            with self._cond:
+                self._dead.add(replica.name)
+
+    def _all_dead(self) -> bool:
+        with self._cond:
+            return len(self._dead) == len(self.replicas)
 
     def _set_where(self, control: JobControl, running: list[_Running]) -> None:
         with self._cond:
