@@ -147,6 +147,8 @@ def serve(flags: Flags, started: float | None = None) -> int:
     url = server.local_url
     what = f"API at {url} (docs at {url}docs)" if flags.nowebui else f"UI at {url}" + (
         f" (API at {url}sdapi/v1, docs at {url}docs)" if flags.api else "")
+    if ctx.pool is not None:
+        what += f"; jobs run on {ctx.pool.size} engine replicas (Ray)"
     log.info("%s; device %s, %s; ready in %.1f s", what, device.device, str(device.dtype).removeprefix("torch."),
              time.perf_counter() - started)
     if flags.share and server.open_share_link():
