@@ -129,6 +129,7 @@ class Part:
     batches: int
     styles: tuple[Style, ...] = ()  # the front's styles the job names (a replica has not the front's styles.csv)
     attempts: list[str] = field(default_factory=list)
+    lost_on: list[str] = field(default_factory=list)  # replicas it was lost on: tried last
 
 
 def splittable(request: GenerationRequest) -> bool:
@@ -289,7 +290,7 @@ class EnginePool:
                 if stopping:
                     pending.clear()
                 while pending:
-                    replica = self._acquire(pending[0].checkpoint)
+                    replica = self._acquire(pending[0].checkpoint, pending[0].lost_on)
                     if replica is None:
                         break
                     part = pending.popleft()
@@ -344,12 +345,14 @@ class EnginePool:
                 self._where.pop(id(control), None)
         return [results.get((part.job, part.index)) for part in parts]
 
-    def _acquire(self, checkpoint: str) -> Replica | None:
-        """A free replica for ``checkpoint`` (one that has it loaded first), marked busy; None if all are busy."""
+    def _acquire(self, checkpoint: str, avoid: Sequence[str] = ()) -> Replica | None:
+        """A free replica for ``checkpoint`` (one that has it loaded first; one not in ``avoid``, the replicas
+        the part was lost on, while another is free), marked busy; None if all are busy."""
         with self._cond:
             free = [r for r in self.replicas if r.name not in self._busy]
             if not free:
                 return None
+            free = [r for r in free if r.name not in avoid] or free
             warm = [r for r in free if checkpoint in self._loaded[r.name]]
             pick = warm[0] if warm else min(free, key=lambda r: (len(self._loaded[r.name]), self._jobs_run[r.name]))
             self._busy.add(pick.name)
@@ -367,6 +370,7 @@ class EnginePool:
         """``replica`` died running ``part``: it stays busy until its replacement is up; the part goes first
         in line again, unless it has been tried ``max_retries`` + 1 times."""
         part.attempts.append(f"{replica.name}: {error}")
+        part.lost_on.append(replica.name)
         log.warning("replica %s was lost running a job part (%s); it is being replaced", replica.name, error)
         with self._cond:
             self._loaded[replica.name] = []
