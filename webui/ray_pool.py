@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +169,21 @@ class RayReplica:
         except _LOST as error:
             raise ReplicaLost(type(error).__name__) from error
 
-    def recover(self) -> bool:
-        try:
-            self.wait_ready(timeout=600)
-            return True
-        except Exception as error:  # the actor is gone for good (restarts used up, node lost)
-            log.error("replica %s: %s", self.name, error)
-            return False
+    def recover(self, timeout: float = 600) -> bool:
+        """Wait until Ray has restarted the actor (it answers ``ready``); False when it is gone for good."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    log.error("replica %s did not come back within %.0f s", self.name, timeout)
+                    return False
+                time.sleep(0.5)
+            except Exception as error:  # the actor is gone for good (restarts used up, node lost)
+                log.error("replica %s: %s", self.name, error)
+                return False
 
     def loaded(self) -> list[str]:
         return list(self.wait_ready(timeout=POLL_TIMEOUT_S)["loaded"])
