@@ -277,7 +277,8 @@ def test_killing_a_replica_mid_job_still_returns_the_whole_result(single, front,
             victim = next(r for r in replicas if r.name == where.split(", ")[0])
         time.sleep(0.05)
     assert victim is not None, "the job never started on a replica"
-    os.kill(victim.info["pid"], signal.SIGKILL)
+    killed = victim.info["pid"]
+    os.kill(killed, signal.SIGKILL)
     worker.join(600)
     result = outcome["result"]
     one = single.generate(request)
@@ -286,7 +287,6 @@ def test_killing_a_replica_mid_job_still_returns_the_whole_result(single, front,
     parts = [part for part, _ in pool.history]
     assert sorted(parts) == ["0.0", "0.1", "0.2", "0.3"]  # each part finished once: nothing lost or doubled
     # the killed replica was replaced by Ray (a new process) and takes jobs again
-    killed = victim.info["pid"]
     assert victim.recover() and victim.info["pid"] != killed
     deadline = time.monotonic() + 120
     while victim.name in pool._busy and time.monotonic() < deadline:
