@@ -146,6 +146,20 @@ def test_xyz_plot_cells_run_on_both_replicas_and_equal_one_engine(single, front)
     assert {replica for _, replica in front.executor.history} == {"replica-1", "replica-2"}
 
 
+@pytest.mark.parametrize(("script", "prompt", "args"), [
+    ("Prompt matrix", "a cat|red|blue", [False, False, "positive", "comma", 0]),
+    ("Prompts from file or textbox", "", [True, False, "start", "a cat\na dog --seed 5 --n_iter 2\na bird"]),
+])
+def test_prompt_matrix_and_prompts_from_file_equal_one_engine(single, front, script, prompt, args):
+    request = txt2img(steps=2, prompt=prompt, save_images=True, script_name=script, script_args=args)
+    one = single.generate(request)
+    pooled = front.generate(request)
+    assert pooled.infotexts == one.infotexts and pooled.seeds == one.seeds and len(one.images) >= 4
+    assert all(same_pixels(a, b) for a, b in zip(pooled.images, one.images, strict=True))
+    assert len({replica for _, replica in front.executor.history}) == 2
+    assert len(saved_files(front)) == len(saved_files(single))
+
+
 def test_a_4_image_api_request_equals_one_engine(single, replicas, engine_factory):
     engine = engine_factory(checkpoint_cache=2)
     pool = make_pool(replicas, engine)
