@@ -6,6 +6,8 @@
 
 The virtual environment is ``./venv`` or ``$VENV_DIR``. Requirements are installed again only when
 requirements.txt changed. ``--skip-install`` runs with the current interpreter as it is.
+``--workers N`` / ``--ray-address ADDR`` (an engine pool on Ray) also install requirements-ray.txt, as does
+``INSTALL_RAY=1`` (CI, so that the pool's tests run); without them Ray is neither installed nor imported.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 from webui.flags import Flags, parse_flags  # noqa: E402  (standard library only)
 
 REQUIREMENTS = ROOT / "requirements.txt"
+#: The engine pool's optional requirements (Ray), installed only when asked for.
+RAY_REQUIREMENTS = ROOT / "requirements-ray.txt"
 #: Set for the copy of launch.py that runs inside the venv: its start time, so "ready in" counts the install.
 RELAUNCHED = "SD_WEBUI_LAUNCH_STARTED"
 
@@ -40,19 +44,28 @@ def in_venv(folder: Path) -> bool:
     return Path(sys.prefix).resolve() == folder
 
 
-def ensure_venv(folder: Path) -> Path:
-    """Create the venv if needed and install requirements.txt when it changed since the last install."""
+def wants_ray(flags: Flags, environ: dict[str, str] | None = None) -> bool:
+    """Whether requirements-ray.txt is installed: for an engine pool's flags, or INSTALL_RAY=1."""
+    environ = os.environ if environ is None else environ
+    return bool(flags.workers or flags.ray_address or environ.get("INSTALL_RAY") == "1")
+
+
+def ensure_venv(folder: Path, ray: bool = False) -> Path:
+    """Create the venv if needed and install requirements.txt (and with ``ray`` requirements-ray.txt) when it
+    changed since the last install."""
     python = venv_python(folder)
     if not python.exists():
         print(f"Creating a virtual environment in {folder}", flush=True)
         venv.EnvBuilder(with_pip=True).create(folder)
-    stamp = folder / ".requirements.sha256"
-    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
-    if not stamp.exists() or stamp.read_text().strip() != wanted:
-        print("Installing requirements (first run takes a few minutes)...", flush=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-r",
-                        str(REQUIREMENTS)], check=True)
-        stamp.write_text(wanted)
+    files = [(REQUIREMENTS, ".requirements.sha256")] + ([(RAY_REQUIREMENTS, ".requirements-ray.sha256")] if ray else [])
+    for requirements, stamp_name in files:
+        stamp = folder / stamp_name
+        wanted = hashlib.sha256(requirements.read_bytes()).hexdigest()
+        if not stamp.exists() or stamp.read_text().strip() != wanted:
+            print(f"Installing {requirements.name} (first run takes a few minutes)...", flush=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-r",
+                            str(requirements)], check=True)
+            stamp.write_text(wanted)
     return python
 
 
@@ -70,12 +83,13 @@ def main(argv: list[str]) -> int:
     flags = parse_flags(argv)
     folder = venv_dir()
     if not flags.skip_install and not in_venv(folder):
-        python = ensure_venv(folder)
+        python = ensure_venv(folder, ray=wants_ray(flags))
         env = dict(os.environ, **{RELAUNCHED: str(started)})
         # Run again inside the venv, with the same arguments.
         return subprocess.call([str(python), str(Path(__file__).resolve()), *argv], env=env)
     if not flags.skip_install and RELAUNCHED not in os.environ:
-        ensure_venv(folder)  # started with the venv's own python: still install what requirements.txt added
+        # started with the venv's own python: still install what the requirements files added
+        ensure_venv(folder, ray=wants_ray(flags))
     if flags.test:
         return run_tests(flags)
     from webui.app import serve  # imported here: it needs the installed requirements

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -48,6 +48,20 @@ class EngineError(RuntimeError):
     """A job failed for a reason the user can act on (out of memory, a model that does not load)."""
 
 
+class JobExecutor(Protocol):
+    """Runs planned jobs somewhere else than this process's device: an engine pool (``webui/pool.py``).
+
+    It gets the plan made here, the job's JobControl (progress, previews, interrupt and skip) and its
+    Options, and returns the same GenerationResult this engine would have made, saved as it would have."""
+
+    def run(self, plan: JobPlan, control: JobControl, options: Options) -> GenerationResult:
+        """Run one ordinary job (no selectable script)."""
+
+    def run_many(self, plans: Sequence[JobPlan], control: JobControl,
+                 options: Options) -> Iterator[GenerationResult]:
+        """Run several ordinary jobs at once (a selectable script's); yield their results in order."""
+
+
 class Engine:
     """Owns the registry, the model manager, styles and embeddings; runs one job at a time."""
 
@@ -73,6 +87,8 @@ class Engine:
         self.selectable_scripts = SelectableScriptRegistry()
         # One job on the GPU at a time, whoever sends it (UI, API, a script).
         self._gpu = threading.Lock()
+        #: Where ordinary jobs run instead of this process's device (an engine pool); None: here.
+        self.executor: JobExecutor | None = None
 
     @property
     def options(self) -> Options:
@@ -180,8 +196,18 @@ class Engine:
             # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.
             script, args = plan.script
             plain = request.model_copy(update={"script_name": None, "script_args": []})
-            jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options), options)
+            executor = self.executor
+            many = None
+            if executor is not None:
+                def many(subs: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
+                    plans = [self.plan(sub) for sub in subs]  # every name checked before the first job
+                    for sub_plan in plans:
+                        self.check_output_dirs(sub_plan.request, options)
+                    return executor.run_many(plans, control, options)
+            jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options), options, many)
             return script.run(plain, args, jobs, control)
+        if self.executor is not None:
+            return self.executor.run(plan, control, options)
         with self._gpu:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:

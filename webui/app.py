@@ -141,11 +141,14 @@ def serve(flags: Flags, started: float | None = None) -> int:
         server = start_server(ctx)
     except ServerStartError as error:
         log.error("%s", error)
+        ctx.close()
         return 1
     device = ctx.engine.models.device
     url = server.local_url
     what = f"API at {url} (docs at {url}docs)" if flags.nowebui else f"UI at {url}" + (
         f" (API at {url}sdapi/v1, docs at {url}docs)" if flags.api else "")
+    if ctx.pool is not None:
+        what += f"; jobs run on {ctx.pool.size} engine replicas (Ray)"
     log.info("%s; device %s, %s; ready in %.1f s", what, device.device, str(device.dtype).removeprefix("torch."),
              time.perf_counter() - started)
     if flags.share and server.open_share_link():
@@ -156,4 +159,5 @@ def serve(flags: Flags, started: float | None = None) -> int:
         server.wait()
     finally:
         server.close()
+        ctx.close()
     return 0

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from pipelines.engine import Engine
+from pipelines.models.manager import LoadedModel
 from pipelines.options import OUTDIR_OPTIONS, Options
 from pipelines.paths import confine_writable
 from pipelines.settings import Paths
@@ -21,6 +22,7 @@ from pipelines.upscaling import Upscalers
 from webui.extensions import LoadedExtensions, load_extensions
 from webui.flags import Flags
 from webui.job_queue import JobQueue
+from webui.pool import EnginePool, ModelInfo
 
 log = logging.getLogger("webui")
 _TITLE_HASH = re.compile(r" \[[0-9a-f]{8,64}\]$")
@@ -76,16 +78,28 @@ def create_model_dirs(paths: Paths) -> None:
         log.info("created model folders: %s", ", ".join(str(path) for path in created))
 
 
+def extension_settings(flags: Flags, options: Options) -> dict:
+    """Which extensions an engine pool's replicas load: the same as the front."""
+    return {"dir": flags.extensions_dir, "disable_all": flags.disable_all_extensions,
+            "disable_extra": flags.disable_extra_extensions, "disabled": tuple(options.disabled_extensions)}
+
+
 class AppContext:
     """Built once by :func:`webui.app.serve` and handed to the UI and the API."""
 
     def __init__(self, flags: Flags, engine: Engine, options_path: Path,
-                 extensions: LoadedExtensions | None = None):
+                 extensions: LoadedExtensions | None = None, pool: EnginePool | None = None):
         self.flags = flags
         self.engine = engine
         #: What the extensions registered for the UI and the API (their engine parts live in the engine).
         self.extensions = extensions or LoadedExtensions()
-        self.queue = JobQueue(max_waiting=flags.queue_size)
+        #: The engine pool generation jobs run on (``--workers`` / ``--ray-address``); None: this process.
+        self.pool = pool
+        if pool is not None:
+            engine.executor = pool
+            self.queue = JobQueue(max_waiting=flags.queue_size, slots=pool.size, placement=pool.where)
+        else:
+            self.queue = JobQueue(max_waiting=flags.queue_size)
         self.options_path = options_path
         self._lock = threading.Lock()
 
@@ -109,7 +123,24 @@ class AppContext:
                                      disable_all=flags.disable_all_extensions,
                                      disable_extra=flags.disable_extra_extensions,
                                      disabled=options.disabled_extensions)
-        return cls(flags, engine, options_path, extensions)
+        pool = None
+        if flags.workers or flags.ray_address:
+            from webui.ray_pool import start_pool  # Ray is imported only for these flags
+
+            pool = start_pool(workers=flags.workers, address=flags.ray_address, engine=engine,
+                              extensions=extension_settings(flags, options))
+        return cls(flags, engine, options_path, extensions, pool)
+
+    def model_of(self, result) -> ModelInfo | LoadedModel | None:
+        """The model ``result`` was made with: the pool's replica's, else this engine's current one."""
+        if self.pool is not None:
+            return self.pool.model_of(result)
+        return self.engine.models.current
+
+    def close(self) -> None:
+        """Stop the engine pool's replicas (nothing to do without one)."""
+        if self.pool is not None:
+            self.pool.close()
 
     @property
     def options(self) -> Options:

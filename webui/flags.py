@@ -61,6 +61,8 @@ class Flags:
     max_body_size: int = 64
     max_image_pixels: int = 16384 * 16384
     queue_size: int = 64
+    workers: int = 0
+    ray_address: str | None = None
     allowed_hosts: str | None = None
     skip_install: bool = False
     test: bool = False
@@ -160,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-image-pixels", type=int, default=16384 * 16384,
         help="Most pixels of an image the server decodes or makes (width x height); more gets 422.")
     add("--queue-size", type=int, default=64, help="Most jobs that may wait in the queue; more get 503.")
+    add("--workers", type=int, default=0, metavar="N",
+        help="Run jobs on a pool of N engine replicas (Ray, installed from requirements-ray.txt): one per local "
+        "GPU, or N CPU replicas without GPUs; 0 with --ray-address: one per GPU of the cluster.")
+    add("--ray-address", metavar="ADDR",
+        help="Join the Ray cluster at ADDR (e.g. ray://head:10001 or head:6379) and run jobs on engine replicas "
+        "placed on its GPU nodes (--workers N of them).")
     add("--allowed-hosts", help="With --listen: more host names (comma-separated, *.example.com allowed) the "
         "Host header may carry besides this machine's names and addresses.")
     add("--skip-install", action="store_true", help="Do not create or update the virtual environment.")
@@ -175,7 +183,10 @@ def parse_flags(argv: list[str] | None = None, environ: dict[str, str] | None = 
     if "--test" in args:
         i = args.index("--test")
         args, test_args = args[: i + 1], args[i + 1 :]
-    ns = build_parser().parse_args(args)
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    if ns.workers < 0:
+        parser.error(f"--workers: must be 0 or more (0 with --ray-address: one per GPU), got {ns.workers}")
     values = {k: v for k, v in vars(ns).items()}
     values["use_cpu"] = tuple(values["use_cpu"])
     values["allowed_dir"] = tuple(values["allowed_dir"])

@@ -104,19 +104,21 @@ class PromptMatrix(SelectableScript[MatrixArgs]):
         result = GenerationResult(request=request)
         cells: list[Any] = [None] * len(requests)
         control.start_series(len(requests) * request.n_iter)
+        results = run_job.map(requests)  # an engine pool runs them at once on its replicas
         try:
-            for i, sub in enumerate(requests):
+            for i, _sub in enumerate(requests):
                 if control.interrupted:
                     result.interrupted = True
                     break
                 control.series_position(i * request.n_iter, f"{TITLE}: image {i + 1} of {len(requests)}")
-                done = run_job(sub)
+                done = next(results)
                 _extend(result, done)
                 cells[i] = done.images[0] if done.images else None
                 if done.interrupted:
                     result.interrupted = True
                     break
         finally:
+            results.close()
             control.end_series()
         if any(cell is not None for cell in cells):
             _add_grid(result, request, self.api, parts, cells, args, run_job.options)

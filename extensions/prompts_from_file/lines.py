@@ -158,13 +158,14 @@ class PromptsFromFile(SelectableScript[FileArgs]):
         result = GenerationResult(request=request)
         batches = [sub.n_iter for sub in requests]
         control.start_series(sum(batches))
+        results = run_job.map(requests)  # an engine pool runs them at once on its replicas
         try:
-            for k, sub in enumerate(requests):
+            for k, _sub in enumerate(requests):
                 if control.interrupted:
                     result.interrupted = True
                     break
                 control.series_position(sum(batches[:k]), f"{TITLE}: line {k + 1} of {len(requests)}")
-                done = run_job(sub)
+                done = next(results)
                 for name in ("images", "infotexts", "seeds", "subseeds", "prompts", "negative_prompts", "paths"):
                     getattr(result, name).extend(getattr(done, name))
                 result.warnings.extend(w for w in done.warnings if w not in result.warnings)
@@ -173,6 +174,7 @@ class PromptsFromFile(SelectableScript[FileArgs]):
                     result.interrupted = True
                     break
         finally:
+            results.close()
             control.end_series()
         if len(result.paths) != len(result.images):
             result.paths.clear()  # the gallery shows saved files only when every image has one

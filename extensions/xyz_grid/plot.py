@@ -252,6 +252,8 @@ class XyzPlot(SelectableScript[PlotArgs]):
         per_cell = request.image_count
         control.start_series(len(ordered) * request.n_iter, f"{TITLE}: image 1 of {len(ordered) * per_cell}")
         interrupted = False
+        # run_job.map: one engine runs the cells one by one; an engine pool runs them at once on its replicas
+        results = run_job.map([cell.request for cell in ordered])
         try:
             for k, cell in enumerate(ordered):
                 if control.interrupted:
@@ -259,11 +261,12 @@ class XyzPlot(SelectableScript[PlotArgs]):
                     break
                 control.series_position(k * request.n_iter,
                                         f"{TITLE}: image {k * per_cell + 1} of {len(ordered) * per_cell}")
-                cell.result = run_job(cell.request)
+                cell.result = next(results)
                 if cell.result.interrupted:
                     interrupted = True
                     break
         finally:
+            results.close()
             control.end_series()
         finished = [c for c in plan.cells if c.result is not None and c.result.images]
         if finished:

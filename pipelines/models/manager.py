@@ -100,6 +100,11 @@ class ModelManager:
         with self._lock:
             return self._loaded.get(self._active) if self._active else None
 
+    def loaded_titles(self) -> list[str]:
+        """Titles of the loaded checkpoints, least recently used first (an engine pool's model affinity)."""
+        with self._lock:
+            return list(self._loaded)
+
     def default_query(self) -> str:
         """What to load when a request names no checkpoint: the current one, the configured one, or the first."""
         if self._active:

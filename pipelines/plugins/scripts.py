@@ -24,7 +24,7 @@ returns. A1111's positional argument lists are mapped onto the model's fields in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast, get_args
@@ -351,6 +351,9 @@ class JobRunner(Protocol):
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` (a GenerationRequest with no script) and return its GenerationResult."""
 
+    def map(self, requests: Sequence[GenerationRequest]) -> Generator[GenerationResult, None, None]:
+        """Run ``requests`` and yield their results in order (an engine pool runs them at once)."""
+
 
 @dataclass(frozen=True)
 class ScriptJobs:
@@ -358,10 +361,22 @@ class ScriptJobs:
 
     run: Callable[[GenerationRequest], GenerationResult]
     options: Options
+    #: Runs several jobs at once, results in order (an engine pool's replicas); None: one after another.
+    run_many: Callable[[Sequence[GenerationRequest]], Iterator[GenerationResult]] | None = None
 
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         """Run ``request`` as one ordinary job."""
         return self.run(request)
+
+    def map(self, requests: Sequence[GenerationRequest]) -> Generator[GenerationResult, None, None]:
+        """Run ``requests`` as ordinary jobs and yield their results in order. One engine runs them one after
+        another, each only when the script asks for the next result (a script that stops early starts no
+        more); an engine pool starts them all at once on its free replicas."""
+        if self.run_many is not None:
+            yield from self.run_many(list(requests))
+            return
+        for request in requests:
+            yield self.run(request)
 
 
 class SelectableScript(_DeclaredArgs, Generic[ArgsT]):

@@ -46,7 +46,7 @@ async def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJo
         if not job.checkpoint_override:
             request = request.model_copy(update={"checkpoint": selected})
         result = engine.generate(request, control=control, options=job.options(ctx.options))
-        model = engine.models.current
+        model = ctx.model_of(result)
         if job.checkpoint_override and model is not None:
             selection.loaded_for_override(model.file.title)
         return result, model
@@ -54,7 +54,7 @@ async def run_prepared(ctx: AppContext, selection: ApiSelection, job: PreparedJo
     description = f"{job.request.mode}: {job.request.prompt[:60]}"
     try:
         result, model = await ctx.queue.run_async(work, source="api", description=description, control=control,
-                                                  task_id=job.parameters.get("force_task_id"))
+                                                  task_id=job.parameters.get("force_task_id"), pooled=True)
     except ModelFileError as error:
         loc = model_file_loc(error, job.parameters.get("override_settings") or {})
         if loc in (("sd_model_checkpoint",), ("sd_vae",)):  # not chosen by this request: the selected one

@@ -105,6 +105,9 @@ def queue_status_html(ctx: AppContext, own: Iterable[Session]) -> str:
         if progress.job_count > 1:
             text += f", batch {min(progress.job_no + 1, progress.job_count)}/{progress.job_count}"
     waiting = ctx.queue.waiting
+    where = ctx.queue.where(running)
+    if where:
+        text += f" on {where}"
     if waiting:
         text += f" · {waiting} waiting"
     return f"<div class='sdui-queue-status'>{html.escape(text)}</div>"
@@ -120,13 +123,17 @@ def _describe(ctx: AppContext, ticket: Ticket | None) -> tuple[float, str, Image
         return 0.0, f"In queue: position {position}{who}", None
     progress = ticket.control.progress
     if not progress.sampling_steps:
-        return 0.0, "Loading model...", None
+        where = ctx.queue.where(ticket)
+        return 0.0, "Loading model..." + (f" on {where}" if where else ""), None
     eta = progress.eta_seconds
     text = f"Step {progress.sampling_step}/{progress.sampling_steps}"
     if progress.job_count > 1:
         text = f"Batch {progress.job_no + 1}/{progress.job_count}, " + text
     if eta is not None:
         text += f" · ETA {eta:.0f}s" if eta >= 1 else " · ETA <1s"
+    where = ctx.queue.where(ticket)
+    if where:
+        text += f" · on {where}"
     return progress.fraction, text, progress.preview
 
 
@@ -152,7 +159,7 @@ def run_job(ctx: AppContext, session: Session, request: GenerationRequest,
             description = custom.description if custom is not None and custom.description else \
                 f"{request.mode}: {request.prompt[:40]}"
             outcome["result"] = ctx.queue.run(job, source="ui", description=description, control=control,
-                                              on_ticket=on_ticket)
+                                              on_ticket=on_ticket, pooled=True)
         except BaseException as error:  # handed to the browser below, not swallowed
             outcome["error"] = error
         finally:
