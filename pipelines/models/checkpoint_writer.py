@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -211,7 +212,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach() for key, value in module.state_dict().items()}
 
 
-def original_entries(family: str, components: Mapping[str, torch.nn.Module], *,
+def original_entries(family: str, components: Mapping[str, Any], *,
                      prediction_type: str = "epsilon") -> dict[str, Entry]:
     """Every weight of a ``family`` ("sd1", "sd2", "sdxl") model from its diffusers ``components`` (``unet``,
     ``vae``, ``text_encoder`` and for SDXL ``text_encoder_2``), keyed as the original single file keys them.
@@ -238,7 +239,7 @@ def original_entries(family: str, components: Mapping[str, torch.nn.Module], *,
     return entries
 
 
-def to_original(family: str, components: Mapping[str, torch.nn.Module], *, dtype: torch.dtype | None = None,
+def to_original(family: str, components: Mapping[str, Any], *, dtype: torch.dtype | None = None,
                 prediction_type: str = "epsilon") -> dict[str, torch.Tensor]:
     """:func:`original_entries` as plain tensors (on the CPU, floating ones in ``dtype`` when given)."""
     out = {}
