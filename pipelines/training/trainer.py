@@ -115,6 +115,21 @@ def output_path(engine: Engine, settings: TrainingSettings, step: int | None = N
     return lora_path(engine, settings.name, step)
 
 
+def check_output(engine: Engine, settings: TrainingSettings, base: Path | None = None) -> None:
+    """Refuse (ValueError naming ``name``) a fine-tune whose checkpoint would replace its base model (the final
+    save, or an intermediate ``NAME-stepN`` one) or a checkpoint no training run wrote. ``base`` defaults to
+    the checkpoint ``settings`` names. A LoRA replaces its earlier file of the same name, as before."""
+    if settings.method != "fine-tune":
+        return
+    base = (base or engine.models.resolve(settings.checkpoint).path).resolve()
+    target = output_path(engine, settings)
+    if base == target.resolve() or (base.parent == target.parent.resolve()
+                                    and base.name.startswith(f"{settings.name}-step")):
+        raise ValueError(f"name: {settings.name!r} would overwrite the base checkpoint {base.name}; choose another")
+    if target.exists() and not _is_training_output(target):
+        raise ValueError(f"name: {target} exists and was not written by a training run; choose another name")
+
+
 def train(engine: Engine, settings: TrainingSettings, dataset: Path, *, control: JobControl | None = None,
           on_step: Callable[[TrainingState], None] | None = None) -> TrainingState:
     """Train ``settings`` on the (already resolved) ``dataset`` folder; returns the final state.
@@ -566,14 +581,7 @@ class _FineTune(_Method):
         return modules
 
     def check(self) -> None:
-        s = self.s
-        base, target = self.model.file.path.resolve(), output_path(self.run.engine, s)
-        # Neither the final save nor an intermediate one (NAME-stepN) may replace the model being trained.
-        if base == target.resolve() or (base.parent == target.parent.resolve()
-                                        and base.name.startswith(f"{s.name}-step")):
-            raise ValueError(f"name: {s.name!r} would overwrite the base checkpoint {base.name}; choose another")
-        if target.exists() and not _is_training_output(target):
-            raise ValueError(f"name: {target} exists and was not written by a training run; choose another name")
+        check_output(self.run.engine, self.s, self.model.file.path)
 
     def add(self) -> list[dict[str, Any]]:
         s = self.s
@@ -731,5 +739,5 @@ def loss_curve(losses: list[tuple[int, float]]) -> dict[str, list]:
     return {"step": [st for st, _ in losses], "loss": [lo for _, lo in losses]}
 
 
-__all__ = ["TRAINING_METADATA", "SampleImage", "TrainingState", "checkpoint_path", "loss_curve", "lora_path",
-           "output_path", "run_folder", "train"]
+__all__ = ["TRAINING_METADATA", "SampleImage", "TrainingState", "check_output", "checkpoint_path", "loss_curve",
+           "lora_path", "output_path", "run_folder", "train"]
