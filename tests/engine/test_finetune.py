@@ -13,12 +13,13 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+import yaml
 
 from pipelines.job_control import JobControl
 from pipelines.training.settings import TrainingSettings
 from pipelines.training.trainer import TRAINING_METADATA, checkpoint_path, run_folder, train
 from tests.engine.test_training import make_engine, mean, write_dataset
-from tests.helpers import SD15, SD21, SDXL, pixels, txt2img
+from tests.helpers import SD15, SD15_DIFFUSERS, SD21, SDXL, pixels, txt2img
 
 
 def own_models_dir(tiny_models: Path, root: Path) -> Path:
@@ -31,7 +32,12 @@ def own_models_dir(tiny_models: Path, root: Path) -> Path:
     (root / "Lora").mkdir()
     (root / "Stable-diffusion").mkdir()
     for entry in (tiny_models / "Stable-diffusion").iterdir():
-        (root / "Stable-diffusion" / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        if entry.is_dir():  # a diffusers folder: a real folder (the catalog does not follow linked ones)
+            (root / "Stable-diffusion" / entry.name).mkdir()
+            for part in entry.iterdir():
+                (root / "Stable-diffusion" / entry.name / part.name).symlink_to(part, part.is_dir())
+        else:
+            (root / "Stable-diffusion" / entry.name).symlink_to(entry)
     return root
 
 
@@ -114,6 +120,18 @@ def test_sd2_v_prediction_and_sdxl_fine_tune_into_loadable_checkpoints(ft_engine
     assert metadata["ss_v_parameterization"] == str(prediction == "v_prediction")
     image = engine.generate(txt2img(checkpoint=f"{name}.safetensors", steps=2)).images[0]
     assert pixels(image).std() > 0
+
+
+def test_a_diffusers_folder_base_gets_a_sidecar_with_its_sizes(ft_engine, dataset):
+    """A folder's configs are not the shipped ones (here: the tiny sizes): the single file needs a sidecar."""
+    engine = ft_engine
+    state = train(engine, settings("ft-folder", checkpoint=SD15_DIFFUSERS, steps=1), dataset)
+    sidecar = yaml.safe_load(state.output.with_suffix(".yaml").read_text())
+    assert sidecar["diffusers"]["unet"]["block_out_channels"] == [32, 64]
+    assert sidecar["diffusers"]["text_encoder"]["hidden_size"] == 32
+    loaded = engine.models.get("ft-folder.safetensors")
+    assert loaded.family.name == "sd1" and list(loaded.unet.config.block_out_channels) == [32, 64]
+    assert pixels(engine.generate(txt2img(checkpoint="ft-folder.safetensors", steps=2)).images[0]).std() > 0
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(ft_engine, dataset):
