@@ -1,8 +1,10 @@
-"""Benchmark: one LoRA training step of ours against the same step written as diffusers' LoRA example does it.
+"""Benchmark: one training step of ours against the same step written as diffusers' example does it.
 
-    python -m benchmarks.train                        # real-size random SD 1.5, 128x128, CPU, 3 timed steps
+    python -m benchmarks.train                        # LoRA, real-size random SD 1.5, 128x128, CPU, 3 timed steps
     python -m benchmarks.train --size 256 --steps 5   # bigger / longer
     python -m benchmarks.train --model PATH           # any diffusers folder instead of random weights
+    python -m benchmarks.train --method fine-tune     # full UNet fine-tuning (needs about 16 GB RAM per side
+                                                      # for SD 1.5: float32 weights, gradients, AdamW moments)
 
 Both sides train the same model (a real-size SD 1.5 diffusers folder with random weights, built from the
 shipped configs; cost does not depend on weight values), batch 1, the same LoRA rank and alpha on the UNet's
@@ -13,6 +15,11 @@ AdamW. Ours is :func:`pipelines.training.trainer.train` through the engine (whic
 embeddings after their first use). Each side runs in its own process so that its peak resident memory
 (``ru_maxrss``) is its own; the step time is the median of the steps after the first (warm-up).
 ``time_ratio_vs_diffusers`` is ours divided by theirs (lower is better).
+
+``--method fine-tune`` compares full fine-tuning instead: theirs follows diffusers' ``train_text_to_image``
+example (every UNet weight trainable in float32, the VAE and text encoder frozen, the same per-step encoding,
+loss, clipping and AdamW); ours is ``train`` with ``method="fine-tune"`` (its final checkpoint and resume
+state are written after the timed steps, into a scratch folder).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def ours(model: Path, size: int, steps: int, rank: int) -> dict:
+def ours(model: Path, size: int, steps: int, rank: int, method: str = "lora") -> dict:
     from pipelines.engine import Engine
     from pipelines.settings import EngineSettings, Paths
     from pipelines.training.settings import TrainingSettings
@@ -60,12 +67,13 @@ def ours(model: Path, size: int, steps: int, rank: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sd-bench-train-"))
     models = work / "models"
     (models / "Lora").mkdir(parents=True)
+    (models / "Stable-diffusion").mkdir(parents=True)
     paths = Paths(data_dir=work, models_dir=models, outputs_dir=work / "outputs",
                   extra_dirs={"checkpoint": (model.resolve().parent,)})
     engine = Engine(EngineSettings(paths=paths, device="cpu"))
     dataset = write_images(work / "pictures", size)
     settings = TrainingSettings(name="bench", dataset="pictures", checkpoint=model.name, resolution=size,
-                                steps=steps, rank=rank, alpha=rank, learning_rate=1e-4, batch_size=1)
+                                steps=steps, rank=rank, alpha=rank, learning_rate=1e-4, batch_size=1, method=method)
     times: list[float] = []
     try:
         train(engine, settings, dataset, on_step=lambda state: times.append(time.perf_counter()))
@@ -74,8 +82,9 @@ def ours(model: Path, size: int, steps: int, rank: int) -> dict:
     return {"step_seconds": times, "peak_rss_mb": _peak_mb()}
 
 
-def theirs(model: Path, size: int, steps: int, rank: int) -> dict:
-    """The step of diffusers' train_text_to_image_lora example (no accelerate wrapper: one CPU process)."""
+def theirs(model: Path, size: int, steps: int, rank: int, method: str = "lora") -> dict:
+    """The step of diffusers' train_text_to_image_lora example, or of train_text_to_image for a fine-tune (no
+    accelerate wrapper: one CPU process)."""
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -91,8 +100,11 @@ def theirs(model: Path, size: int, steps: int, rank: int) -> dict:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if method == "lora":
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    else:
+        unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=steps)
@@ -135,32 +147,32 @@ def _step_time(stamps: list[float]) -> float:
     return statistics.median(gaps)
 
 
-def _in_child(side: str, model: Path, size: int, steps: int, rank: int) -> dict:
+def _in_child(side: str, model: Path, size: int, steps: int, rank: int, method: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.train", "--side", side, "--model", str(model), "--size", str(size),
-               "--steps", str(steps), "--rank", str(rank)]
+               "--steps", str(steps), "--rank", str(rank), "--method", method]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the {side} side failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(model: Path | None, size: int, steps: int, rank: int) -> dict:
+def run(model: Path | None, size: int, steps: int, rank: int, method: str = "lora") -> dict:
     if model is None:
         from benchmarks.models import build_random_model
 
         with tempfile.TemporaryDirectory(prefix="sd-bench-train-model-") as folder:
-            return _figures(build_random_model(Path(folder), "sd15"), size, steps, rank)
-    return _figures(model, size, steps, rank)
+            return _figures(build_random_model(Path(folder), "sd15"), size, steps, rank, method)
+    return _figures(model, size, steps, rank, method)
 
 
-def _figures(model: Path, size: int, steps: int, rank: int) -> dict:
-    sides = {side: _in_child(side, model, size, steps + 1, rank) for side in ("theirs", "ours")}
+def _figures(model: Path, size: int, steps: int, rank: int, method: str = "lora") -> dict:
+    sides = {side: _in_child(side, model, size, steps + 1, rank, method) for side in ("theirs", "ours")}
     figures = {side: {"seconds_per_step": round(_step_time(result["step_seconds"]), 3),
                       "peak_rss_mb": round(result["peak_rss_mb"])} for side, result in sides.items()}
     figures["time_ratio_vs_diffusers"] = round(figures["ours"]["seconds_per_step"]
                                                / figures["theirs"]["seconds_per_step"], 3)
-    figures["setup"] = {"model": str(model), "size": size, "timed_steps": steps, "batch": 1, "rank": rank,
-                        "precision": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
+    figures["setup"] = {"method": method, "model": str(model), "size": size, "timed_steps": steps, "batch": 1,
+                        "rank": rank, "precision": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
     return figures
 
 
@@ -170,16 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="Image side (default 128).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per side, after one warm-up step.")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank).")
+    parser.add_argument("--method", choices=("lora", "fine-tune"), default="lora",
+                        help="lora (default) or fine-tune (the whole UNet).")
     parser.add_argument("--out", type=Path, help="Write the figures as JSON to this file.")
     parser.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # one side, in a child
     args = parser.parse_args(argv)
     if args.side:
         if args.model is None:
             parser.error("--side needs --model")
-        result = (ours if args.side == "ours" else theirs)(args.model, args.size, args.steps, args.rank)
+        result = (ours if args.side == "ours" else theirs)(args.model, args.size, args.steps, args.rank,
+                                                           args.method)
         print(json.dumps(result))
         return 0
-    figures = run(args.model, args.size, args.steps, args.rank)
+    figures = run(args.model, args.size, args.steps, args.rank, args.method)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.out:

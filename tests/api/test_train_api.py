@@ -1,4 +1,5 @@
-"""The training routes: start a LoRA run through the queue, watch its progress, losses and samples; refusals."""
+"""The training routes: start a LoRA or fine-tune run through the queue, watch its progress, losses and samples;
+refusals."""
 
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ from webui.flags import Flags
 
 @pytest.fixture(scope="module")
 def client(tiny_models, tmp_path_factory):
+    from tests.engine.test_finetune import own_models_dir
     from tests.engine.test_training import make_engine
 
-    root = tmp_path_factory.mktemp("train_api_models")
-    for folder in tiny_models.iterdir():
-        if folder.name != "Lora":
-            (root / folder.name).symlink_to(folder, target_is_directory=folder.is_dir())
-    (root / "Lora").mkdir()
+    root = own_models_dir(tiny_models, tmp_path_factory.mktemp("train_api_models") / "models")
     data = tmp_path_factory.mktemp("train_api_data")
     engine = make_engine(root, data)
     write_dataset(data / "pictures")
@@ -37,16 +35,19 @@ def body(**overrides) -> dict:
             "sample_steps": 2, **overrides}
 
 
-def test_a_run_reports_progress_losses_and_samples(client):
-    answer = client.post("/sdapi/v1/train", json=body())
+def finished(client, answer) -> dict:
     assert answer.status_code == 200, answer.text
     run_id = answer.json()["id"]
     deadline = time.monotonic() + 300
     while True:
         state = client.get(f"/sdapi/v1/train/{run_id}").json()
         if state["status"] in ("done", "failed", "stopped") or time.monotonic() > deadline:
-            break
+            return state
         time.sleep(0.5)
+
+
+def test_a_run_reports_progress_losses_and_samples(client):
+    state = finished(client, client.post("/sdapi/v1/train", json=body()))
     assert state["status"] == "done", state["error"]
     assert state["step"] == 3 == state["total_steps"] and state["losses"]["step"] == [1, 2, 3]
     assert {s["step"] for s in state["samples"]} == {2, 3} and state["samples"][0]["image"]
@@ -55,10 +56,27 @@ def test_a_run_reports_progress_losses_and_samples(client):
     assert client.get("/sdapi/v1/loras").status_code in (200, 404)
 
 
+def test_a_fine_tune_run_writes_a_checkpoint_the_model_list_shows(client):
+    state = finished(client, client.post("/sdapi/v1/train", json=body(
+        name="api-ft", method="fine-tune", steps=2, sample_every=0, learning_rate=0.001)))
+    assert state["status"] == "done", state["error"]
+    assert state["settings"]["method"] == "fine-tune" and state["losses"]["step"] == [1, 2]
+    assert state["output"].endswith("Stable-diffusion/api-ft.safetensors")
+    assert {"sks, red circle"} == {s["prompt"] for s in state["samples"]}  # the end-of-run sample
+    models = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+    assert "api-ft" in models and models["api-ft"]["filename"] == state["output"]
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "sks", "steps": 2, "width": 64, "height": 64,
+                                                    "override_settings": {"sd_model_checkpoint": "api-ft"}})
+    assert answer.status_code == 200, answer.text
+    assert "Model: api-ft" in answer.json()["info"]
+
+
 def test_refusals_name_the_field(client):
     for overrides, field in [({"dataset": "../.."}, "dataset"), ({"dataset": "nope"}, "dataset"),
                              ({"checkpoint": "missing.safetensors"}, "checkpoint"), ({"rank": 0}, "rank"),
-                             ({"name": "a/b"}, "name"), ({"lr_scheduler": "bogus"}, "lr_scheduler")]:
+                             ({"name": "a/b"}, "name"), ({"lr_scheduler": "bogus"}, "lr_scheduler"),
+                             ({"method": "dreambooth"}, "method"),
+                             ({"method": "fine-tune", "name": "tiny-sd15"}, "name")]:
         answer = client.post("/sdapi/v1/train", json=body(**overrides))
         assert answer.status_code == 422, (overrides, answer.text)
         assert answer.json()["detail"][0]["loc"][-1] == field, answer.text

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.training.settings import TrainingSettings
 from webui.ui import fields
-from webui.ui.train import CHECKPOINT, progress_html, setting_names, settings_from
+from webui.ui.train import CHECKPOINT, method_learning_rate, progress_html, setting_names, settings_from
 
 
 def test_every_setting_has_exactly_one_control():
@@ -53,3 +53,11 @@ def test_a_cleared_optional_number_is_none():
         TrainingSettings(name="run", dataset="d"), name)) for name in setting_names()}
     assert settings_from({**shown, "text_encoder_lr": 0}).text_encoder_lr is None
     assert settings_from({**shown, "text_encoder_lr": 0.5}).text_encoder_lr == 0.5
+
+
+def test_the_method_choice_and_its_learning_rate():
+    with gr.Blocks():
+        method = fields.control(TrainingSettings, "method", "method")
+    assert isinstance(method, gr.Dropdown) and [c[1] for c in method.choices] == ["lora", "fine-tune"]
+    assert method_learning_rate("fine-tune", 1e-4) == 1e-5 and method_learning_rate("lora", 1e-5) == 1e-4
+    assert method_learning_rate("fine-tune", 3e-6) is None  # the user's own value stays

@@ -1,6 +1,7 @@
 """Training routes (ours; A1111 has only textual inversion / hypernetwork training):
 
-- ``POST /sdapi/v1/train``: start a LoRA training run (the fields of ``TrainingSettings``); answers its id;
+- ``POST /sdapi/v1/train``: start a training run (the fields of ``TrainingSettings``; ``method`` "lora" writes a
+  LoRA into models/Lora/, "fine-tune" a checkpoint into models/Stable-diffusion/); answers its id;
 - ``GET /sdapi/v1/train/{id}``: status, step, it/s, ETA, loss history, sample images (base64 PNG), output;
 - ``POST /sdapi/v1/train/{id}/stop``: stop it at the next step (it saves a resumable state);
 - ``POST /sdapi/v1/train/embedding`` and ``/hypernetwork``: 422, not supported.
@@ -18,7 +19,7 @@ from pipelines.images.saving import encode_base64_png
 from pipelines.training.dataset import resolve_dataset_folder
 from pipelines.training.runs import TrainingRun, TrainingRuns
 from pipelines.training.settings import TrainingSettings
-from pipelines.training.trainer import loss_curve
+from pipelines.training.trainer import check_output, loss_curve
 from webui.api.errors import ApiError
 from webui.context import AppContext
 
@@ -79,6 +80,10 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
             ctx.engine.models.resolve(body.checkpoint)
         except LookupError as error:
             raise ApiError(("checkpoint",), str(error)) from None
+        try:
+            check_output(ctx.engine, body)
+        except ValueError as error:
+            raise ApiError(("name",), str(error)) from None
         run = training_runs(ctx).start(body, folder)
         return {"id": run.id, "status": run.status}
 

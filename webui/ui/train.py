@@ -1,4 +1,5 @@
-"""The Train tab: a LoRA from a folder of captioned images, on the engine's models and the app's one job queue.
+"""The Train tab: a LoRA or a fine-tuned checkpoint (the Method control) from a folder of captioned images, on the
+engine's models and the app's one job queue.
 
 The settings' controls are built from :class:`~pipelines.training.settings.TrainingSettings` (types, defaults,
 bounds and descriptions are declared there once); runs are the same :class:`TrainingRuns` the API starts, so a
@@ -18,8 +19,8 @@ import pandas as pd
 from pydantic import ValidationError
 
 from pipelines.training.dataset import resolve_dataset_folder, scan_dataset
-from pipelines.training.settings import TrainingSettings
-from pipelines.training.trainer import run_folder
+from pipelines.training.settings import DEFAULT_LEARNING_RATES, TrainingSettings
+from pipelines.training.trainer import check_output, run_folder
 from webui.api.routes_train import dataset_roots, describe, training_runs
 from webui.context import AppContext
 from webui.ui import fields
@@ -36,14 +37,14 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Network", ("method", "rank", "alpha", "targets", "train_text_encoder")),
     ("Images and captions", ("resolution", "missing_captions", "crop", "flip", "shuffle_captions", "keep_tokens",
                              "caption_dropout", "clip_skip")),
-    ("Saves and samples", ("save_every", "sample_every", "sample_prompts", "sample_seed", "sample_steps",
-                           "sample_size", "resume")),
+    ("Saves and samples", ("save_every", "save_precision", "ema_decay", "sample_every", "sample_prompts",
+                           "sample_seed", "sample_steps", "sample_size", "resume")),
 )
 #: Set apart from the generic controls: a dropdown of the engine's checkpoints.
 CHECKPOINT = "checkpoint"
-LABELS = {"lr_scheduler": "LR scheduler", "lr_warmup_steps": "LR warm-up steps", "text_encoder_lr": "Text encoder LR",
-          "min_snr_gamma": "Min-SNR gamma", "max_grad_norm": "Max gradient norm", "clip_skip": "Clip skip",
-          "name": "Output name", "dataset": "Dataset folder"}
+LABELS = {"ema_decay": "EMA decay", "lr_scheduler": "LR scheduler", "lr_warmup_steps": "LR warm-up steps",
+          "text_encoder_lr": "Text encoder LR", "min_snr_gamma": "Min-SNR gamma", "max_grad_norm": "Max gradient norm",
+          "clip_skip": "Clip skip", "name": "Output name", "dataset": "Dataset folder"}
 PER_ROW = 3
 FINISHED = ("done", "stopped", "failed")
 SETTINGS_SUFFIX = ".train.json"
@@ -82,9 +83,14 @@ def settings_from(values: dict[str, Any]) -> TrainingSettings:
         raise ValueError(describe_error(error)) from None
 
 
+def _output_dirs(ctx: AppContext) -> list:
+    """Where runs save, and their settings beside: LoRAs, and fine-tuned checkpoints."""
+    return [*ctx.engine.paths.model_dirs("lora"), *ctx.engine.paths.model_dirs("checkpoint")]
+
+
 def saved_settings(ctx: AppContext) -> list[str]:
-    """Names of the runs whose settings lie beside their LoRA (``NAME.train.json``), newest first."""
-    files = [path for folder in ctx.engine.paths.model_dirs("lora") if folder.is_dir()
+    """Names of the runs whose settings lie beside their output (``NAME.train.json``), newest first."""
+    files = [path for folder in _output_dirs(ctx) if folder.is_dir()
              for path in folder.glob(f"*{SETTINGS_SUFFIX}")]
     files.sort(key=lambda path: path.stat().st_mtime, reverse=True)
     return list(dict.fromkeys(path.name[: -len(SETTINGS_SUFFIX)] for path in files))
@@ -92,7 +98,7 @@ def saved_settings(ctx: AppContext) -> list[str]:
 
 def load_saved(ctx: AppContext, name: str) -> TrainingSettings:
     """The settings a run saved; ValueError naming the file when there is none or it does not validate."""
-    for folder in ctx.engine.paths.model_dirs("lora"):
+    for folder in _output_dirs(ctx):
         path = folder / f"{name}{SETTINGS_SUFFIX}"
         if path.is_file():
             try:
@@ -116,6 +122,14 @@ def dataset_check(ctx: AppContext, folder: str, resolution: float | None, missin
     rows = [[item["file"], "x".join(map(str, item["size"])), "x".join(map(str, item["bucket"])), item["repeats"],
              item["caption"]] for item in report.as_dict()["items"]]
     return report.summary(), rows
+
+
+def method_learning_rate(method: str, current: float | None) -> float | None:
+    """The learning rate after choosing ``method``: its default when the box still holds a method's default
+    (a fine-tune wants a smaller one than a LoRA), else None (the user's own value is kept)."""
+    if current is None or current in DEFAULT_LEARNING_RATES.values():
+        return DEFAULT_LEARNING_RATES.get(method)
+    return None
 
 
 def progress_html(state: dict) -> str:
@@ -161,7 +175,8 @@ def build_train(ctx: AppContext) -> TrainTab:
         with gr.Column(scale=1):
             with gr.Row():
                 load = gr.Dropdown(saved_settings(ctx), value=None, label="Load settings", elem_id="train_load",
-                                   info="The settings of a run saved beside its LoRA (NAME.train.json)", scale=4)
+                                   info="The settings of a run saved beside its LoRA or checkpoint "
+                                        "(NAME.train.json)", scale=4)
                 refresh = gr.Button("🔄", elem_id="train_load_refresh", scale=0, min_width=40)
             make("name")
             with gr.Row(equal_height=True):
@@ -196,6 +211,13 @@ def build_train(ctx: AppContext) -> TrainTab:
     order = setting_names()
     inputs = [controls[name] for name in order] + [controls[CHECKPOINT]]
 
+    def method_changed(method: str, current: float | None):
+        rate = method_learning_rate(method, current)
+        return gr.skip() if rate is None else rate
+
+    controls["method"].input(method_changed, inputs=[controls["method"], controls["learning_rate"]],
+                             outputs=[controls["learning_rate"]], queue=False, show_progress="hidden")
+
     def check_dataset(folder: str, resolution: float | None, missing: str):
         try:
             summary, rows = dataset_check(ctx, folder, resolution, missing)
@@ -212,6 +234,7 @@ def build_train(ctx: AppContext) -> TrainTab:
             settings = settings_from({**dict(zip(order, generic)), CHECKPOINT: checkpoint or None})
             folder = resolve_dataset_folder(settings.dataset, dataset_roots(ctx))
             ctx.engine.models.resolve(settings.checkpoint)
+            check_output(ctx.engine, settings)
         except (ValueError, LookupError) as error:
             raise gr.Error(str(error).strip("'\"")) from None
         run = training_runs(ctx).start(settings, folder)
