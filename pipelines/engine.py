@@ -179,13 +179,15 @@ class Engine:
             raise RequestError(field, message) from None
 
     def generate(self, request: GenerationRequest | JobPlan, *, control: JobControl | None = None,
-                 options: Options | None = None) -> GenerationResult:
+                 options: Options | None = None, local: bool = False) -> GenerationResult:
         """Run a txt2img or img2img/inpaint job (by the request's type) and return what it made.
 
         ``request`` may be a :class:`JobPlan` already made by :meth:`plan`; otherwise it is planned here,
         before any model work, so a missing checkpoint (or VAE, style, ...) fails at once with the list of
         available ones (:class:`RequestError`, a LookupError).
         Out of memory frees what the job held and raises :class:`EngineError`; the next job works.
+        ``local``: run on this process's own models even when an :attr:`executor` (an engine pool) is set:
+        a training run's sample images must come from the model being trained, which only this process has.
         """
         plan = request if isinstance(request, JobPlan) else self.plan(request, options)
         request = plan.request
@@ -196,7 +198,7 @@ class Engine:
             # A selectable script (X/Y/Z plot, ...) takes over: it runs ordinary jobs through this method.
             script, args = plan.script
             plain = request.model_copy(update={"script_name": None, "script_args": []})
-            executor = self.executor
+            executor = None if local else self.executor
             many = None
             if executor is not None:
                 def many(subs: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
@@ -204,9 +206,10 @@ class Engine:
                     for sub_plan in plans:
                         self.check_output_dirs(sub_plan.request, options)
                     return executor.run_many(plans, control, options)
-            jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options), options, many)
+            jobs = ScriptJobs(lambda sub: self.generate(sub, control=control, options=options, local=local),
+                              options, many)
             return script.run(plain, args, jobs, control)
-        if self.executor is not None:
+        if self.executor is not None and not local:
             return self.executor.run(plan, control, options)
         with self._gpu:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)

@@ -482,7 +482,7 @@ class _Run:
         for number, prompt in enumerate(s.sample_prompts):
             request = GenerationRequest(prompt=prompt, checkpoint=self.model.file.title, seed=s.sample_seed,
                                         steps=s.sample_steps, width=size, height=size, save_images=False)
-            result = self.engine.generate(request, control=JobControl())
+            result = self.engine.generate(request, control=JobControl(), local=True)
             image, infotext = result.images[0], result.infotexts[0]
             infotext += f", {method}: {s.name} step {step}"
             path = samples / f"step{step:08d}-{number:02d}.png"

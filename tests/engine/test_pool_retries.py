@@ -50,3 +50,16 @@ def test_a_part_lost_on_every_try_fails_after_the_retries_naming_the_replicas(en
 def test_an_empty_pool_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         EnginePool([], tmp_path)
+
+
+def test_a_local_job_stays_in_this_process_even_with_a_pool(engine_factory):
+    # Training samples come from the model being trained, which only the front process has.
+    engine = engine_factory()
+    replica = DyingReplica("replica-1")
+    engine.executor = EnginePool([replica], engine.paths.outputs_dir, max_retries=0)
+    result = engine.generate(txt2img(steps=1, save_images=False), local=True)
+    assert len(result.images) == 1
+    assert replica.calls == 0
+    with pytest.raises(PoolError):
+        engine.generate(txt2img(steps=1, save_images=False))  # the same job without local= goes to the pool
+    assert replica.calls == 1
