@@ -330,7 +330,12 @@ def score_run(folder: Path | str, paths: Paths, control: JobControl | None = Non
 
     if "clip_score" in wanted:
         try:
-            scorer = m.ClipScorer(m.find_clip_model(paths.model_dirs("clip"), spec.clip_model), device)
+            clip_path = m.find_clip_model(paths.model_dirs("clip"), spec.clip_model)
+            try:
+                scorer = m.ClipScorer(clip_path, device)
+            except Exception as error:  # a broken or unusable model: any loader error (safetensors, open_clip, ...)
+                raise m.MissingWeights("clip_score", f"CLIP score left out: {clip_path} cannot be loaded: "
+                                                     f"{error}") from error
             for entry in entries:
                 tick(f"CLIP score: {entry['path']}")
                 per_image[entry["candidate"]].setdefault("clip_score", []).append(
@@ -346,7 +351,7 @@ def score_run(folder: Path | str, paths: Paths, control: JobControl | None = Non
     if "lpips" in fidelity:
         try:
             lpips = m.LpipsScorer(*m.find_lpips_weights(paths.model_dirs("evaluation")), device)
-        except m.MissingWeights as error:
+        except (m.MissingWeights, ValueError) as error:  # missing, or not the LPIPS weights (named)
             messages.append(str(error))
             fidelity.remove("lpips")
     for entry in entries if fidelity else []:

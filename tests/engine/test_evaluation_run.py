@@ -225,3 +225,19 @@ def test_a_training_runs_saves_become_candidates_beside_the_base_model(tmp_path)
     assert no_reference.metrics == ["clip_score", "inception_score"] and no_reference.prompt_set == "built-in"
     with pytest.raises(ValueError, match="id: training run 'mine' has no saved model"):
         training_evaluation(settings, [], [lora_dir])
+
+
+def test_a_broken_clip_model_is_a_message_and_the_other_metrics_run(fidelity_setup, tmp_path):
+    engine, sources = fidelity_setup
+    spec = EvaluationSpec(name="broken-clip", mode="upscale", source_dir=str(sources), upscale_by=2,
+                          candidates=[Candidate(name="lanczos", upscaler="Lanczos")], metrics=["clip_score", "ssim"])
+    result = run_evaluation(engine, spec)
+    clip_dir = tmp_path / "CLIP"
+    clip_dir.mkdir()
+    (clip_dir / "ViT-B-32.safetensors").write_bytes(b"not a safetensors file")
+    paths = Paths(data_dir=engine.paths.data_dir, models_dir=engine.paths.models_dir,
+                  outputs_dir=engine.paths.outputs_dir, extra_dirs={"clip": (clip_dir,)})
+    rescored = score_run(result.folder, paths)
+    assert len(rescored.messages) == 1 and "ViT-B-32.safetensors cannot be loaded" in rescored.messages[0]
+    assert rescored.report.metrics == ["ssim"]
+    assert rescored.report.value("lanczos", "ssim") == pytest.approx(result.report.value("lanczos", "ssim"))

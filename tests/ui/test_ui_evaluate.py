@@ -112,3 +112,12 @@ def test_upscalers_are_compared_against_the_sources_and_missing_lpips_weights_ar
     # no LPIPS weights on this server: the message names the file, the other metrics ran
     expect(page.locator("#evaluate_messages")).to_contain_text("alexnet-owt-7be5be79.pth")
     expect(page.locator("#evaluate_sheets img")).to_have_count(2, timeout=30_000)
+
+
+def test_the_train_tabs_evaluate_button_needs_a_run_from_the_page(page, ui_server):
+    """The button queues "Evaluate this run" for the page's training run (POST /sdapi/v1/train/{id}/evaluate's
+    path, tested in tests/api/test_evaluate_training_api.py); without a run it says so."""
+    page.locator("button[role=tab]:has-text('Train')").first.click()
+    page.locator("#train_evaluate").click()
+    expect(page.locator(".toast-body, .toast-wrap").first).to_contain_text(
+        "Evaluate this run: no training run started from this page", timeout=30_000)
