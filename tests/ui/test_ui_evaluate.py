@@ -119,5 +119,4 @@ def test_the_train_tabs_evaluate_button_needs_a_run_from_the_page(page, ui_serve
     path, tested in tests/api/test_evaluate_training_api.py); without a run it says so."""
     page.locator("button[role=tab]:has-text('Train')").first.click()
     page.locator("#train_evaluate").click()
-    expect(page.locator(".toast-body, .toast-wrap").first).to_contain_text(
-        "Evaluate this run: no training run started from this page", timeout=30_000)
+    page.get_by_text("Evaluate this run: no training run started from this page").first.wait_for(timeout=30_000)

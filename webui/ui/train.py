@@ -245,7 +245,7 @@ def build_train(ctx: AppContext) -> TrainTab:
         return "<p class='sdui-log' id='train_progress_line'>stopping at the next step; the state is saved</p>"
 
     stop.click(stop_run, inputs=[run_id], outputs=[progress], queue=False)
-    evaluate.click(lambda current: evaluate_run(ctx, current), inputs=[run_id], outputs=None, queue=False)
+    evaluate.click(lambda current: evaluate_run(ctx, current), inputs=[run_id], outputs=None)
 
     def tick(current: str | None, seen: tuple[int, int]):
         run = training_runs(ctx).get(current) if current else None
