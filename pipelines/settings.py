@@ -79,10 +79,14 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               (".safetensors",), in_use=False),
     ModelKind("clip", "CLIP", "CLIP models",
               "CLIP image-text models for the Evaluate tab's CLIP score: transformers CLIP folders (config.json, "
-              "weights, preprocessor and tokenizer files), one folder per model.", (".safetensors", ".bin")),
+              "weights, preprocessor and tokenizer files), open_clip folders (open_clip_config.json and "
+              "open_clip_model.safetensors), or open_clip .safetensors files named after their architecture "
+              "(ViT-L-14.safetensors).", (".safetensors", ".bin")),
     ModelKind("evaluation", "evaluation", "evaluation weights",
               "Weights of image-quality metrics: the Inception network of FID, KID and Inception Score "
-              "(weights-inception-2015-12-05-6726825d.pth, as torch-fidelity uses).", (".pth",)),
+              "(weights-inception-2015-12-05-6726825d.pth, as torch-fidelity uses); LPIPS's AlexNet "
+              "(alexnet-owt-7be5be79.pth, as torchvision names it) and, optionally, its linear layers (alex.pth, "
+              "as the lpips package names it).", (".pth",)),
     ModelKind("gfpgan", "GFPGAN", "GFPGAN models",
               "GFPGAN face restoration models (GFPGANv1.4.pth: a name containing GFPGAN) and the face detector "
               "both restorers use (detection_Resnet50_Final.pth).", (".pth",)),

@@ -2,8 +2,9 @@
 
 :func:`checked_spec` validates what a user asked for before anything is queued: the prompt file, the reference
 images it names and the reference folder must lie inside the allowed folders (:func:`pipelines.paths.confine`:
-the data dir, the models and outputs folders, ``--allowed-dir`` where the server has it), and every candidate's
-checkpoint and settings must plan on the engine. Errors are :class:`~pipelines.plan.RequestError` naming the
+the data dir, the models and outputs folders, ``--allowed-dir`` where the server has it), so must the source
+folder of an img2img / upscale run; every candidate's checkpoint and settings must plan on the engine (its
+upscaler must exist, for an upscale run). Errors are :class:`~pipelines.plan.RequestError` naming the
 field (the API answers 422 with it; the tab shows it).
 
 :class:`EvaluationJobs` keeps the jobs of one app: :meth:`EvaluationJobs.start` runs the evaluation in a
@@ -29,9 +30,12 @@ from pydantic import ValidationError
 from pipelines.evaluation.prompts import BUILTIN, read_prompt_set
 from pipelines.evaluation.report import CHART, CONTACT_DIR
 from pipelines.evaluation.runner import EvaluationResult, EvaluationSpec, run_evaluation
+from pipelines.evaluation.training import training_evaluation
 from pipelines.job_control import JobControl, JobInterrupted
 from pipelines.paths import AllowedRoots, confine
 from pipelines.plan import RequestError
+from pipelines.training.dataset import resolve_dataset_folder
+from pipelines.training.runs import TrainingRun
 from webui.context import AppContext
 from webui.job_queue import JobCancelled, Ticket
 
@@ -62,17 +66,30 @@ def checked_spec(ctx: AppContext, spec: EvaluationSpec) -> EvaluationSpec:
             if prompt.reference is not None:
                 _confined(str(prompt.reference), roots, f"prompt_set (line {number}, reference)")
         changes["prompt_set"] = str(path)
-    if spec.reference_dir:
-        folder = _confined(spec.reference_dir, roots, "reference_dir")
-        if not folder.is_dir():
-            raise RequestError("reference_dir", f"reference_dir: {spec.reference_dir!r} is not a folder")
-        changes["reference_dir"] = str(folder)
+    for name in ("reference_dir", "source_dir"):
+        text = getattr(spec, name)
+        if text:
+            folder = _confined(text, roots, name)
+            if not folder.is_dir():
+                raise RequestError(name, f"{name}: {text!r} is not a folder")
+            changes[name] = str(folder)
     spec = spec.model_copy(update=changes)
-    prompts = spec.prompt_list()
+    try:
+        prompts = spec.prompt_list()
+    except ValueError as error:  # img2img / upscale without sources
+        raise RequestError("source_dir", str(error)) from None
     if not prompts:
         raise RequestError("prompts", "prompts: no prompt to evaluate (give prompts or a prompt_set)")
     for index, candidate in enumerate(spec.candidates):
         where = f"candidates[{index}]"
+        if spec.mode == "upscale":
+            try:
+                ctx.engine.upscalers.find(candidate.upscaler or "")
+            except LookupError:
+                raise RequestError(f"{where}.upscaler", f"{where}.upscaler: no upscaler named "
+                                   f"{candidate.upscaler!r}; choose one of "
+                                   f"{', '.join(ctx.engine.upscalers.names)}") from None
+            continue
         try:
             ctx.engine.plan(spec.request(candidate, prompts[0], spec.seeds[0]))
         except ValidationError as error:
@@ -199,6 +216,35 @@ class EvaluationJobs:
         job.control.interrupt()
         if job.ticket is not None:
             self._ctx.queue.cancel(job.ticket)
+
+
+#: The states of a training run whose saves can be evaluated.
+FINISHED_TRAINING = ("done", "stopped")
+
+
+class RunNotFinished(ValueError):
+    """A training run still queued or running (or failed before any save): nothing to evaluate yet."""
+
+
+def training_run_spec(ctx: AppContext, run: TrainingRun) -> EvaluationSpec:
+    """"Evaluate this run": the run's saves against its base model on its sample prompts, the training images
+    as the FID / KID reference (:func:`pipelines.evaluation.training.training_evaluation`). Raises
+    :class:`RunNotFinished` while the run has not finished or saved nothing."""
+    saves = list(run.state.saves) if run.state is not None else []
+    if run.status not in FINISHED_TRAINING or not saves:
+        raise RunNotFinished(f"id: training run {run.id} is {run.status}"
+                             + ("" if saves else " and has saved nothing")
+                             + f"; its saves can be evaluated once it is {' or '.join(FINISHED_TRAINING)}")
+    try:
+        dataset: Path | None = resolve_dataset_folder(run.settings.dataset, list(ctx.engine.roots.folders))
+    except ValueError:  # moved or deleted since: no FID / KID reference
+        dataset = None
+    return training_evaluation(run.settings, saves, ctx.engine.paths.model_dirs("lora"), dataset=dataset)
+
+
+def evaluate_training_run(ctx: AppContext, run: TrainingRun, source: str = "ui") -> EvaluationJob:
+    """Queue "Evaluate this run" for ``run``; RunNotFinished, or RequestError naming the field."""
+    return evaluation_jobs(ctx).start(training_run_spec(ctx, run), source=source)
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[AppContext, EvaluationJobs] = weakref.WeakKeyDictionary()

@@ -4,11 +4,23 @@
 its infotext under ``outputs/evaluations/<run>/images/<candidate>/``, writes ``run.json`` (the spec and the list
 of images), then scores them (:func:`score_run`), which is also what re-scoring an existing folder does without
 generating again. Progress and interrupt go through the job's :class:`~pipelines.job_control.JobControl`.
+
+``spec.mode`` picks what a candidate makes from a prompt:
+
+- ``txt2img``: an image from the prompt;
+- ``img2img``: an image from the source image (the init image) and its prompt, with the candidate's settings
+  (denoising strength, steps, checkpoint, ...); scored against the source (SSIM, PSNR, LPIPS);
+- ``upscale``: the source shrunk by ``upscale_by`` (bicubic), brought back to the source's size by the
+  candidate's ``upscaler`` (the Extras job's upscaling), and scored against the source.
+
+Sources are the images a CSV prompt set names in its reference column, or the images of ``source_dir`` (each
+with the prompt of the ``.txt`` caption beside it, else the first of ``prompts``, else none).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -24,16 +36,21 @@ from pipelines.evaluation import metrics as m
 from pipelines.evaluation.prompts import BUILTIN, BUILTIN_PROMPTS, EvalPrompt, read_prompt_set
 from pipelines.evaluation.report import EvaluationReport, build_report, write_report
 from pipelines.images.saving import embed_infotext
-from pipelines.job_control import JobControl
+from pipelines.job_control import JobControl, JobInterrupted
 from pipelines.processing import GenerationResult
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.settings import Paths
+from pipelines.upscaling.extras import ExtrasSettings, extras_infotext, upscale_one
 
-MetricName = Literal["clip_score", "fid", "kid", "inception_score", "ssim", "psnr"]
-METRIC_NAMES: tuple[MetricName, ...] = ("clip_score", "fid", "kid", "inception_score", "ssim", "psnr")
+MetricName = Literal["clip_score", "fid", "kid", "inception_score", "ssim", "psnr", "lpips"]
+METRIC_NAMES: tuple[MetricName, ...] = ("clip_score", "fid", "kid", "inception_score", "ssim", "psnr", "lpips")
+#: The metrics of a run that does not say which: every metric for txt2img, the fidelity ones otherwise.
+FIDELITY_METRICS: tuple[MetricName, ...] = ("ssim", "psnr", "lpips")
+Mode = Literal["txt2img", "img2img", "upscale"]
+SOURCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: Request fields a candidate may set (settings compared as columns).
 CANDIDATE_FIELDS = ("sampler_name", "scheduler", "steps", "cfg_scale", "clip_skip", "vae", "negative_prompt",
-                    "width", "height", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler")
+                    "width", "height", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler", "resize_mode")
 RUN_FILE = "run.json"
 
 
@@ -45,6 +62,8 @@ class Candidate(BaseModel):
     prompt_suffix: str = Field("", description="Appended to every prompt, e.g. LoRA tags '<lora:name:0.8>'.")
     settings: dict[str, Any] = Field(default_factory=dict, description="Request fields for this candidate: "
                                      + ", ".join(CANDIDATE_FIELDS) + ".")
+    upscaler: str | None = Field(None, description="mode 'upscale': the upscaler this candidate is (a name from "
+                                 "/sdapi/v1/upscalers, e.g. Lanczos or an ESRGAN model).")
 
     @field_validator("settings")
     @classmethod
@@ -59,6 +78,9 @@ class EvaluationSpec(BaseModel):
     """What to evaluate: candidates x prompts x seeds, the metrics, and what they compare against."""
 
     name: str = Field("", max_length=80, description="The run's folder name; empty: made from the time.")
+    mode: Mode = Field("txt2img", description="txt2img: images from prompts; img2img: from the source images "
+                       "with each candidate's settings; upscale: the sources shrunk by upscale_by and brought back "
+                       "by each candidate's upscaler. img2img and upscale are scored against the sources.")
     candidates: list[Candidate] = Field(..., min_length=1, description="The columns of the comparison.")
     prompt_set: str = Field(BUILTIN, description=f"'{BUILTIN}', or a .txt / .csv prompt file.")
     prompts: list[str] = Field(default_factory=list, description="Prompts given directly (instead of prompt_set).")
@@ -68,6 +90,10 @@ class EvaluationSpec(BaseModel):
     metrics: list[MetricName] = Field(default_factory=lambda: list(METRIC_NAMES), min_length=1,
                                       description="Metrics to compute: " + ", ".join(m.METRICS) + ".")
     reference_dir: str | None = Field(None, description="Folder of reference images for FID and KID.")
+    source_dir: str | None = Field(None, description="img2img / upscale: a folder of source images (instead of a "
+                                   "CSV prompt set's reference column); a NAME.txt beside NAME.png is its prompt.")
+    upscale_by: float = Field(4.0, ge=1.0, le=8.0, description="upscale: how much the sources are shrunk before "
+                              "each upscaler brings them back.")
     clip_model: str | None = Field(None, description="A folder in models/CLIP; None: the first one found.")
     negative_prompt: str = ""
     sampler_name: str = "Euler a"
@@ -84,9 +110,18 @@ class EvaluationSpec(BaseModel):
             raise ValueError(f"candidates: names must differ; repeated: {', '.join(twice)}")
         if not re.fullmatch(r"[\w .-]*", self.name) or self.name.strip(" .") == "" and self.name:
             raise ValueError("name: only letters, digits, spaces, '.', '_' and '-', and not only dots")
+        if self.mode == "upscale":
+            for index, candidate in enumerate(self.candidates):
+                if not candidate.upscaler:
+                    raise ValueError(f"candidates[{index}].upscaler: mode 'upscale' needs an upscaler per candidate")
+        if self.mode != "txt2img" and "metrics" not in self.model_fields_set:
+            self.metrics = list(FIDELITY_METRICS)
         return self
 
     def prompt_list(self) -> list[EvalPrompt]:
+        """The prompts (txt2img) or the sources with their prompts (img2img, upscale: each has a reference)."""
+        if self.mode != "txt2img":
+            return self.sources()
         if self.prompts:
             prompts = [EvalPrompt(text) for text in self.prompts if text.strip()]
         elif self.prompt_set == BUILTIN:
@@ -95,15 +130,52 @@ class EvaluationSpec(BaseModel):
             prompts = read_prompt_set(self.prompt_set)
         return prompts[:self.max_prompts] if self.max_prompts else prompts
 
+    def sources(self) -> list[EvalPrompt]:
+        """img2img / upscale: the source images of ``source_dir`` (sorted by name), or the prompt set's rows that
+        name a reference image. Raises ValueError naming the field when there is none."""
+        if self.source_dir:
+            folder = Path(self.source_dir)
+            if not folder.is_dir():
+                raise ValueError(f"source_dir: {self.source_dir!r} is not a folder")
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SOURCE_SUFFIXES and p.is_file())
+            fallback = next((text for text in self.prompts if text.strip()), "")
+            sources = []
+            for path in files:
+                caption = path.with_suffix(".txt")
+                text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else fallback
+                sources.append(EvalPrompt(text, reference=path))
+            if not sources:
+                raise ValueError(f"source_dir: {self.source_dir!r} holds no image ({', '.join(SOURCE_SUFFIXES)})")
+        else:
+            rows = ([EvalPrompt(text) for text in self.prompts if text.strip()] if self.prompts
+                    else list(BUILTIN_PROMPTS) if self.prompt_set == BUILTIN else read_prompt_set(self.prompt_set))
+            sources = [row for row in rows if row.reference is not None]
+            if not sources:
+                raise ValueError(f"source_dir: mode {self.mode!r} needs source images: give source_dir, or a CSV "
+                                 "prompt_set with a reference column")
+        return sources[:self.max_prompts] if self.max_prompts else sources
+
     def request(self, candidate: Candidate, prompt: EvalPrompt, seed: int) -> GenerationRequest:
-        """The engine request of one cell (errors name ``candidates[i].settings...`` through pydantic)."""
+        """The engine request of one cell (errors name ``candidates[i].settings...`` through pydantic); for
+        img2img an :class:`Img2ImgRequest` from the source, at the source's size (down to a multiple of 8)."""
         fields: dict[str, Any] = dict(prompt=f"{prompt.text} {candidate.prompt_suffix}".strip(),
                                       negative_prompt=self.negative_prompt, sampler_name=self.sampler_name,
                                       steps=self.steps, cfg_scale=self.cfg_scale, width=self.width,
                                       height=self.height, checkpoint=candidate.checkpoint, seed=seed,
                                       save_images=False)
+        if self.mode == "img2img" and prompt.reference is not None:
+            with Image.open(prompt.reference) as opened:
+                source = opened.convert("RGB")
+            fields.update(init_images=[source], width=max(64, source.width // 8 * 8),
+                          height=max(64, source.height // 8 * 8))
+            fields.update(candidate.settings)
+            return Img2ImgRequest(**fields)
         fields.update(candidate.settings)
         return GenerationRequest(**fields)
+
+    def run_seeds(self) -> list[int]:
+        """The seeds images are made with: an upscaler has none, so an upscale run makes each image once."""
+        return self.seeds[:1] if self.mode == "upscale" else list(self.seeds)
 
 
 class Generator(Protocol):
@@ -136,31 +208,41 @@ def run_evaluation(engine: Any, spec: EvaluationSpec, control: JobControl | None
     control = control or JobControl()
     generate = generate or engine.generate
     prompts = spec.prompt_list()
-    requests = [(ci, pi, seed, spec.request(candidate, prompt, seed))
-                for ci, candidate in enumerate(spec.candidates) for pi, prompt in enumerate(prompts)
-                for seed in spec.seeds]
-    for candidate in spec.candidates:  # every checkpoint name is resolved before the first image
-        engine.plan(spec.request(candidate, prompts[0], spec.seeds[0]))
+    cells = [(ci, pi, seed) for ci in range(len(spec.candidates)) for pi in range(len(prompts))
+             for seed in spec.run_seeds()]
+    for index, candidate in enumerate(spec.candidates):  # every name is resolved before the first image
+        if spec.mode == "upscale":
+            _find_upscaler(engine, candidate, index)
+        else:
+            engine.plan(spec.request(candidate, prompts[0], spec.seeds[0]))
     name = spec.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = evaluations_dir(engine.paths) / name
     folder.mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     started = time.monotonic()
-    control.start_series(len(requests), "Evaluation: generating")
+    control.start_series(len(cells), "Evaluation: generating")
     interrupted = False
-    for done, (ci, pi, seed, request) in enumerate(requests):
+    for done, (ci, pi, seed) in enumerate(cells):
         if control.interrupted:
             interrupted = True
             break
         candidate = spec.candidates[ci]
         control.series_position(done, f"Evaluation: generating {candidate.name}, prompt {pi + 1}, seed {seed}")
-        result = generate(request, control=control)
-        if result.interrupted or not result.images:
-            interrupted = True
-            break
+        if spec.mode == "upscale":
+            try:
+                image, infotext = _upscaled(engine, spec, candidate, prompts[pi], control)
+            except JobInterrupted:
+                interrupted = True
+                break
+        else:
+            result = generate(spec.request(candidate, prompts[pi], seed), control=control)
+            if result.interrupted or not result.images:
+                interrupted = True
+                break
+            image, infotext = result.images[0], result.infotexts[0]
         relative = Path("images") / _slug(candidate.name) / f"p{pi:03d}-s{seed}.png"
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        (folder / relative).write_bytes(embed_infotext(result.images[0], result.infotexts[0], "png"))
+        (folder / relative).write_bytes(embed_infotext(image, infotext, "png"))
         images.append({"candidate": candidate.name, "prompt_index": pi, "prompt": prompts[pi].text, "seed": seed,
                        "path": relative.as_posix()})
     control.end_series()
@@ -175,6 +257,30 @@ def run_evaluation(engine: Any, spec: EvaluationSpec, control: JobControl | None
     result = score_run(folder, engine.paths, control, device=_device(engine))
     result.generation_seconds = generation_seconds
     return result
+
+
+def _find_upscaler(engine: Any, candidate: Candidate, index: int) -> None:
+    try:
+        engine.upscalers.find(candidate.upscaler or "")
+    except LookupError:
+        raise ValueError(f"candidates[{index}].upscaler: no upscaler named {candidate.upscaler!r}; choose one of "
+                         f"{', '.join(engine.upscalers.names)}") from None
+
+
+def _upscaled(engine: Any, spec: EvaluationSpec, candidate: Candidate, source: EvalPrompt,
+              control: JobControl) -> tuple[Image.Image, str]:
+    """The source shrunk by ``spec.upscale_by`` (bicubic) and brought back to its size by the candidate's upscaler
+    through the Extras job's upscaling; the infotext holds the Extras keys."""
+    assert source.reference is not None and candidate.upscaler is not None  # sources() and the spec check
+    with Image.open(source.reference) as opened:
+        original = opened.convert("RGB")
+    small = original.resize((max(1, round(original.width / spec.upscale_by)),
+                             max(1, round(original.height / spec.upscale_by))), Image.Resampling.BICUBIC)
+    settings = ExtrasSettings(resize_mode=1, width=original.width, height=original.height, crop=False,
+                              upscaler_1=candidate.upscaler)
+    image = upscale_one(engine.upscalers, small, settings, control)
+    return image, extras_infotext(None, {"Source": source.reference.name, "Shrunk by": f"{spec.upscale_by:g}",
+                                         **settings.params()})
 
 
 def _device(engine: Any) -> Any:
@@ -212,7 +318,7 @@ def score_run(folder: Path | str, paths: Paths, control: JobControl | None = Non
     references = {i: Path(p["reference"]) for i, p in enumerate(manifest["prompts"]) if p.get("reference")}
     per_image: dict[str, dict[str, list[float]]] = {c: {} for c in candidates}
     per_set: dict[str, dict[str, tuple[float, float | None]]] = {c: {} for c in candidates}
-    total = len(entries) * 2 + len(candidates)
+    total = len(entries) * 2 + len(candidates) + 1
     control.start_series(total, "Evaluation: measuring")
     step = 0
 
@@ -224,26 +330,42 @@ def score_run(folder: Path | str, paths: Paths, control: JobControl | None = Non
 
     if "clip_score" in wanted:
         try:
-            scorer = m.ClipScorer(m.find_clip_model(paths.model_dirs("clip"), spec.clip_model), device)
+            clip_path = m.find_clip_model(paths.model_dirs("clip"), spec.clip_model)
+            try:
+                scorer = m.ClipScorer(clip_path, device)
+            except Exception as error:  # a broken or unusable model: any loader error (safetensors, open_clip, ...)
+                raise m.MissingWeights("clip_score", f"CLIP score left out: {clip_path} cannot be loaded: "
+                                                     f"{error}") from error
             for entry in entries:
                 tick(f"CLIP score: {entry['path']}")
                 per_image[entry["candidate"]].setdefault("clip_score", []).append(
                     scorer.score(images[entry["path"]], entry["prompt"]))
         except m.MissingWeights as error:
             messages.append(str(error))
-    fidelity = [name for name in ("ssim", "psnr") if name in wanted]
-    if fidelity:
-        if not references:
-            messages.append("SSIM and PSNR need reference images: a CSV prompt set with a 'reference' column.")
-        for entry in entries:
-            reference = references.get(entry["prompt_index"])
-            if reference is None:
-                continue
-            with Image.open(reference) as ref:
-                ref_rgb = ref.convert("RGB")
-            for name in fidelity:
-                value = (m.ssim if name == "ssim" else m.psnr)(images[entry["path"]], ref_rgb)
-                per_image[entry["candidate"]].setdefault(name, []).append(value)
+    fidelity = [name for name in m.NEEDS_REFERENCE_IMAGE if name in wanted]
+    if fidelity and not references:
+        messages.append(f"{', '.join(m.METRIC_LABELS[name] for name in fidelity)} need reference images: a CSV "
+                        "prompt set with a 'reference' column, or an img2img / upscale run's sources.")
+        fidelity = []
+    lpips = None
+    if "lpips" in fidelity:
+        try:
+            lpips = m.LpipsScorer(*m.find_lpips_weights(paths.model_dirs("evaluation")), device)
+        except (m.MissingWeights, ValueError) as error:  # missing, or not the LPIPS weights (named)
+            messages.append(str(error))
+            fidelity.remove("lpips")
+    for entry in entries if fidelity else []:
+        reference = references.get(entry["prompt_index"])
+        if reference is None:
+            continue
+        tick(f"Fidelity: {entry['path']}")
+        with Image.open(reference) as ref:
+            ref_rgb = ref.convert("RGB")
+        image = images[entry["path"]]
+        for name in fidelity:
+            value = (m.ssim(image, ref_rgb) if name == "ssim" else m.psnr(image, ref_rgb) if name == "psnr"
+                     else lpips.score(image, ref_rgb) if lpips is not None else math.nan)
+            per_image[entry["candidate"]].setdefault(name, []).append(value)
     inception = [name for name in m.PER_SET_METRICS if name in wanted]
     if inception:
         try:

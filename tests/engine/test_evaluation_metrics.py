@@ -14,7 +14,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.evaluation import metrics as m
-from tests.fixtures.tiny_evaluation import write_random_inception, write_tiny_clip
+from tests.fixtures.tiny_evaluation import (
+    write_random_inception,
+    write_random_lpips,
+    write_tiny_clip,
+    write_tiny_open_clip,
+)
 
 REL = 1e-4
 
@@ -118,6 +123,99 @@ def test_clip_score_equals_the_definition_on_transformers_clip(tmp_path):
     assert len(set(scores)) == 3
 
 
+def test_clip_score_of_an_open_clip_model_equals_open_clip_directly(tmp_path):
+    import open_clip
+
+    folder = write_tiny_open_clip(tmp_path / "CLIP" / "tiny-open-clip")
+    assert m.find_clip_model([tmp_path / "CLIP"], "tiny-open-clip") == folder
+    scorer = m.ClipScorer(folder)
+    model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{folder}", device="cpu")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    scores = []
+    for image, prompt in zip(shapes(6, 3, size=48), ["a red apple", "three cats on a sofa", "a sign: OPEN"]):
+        with torch.no_grad():
+            a = model.eval().encode_image(preprocess(image)[None])
+            b = model.encode_text(tokenizer([prompt]))
+        expected = float(100 * max(torch.nn.functional.cosine_similarity(a, b).item(), 0.0))
+        ours = scorer.score(image, prompt)
+        assert close(ours, expected)
+        scores.append(ours)
+    assert len(set(scores)) == 3
+
+
+def test_an_open_clip_safetensors_named_after_its_architecture_is_found(tmp_path):
+    (tmp_path / "ViT-L-14.safetensors").write_bytes(b"")
+    (tmp_path / "ViT-H-14__laion2b.safetensors").write_bytes(b"")
+    (tmp_path / "my-encoder.safetensors").write_bytes(b"")  # no architecture in the name: not a CLIP model
+    assert [p.name for p in m.clip_model_folders([tmp_path])] == ["ViT-H-14__laion2b.safetensors",
+                                                                  "ViT-L-14.safetensors"]
+    assert m.open_clip_architecture(tmp_path / "ViT-H-14__laion2b.safetensors") == "ViT-H-14"
+    assert m.open_clip_architecture(tmp_path / "ViT-L-14-quickgelu.safetensors") == "ViT-L-14-quickgelu"
+    assert m.find_clip_model([tmp_path], "ViT-L-14") == tmp_path / "ViT-L-14.safetensors"
+
+
+def _alexnet_from(path):
+    import torchvision
+
+    network = torchvision.models.alexnet(weights=None)
+    network.load_state_dict(torch.load(path, weights_only=True))
+    return network
+
+
+def test_lpips_equals_the_lpips_package_on_the_same_weights(tmp_path):
+    """The reference: lpips.LPIPS loading its linear layers from the file and torchvision's AlexNet the way it
+    does with real weights (``tv.alexnet(pretrained=True)``, here answered with the random file's network)."""
+    from unittest import mock
+
+    import lpips
+
+    backbone, linear = write_random_lpips(tmp_path / "evaluation")
+    assert m.find_lpips_weights([tmp_path / "evaluation"]) == (backbone, linear)
+    scorer = m.LpipsScorer(backbone, linear)
+    alexnet = _alexnet_from(backbone)
+    with mock.patch("torchvision.models.alexnet", lambda *a, **k: alexnet):
+        reference = lpips.LPIPS(net="alex", version="0.1", pretrained=True, model_path=str(linear),
+                                verbose=False).eval()
+    image, = shapes(8, 1, size=64)
+    figures = []
+    for amount in (10, 40):
+        other, = noisy([image], amount)
+        with torch.no_grad():
+            expected = float(reference(lpips.im2tensor(np.asarray(other)), lpips.im2tensor(np.asarray(image))))
+        ours = scorer.score(other, image)
+        assert close(ours, expected)
+        figures.append(ours)
+    assert scorer.score(image, image) == pytest.approx(0.0, abs=1e-7)
+    assert 0 < figures[0] < figures[1]
+
+
+def test_lpips_with_the_installed_linear_layers_equals_torchmetrics(tmp_path):
+    """Without alex.pth in models/evaluation/ the lpips package's own copy is used; torchmetrics' LPIPS ships
+    the same linear layers, so their figures agree on the same backbone."""
+    from unittest import mock
+
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    backbone, _ = write_random_lpips(tmp_path / "evaluation", linear=False)
+    found_backbone, linear = m.find_lpips_weights([tmp_path / "evaluation"])
+    assert found_backbone == backbone and linear.name == m.LPIPS_LINEAR and linear.parent.name == "v0.1"
+    scorer = m.LpipsScorer(backbone, linear)
+    alexnet = _alexnet_from(backbone)
+    with mock.patch("torchvision.models.alexnet", lambda *a, **k: alexnet):
+        reference = LearnedPerceptualImagePatchSimilarity(net_type="alex")
+    image, = shapes(9, 1, size=64)
+    other, = noisy([image], 25)
+    reference.update(m.LpipsScorer.to_tensor(other), m.LpipsScorer.to_tensor(image))
+    assert close(scorer.score(other, image), float(reference.compute()))
+
+
+def test_a_wrong_lpips_file_is_named(tmp_path):
+    backbone, linear = write_random_lpips(tmp_path)
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, linear)
+    with pytest.raises(ValueError, match=rf"{linear}.*linear-layer.*lin1"):
+        m.LpipsScorer(backbone, linear)
+
+
 def test_ssim_and_psnr_equal_scikit_image_and_torchmetrics():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     from torchmetrics.functional.image import peak_signal_noise_ratio as tm_psnr
@@ -138,5 +236,7 @@ def test_ssim_and_psnr_equal_scikit_image_and_torchmetrics():
 def test_missing_weights_name_the_file_and_the_folder(tmp_path):
     with pytest.raises(m.MissingWeights, match=rf"{m.INCEPTION_WEIGHTS}.*{tmp_path}"):
         m.find_inception_weights([tmp_path])
-    with pytest.raises(m.MissingWeights, match=rf"CLIP.*{tmp_path}"):
+    with pytest.raises(m.MissingWeights, match=rf"CLIP.*open_clip.*{tmp_path}"):
         m.find_clip_model([tmp_path])
+    with pytest.raises(m.MissingWeights, match=rf"LPIPS.*{m.LPIPS_BACKBONE}.*{tmp_path}"):
+        m.find_lpips_weights([tmp_path])

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.engine import Engine
+from pipelines.evaluation import metrics as m
 from pipelines.evaluation.metrics import INCEPTION_WEIGHTS
 from pipelines.evaluation.report import CHART, CONTACT_DIR, PER_IMAGE_CSV, RESULTS_CSV, RESULTS_JSON
 from pipelines.evaluation.runner import Candidate, EvaluationSpec, run_evaluation, score_run
@@ -17,7 +18,7 @@ from pipelines.images.saving import read_infotext
 from pipelines.job_control import JobControl
 from pipelines.settings import EngineSettings, Paths
 from tests.engine.test_evaluation_metrics import shapes
-from tests.fixtures.tiny_evaluation import write_random_inception, write_tiny_clip
+from tests.fixtures.tiny_evaluation import write_random_inception, write_random_lpips, write_tiny_clip
 from tests.helpers import SD15, SD21
 
 PROMPTS = ["a red apple", "three cats", "a sign that says OPEN"]
@@ -106,3 +107,137 @@ def test_a_bad_candidate_setting_names_the_field():
         Candidate(name="x", settings={"sampler": "Euler"})
     with pytest.raises(ValueError, match="names must differ"):
         EvaluationSpec(candidates=[Candidate(name="a"), Candidate(name="a")])
+
+
+@pytest.fixture(scope="module")
+def fidelity_setup(tiny_models, tmp_path_factory):
+    """An engine with LPIPS weights (random) in models/evaluation, and a folder of 2 source images (one with a
+    caption)."""
+    root = tmp_path_factory.mktemp("fidelity")
+    write_random_lpips(root / "evaluation")
+    sources = root / "sources"
+    sources.mkdir()
+    for k, image in enumerate(shapes(11, 2, size=64)):
+        image.save(sources / f"source{k}.png")
+    (sources / "source0.txt").write_text("a red ball on a green field")
+    paths = Paths(data_dir=root / "data", models_dir=tiny_models, outputs_dir=root / "data" / "outputs",
+                  extra_dirs={"evaluation": (root / "evaluation",)})
+    return Engine(EngineSettings(paths=paths, device="cpu")), sources
+
+
+def _check_fidelity_figures(engine, result, sources):
+    """Each figure of the report is SSIM / PSNR / LPIPS of the saved image against its source."""
+    scorer = m.LpipsScorer(*m.find_lpips_weights(engine.paths.model_dirs("evaluation")))
+    report = result.report
+    for candidate in report.candidates:
+        entries = [e for e in report.images if e["candidate"] == candidate]
+        expected = {"ssim": [], "psnr": [], "lpips": []}
+        for entry in entries:
+            image = Image.open(result.folder / entry["path"]).convert("RGB")
+            source = Image.open(sources / f"source{entry['prompt_index']}.png").convert("RGB")
+            expected["ssim"].append(m.ssim(image, source))
+            expected["psnr"].append(m.psnr(image, source))
+            expected["lpips"].append(scorer.score(image, source))
+        for name, values in expected.items():
+            assert report.per_image[candidate][name] == pytest.approx(values, rel=1e-6)
+
+
+def test_an_img2img_run_scores_each_candidates_settings_against_the_sources(fidelity_setup):
+    engine, sources = fidelity_setup
+    spec = EvaluationSpec(name="img2img-strength", mode="img2img", source_dir=str(sources), seeds=[3],
+                          candidates=[Candidate(name="light", checkpoint=SD15, settings={"denoising_strength": 0.2}),
+                                      Candidate(name="strong", checkpoint=SD15,
+                                                settings={"denoising_strength": 0.8})],
+                          steps=2, sampler_name="Euler")
+    assert spec.metrics == ["ssim", "psnr", "lpips"]  # a fidelity run's default metrics
+    result = run_evaluation(engine, spec)
+    report = result.report
+    assert report is not None and report.messages == [] and report.metrics == ["ssim", "psnr", "lpips"]
+    run = json.loads((result.folder / "run.json").read_text())
+    assert [p["text"] for p in run["prompts"]] == ["a red ball on a green field", ""]
+    assert len(run["images"]) == 2 * 2
+    first = next(e for e in run["images"] if e["candidate"] == "light" and e["prompt_index"] == 0)
+    infotext = read_infotext(result.folder / first["path"])
+    assert "Denoising strength: 0.2" in infotext and "a red ball" in infotext
+    assert Image.open(result.folder / first["path"]).size == (64, 64)
+    _check_fidelity_figures(engine, result, sources)
+    assert score_run(result.folder, engine.paths).report.value("strong", "lpips") == \
+        pytest.approx(report.value("strong", "lpips"), rel=1e-9)
+
+
+def test_an_upscale_run_brings_shrunk_sources_back_with_each_upscaler(fidelity_setup):
+    engine, sources = fidelity_setup
+    spec = EvaluationSpec(name="upscalers", mode="upscale", source_dir=str(sources), upscale_by=2, seeds=[1, 2],
+                          candidates=[Candidate(name="lanczos", upscaler="Lanczos"),
+                                      Candidate(name="nearest", upscaler="Nearest"),
+                                      Candidate(name="esrgan", upscaler="tiny-esrgan-4x")])
+    result = run_evaluation(engine, spec)
+    report = result.report
+    assert report is not None and report.messages == []
+    assert len(report.images) == 3 * 2  # an upscaler has no seed: each image once
+    entry = next(e for e in report.images if e["candidate"] == "lanczos" and e["prompt_index"] == 1)
+    source = Image.open(sources / "source1.png").convert("RGB")
+    made = Image.open(result.folder / entry["path"]).convert("RGB")
+    expected = source.resize((32, 32), Image.Resampling.BICUBIC).resize((64, 64), Image.Resampling.LANCZOS)
+    assert list(made.getdata()) == list(expected.getdata())
+    assert "Postprocess upscaler: Lanczos" in read_infotext(result.folder / entry["path"])
+    _check_fidelity_figures(engine, result, sources)
+    for name in report.metrics:
+        assert sum(report.cells[c][name].best for c in report.candidates) == 1
+
+
+def test_fidelity_runs_name_what_they_lack(fidelity_setup, tmp_path):
+    with pytest.raises(ValueError, match=r"candidates\[1\]\.upscaler"):
+        EvaluationSpec(mode="upscale", candidates=[Candidate(name="a", upscaler="Lanczos"), Candidate(name="b")])
+    spec = EvaluationSpec(mode="img2img", candidates=[Candidate(name="a")], prompts=["a cat"])
+    with pytest.raises(ValueError, match="source_dir: mode 'img2img' needs source images"):
+        spec.prompt_list()
+    source = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "red").save(source)
+    (tmp_path / "set.csv").write_text("prompt,reference\na red square,a.png\na cat,\n")
+    spec = EvaluationSpec(mode="img2img", candidates=[Candidate(name="a")], prompt_set=str(tmp_path / "set.csv"))
+    assert [(p.text, p.reference) for p in spec.prompt_list()] == [("a red square", source.resolve())]
+    engine, _ = fidelity_setup
+    with pytest.raises(ValueError, match=r"candidates\[0\]\.upscaler: no upscaler named 'nope'.*Lanczos"):
+        run_evaluation(engine, EvaluationSpec(mode="upscale", source_dir=str(tmp_path),
+                                              candidates=[Candidate(name="x", upscaler="nope")]))
+
+
+def test_a_training_runs_saves_become_candidates_beside_the_base_model(tmp_path):
+    from pipelines.evaluation.training import training_evaluation
+    from pipelines.training.settings import TrainingSettings
+
+    lora_dir = tmp_path / "Lora"
+    saves = [lora_dir / "mine-step00000100.safetensors", lora_dir / "mine.safetensors",
+             tmp_path / "Stable-diffusion" / "mine-full.safetensors"]
+    settings = TrainingSettings(name="mine", dataset="pictures", checkpoint=SD15, resolution=256, sample_size=128,
+                                sample_steps=7, clip_skip=2, sample_prompts=["sks, a dog", "sks, a cat"])
+    spec = training_evaluation(settings, [*saves, saves[1]], [lora_dir], dataset=tmp_path / "pictures")
+    assert [(c.name, c.checkpoint, c.prompt_suffix) for c in spec.candidates] == [
+        ("base", SD15, ""), ("mine-step00000100", SD15, "<lora:mine-step00000100:1>"),
+        ("mine", SD15, "<lora:mine:1>"), ("mine-full", "mine-full.safetensors", "")]
+    assert all(c.settings == {"clip_skip": 2} for c in spec.candidates)
+    assert [p.text for p in spec.prompt_list()] == ["sks, a dog", "sks, a cat"]
+    assert (spec.width, spec.height, spec.steps, spec.seeds) == (128, 128, 7, [1, 2])
+    assert spec.reference_dir == str(tmp_path / "pictures") and "fid" in spec.metrics
+    assert spec.name.startswith("mine-eval-")
+    no_reference = training_evaluation(settings.model_copy(update={"sample_prompts": []}), saves[:1], [lora_dir])
+    assert no_reference.metrics == ["clip_score", "inception_score"] and no_reference.prompt_set == "built-in"
+    with pytest.raises(ValueError, match="id: training run 'mine' has no saved model"):
+        training_evaluation(settings, [], [lora_dir])
+
+
+def test_a_broken_clip_model_is_a_message_and_the_other_metrics_run(fidelity_setup, tmp_path):
+    engine, sources = fidelity_setup
+    spec = EvaluationSpec(name="broken-clip", mode="upscale", source_dir=str(sources), upscale_by=2,
+                          candidates=[Candidate(name="lanczos", upscaler="Lanczos")], metrics=["clip_score", "ssim"])
+    result = run_evaluation(engine, spec)
+    clip_dir = tmp_path / "CLIP"
+    clip_dir.mkdir()
+    (clip_dir / "ViT-B-32.safetensors").write_bytes(b"not a safetensors file")
+    paths = Paths(data_dir=engine.paths.data_dir, models_dir=engine.paths.models_dir,
+                  outputs_dir=engine.paths.outputs_dir, extra_dirs={"clip": (clip_dir,)})
+    rescored = score_run(result.folder, paths)
+    assert len(rescored.messages) == 1 and "ViT-B-32.safetensors cannot be loaded" in rescored.messages[0]
+    assert rescored.report.metrics == ["ssim"]
+    assert rescored.report.value("lanczos", "ssim") == pytest.approx(result.report.value("lanczos", "ssim"))

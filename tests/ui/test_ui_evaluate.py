@@ -82,3 +82,41 @@ def test_a_prompt_file_outside_the_allowed_folders_is_an_error(page, ui_server):
     page.locator("#evaluate_prompt_set textarea, #evaluate_prompt_set input").first.fill("/etc/passwd")
     page.locator("#evaluate_run").click()
     expect(page.locator(".toast-body, .toast-wrap").first).to_contain_text("prompt_set", timeout=30_000)
+
+
+def test_upscalers_are_compared_against_the_sources_and_missing_lpips_weights_are_named(page, ui_server):
+    sources = ui_server.data_dir / "upscale-sources"
+    sources.mkdir(exist_ok=True)
+    for k, image in enumerate(shapes(12, 2)):
+        image.save(sources / f"source{k}.png")
+    open_tab(page)
+    page.locator("#evaluate_mode").get_by_label("Upscalers").check()
+    metrics = page.locator("#evaluate_metrics")
+    for label in ("SSIM", "PSNR (dB)", "LPIPS"):  # the mode ticks the fidelity metrics
+        expect(metrics.get_by_label(label, exact=True)).to_be_checked()
+    expect(metrics.get_by_label("CLIP score", exact=True)).not_to_be_checked()
+    page.locator("#evaluate_source_dir textarea, #evaluate_source_dir input").first.fill("upscale-sources")
+    fill_number(page, "evaluate_upscale_by", 2)
+    box = page.locator("#evaluate_upscalers input")
+    for name in ("Lanczos", "Nearest"):
+        box.click()
+        box.fill(name)
+        page.get_by_role("option", name=name, exact=True).click()
+        expect(page.locator("#evaluate_upscalers")).to_contain_text(name)
+    page.keyboard.press("Escape")
+    page.locator("#evaluate_run").click()
+    expect(page.locator("#evaluate_progress")).to_contain_text("Done in", timeout=240_000)
+    table = page.locator("#evaluate_table")
+    for text in ("Lanczos", "Nearest", "SSIM", "PSNR (dB)", "★"):
+        expect(table).to_contain_text(text)
+    # no LPIPS weights on this server: the message names the file, the other metrics ran
+    expect(page.locator("#evaluate_messages")).to_contain_text("alexnet-owt-7be5be79.pth")
+    expect(page.locator("#evaluate_sheets img")).to_have_count(2, timeout=30_000)
+
+
+def test_the_train_tabs_evaluate_button_needs_a_run_from_the_page(page, ui_server):
+    """The button queues "Evaluate this run" for the page's training run (POST /sdapi/v1/train/{id}/evaluate's
+    path, tested in tests/api/test_evaluate_training_api.py); without a run it says so."""
+    page.locator("button[role=tab]:has-text('Train')").first.click()
+    page.locator("#train_evaluate").click()
+    page.get_by_text("Evaluate this run: no training run started from this page").first.wait_for(timeout=30_000)

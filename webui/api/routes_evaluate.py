@@ -1,6 +1,8 @@
 """Evaluation over HTTP: ``POST /sdapi/v1/evaluate`` queues a run and answers its id at once; ``GET
 /sdapi/v1/evaluate/{id}`` gives its progress and, when done, the results; ``POST
 /sdapi/v1/evaluate/{id}/interrupt`` (or the general ``/sdapi/v1/interrupt`` while it runs) stops it.
+``POST /sdapi/v1/train/{id}/evaluate`` starts "Evaluate this run" for a finished training run (its saves against
+the base model on its sample prompts; 409 while it has not finished).
 
 The body is :class:`~pipelines.evaluation.runner.EvaluationSpec` (typed fields; a bad one is a 422 naming it).
 Folders and files it names must lie inside the allowed folders (:func:`webui.evaluation_jobs.checked_spec`).
@@ -14,8 +16,10 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from pipelines.evaluation.runner import EvaluationSpec
+from webui.api.errors import StateConflict
+from webui.api.routes_train import UNKNOWN_RUN, training_runs
 from webui.context import AppContext
-from webui.evaluation_jobs import EvaluationJob, evaluation_jobs
+from webui.evaluation_jobs import EvaluationJob, RunNotFinished, evaluate_training_run, evaluation_jobs
 
 
 class EvaluateStarted(BaseModel):
@@ -86,5 +90,19 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
         job = find(job_id)
         jobs.interrupt(job)
         return job.status()
+
+    @api.post("/sdapi/v1/train/{run_id}/evaluate", response_model=EvaluateStarted,
+              responses={**UNKNOWN_RUN, 409: {"description": "The training run has not finished or saved nothing."}})
+    def train_run_evaluate(run_id: str) -> dict:
+        """Queue an evaluation of a finished training run's saves against its base model (its sample prompts,
+        the training images as the FID / KID reference); answers the evaluation's id."""
+        run = training_runs(ctx).get(run_id)
+        if run is None:
+            raise HTTPException(404, f"id: no training run {run_id!r}")
+        try:
+            job = evaluate_training_run(ctx, run, source="api")
+        except RunNotFinished as error:
+            raise StateConflict("RunNotFinished", str(error)) from None
+        return {"id": job.id, "state": job.state}
 
     return api

@@ -1,4 +1,5 @@
-"""The Evaluate tab: compare checkpoints, LoRAs and settings on a prompt set with CLIP score, FID/KID, IS, SSIM.
+"""The Evaluate tab: compare checkpoints, LoRAs and settings on a prompt set with CLIP score, FID/KID, IS, SSIM;
+or img2img settings and upscalers against source images with SSIM, PSNR and LPIPS (the Mode radio).
 
 A run goes through :mod:`webui.evaluation_jobs`, the same queued, interruptible job as ``POST
 /sdapi/v1/evaluate``, so it waits behind (and blocks) generation like any other job. The Run handler polls the
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from pipelines.evaluation.metrics import METRIC_LABELS, METRICS
 from pipelines.evaluation.prompts import BUILTIN
 from pipelines.evaluation.report import CHART
-from pipelines.evaluation.runner import CANDIDATE_FIELDS, Candidate, EvaluationSpec
+from pipelines.evaluation.runner import CANDIDATE_FIELDS, FIDELITY_METRICS, Candidate, EvaluationSpec
 from pipelines.plan import RequestError
 from pipelines.sampling.samplers import SAMPLERS
 from webui.context import AppContext
@@ -29,6 +30,8 @@ from webui.ui.topbar import checkpoint_titles
 
 POLL_SECONDS = 0.5
 DEFAULT_METRICS = ["clip_score", "inception_score"]
+#: The modes as the tab names them: what a candidate makes from a prompt.
+MODES = [("txt2img", "txt2img"), ("img2img (from the sources)", "img2img"), ("Upscalers", "upscale")]
 
 
 @dataclass
@@ -85,6 +88,18 @@ def parse_candidates(checkpoints: list[str], extra: str) -> list[Candidate]:
     return candidates
 
 
+def upscaler_candidates(names: list[str]) -> list[Candidate]:
+    """Mode Upscalers: one candidate per chosen upscaler."""
+    if not names:
+        raise ValueError("Upscalers: select at least one upscaler to compare")
+    return [Candidate(name=name[:80], upscaler=name) for name in names]
+
+
+def metrics_for_mode(mode: str) -> list[str]:
+    """The metrics ticked when the mode changes: fidelity against the sources, or the txt2img default."""
+    return list(FIDELITY_METRICS) if mode != "txt2img" else list(DEFAULT_METRICS)
+
+
 def _progress_line(ctx: AppContext, job: EvaluationJob) -> str:
     p = job.progress()
     if job.state == "queued":
@@ -121,6 +136,17 @@ def build_evaluate(ctx: AppContext) -> EvaluateTab:
             reference_dir = gr.Textbox(label="Reference folder (FID, KID)", elem_id="evaluate_reference_dir",
                                        placeholder="A folder of images inside the data folder")
             with gr.Row():
+                mode = gr.Radio(MODES, value="txt2img", label="Mode", elem_id="evaluate_mode",
+                                info="img2img / Upscalers: each candidate remakes the source images; SSIM, PSNR "
+                                     "and LPIPS compare with them")
+                source_dir = gr.Textbox(label="Source folder (img2img, Upscalers)", elem_id="evaluate_source_dir",
+                                        placeholder="Images inside the data folder (NAME.txt: the prompt); "
+                                                    "empty: the prompt set's reference column")
+                upscale_by = gr.Number(4, label="Shrink by (Upscalers)", minimum=1, maximum=8,
+                                       elem_id="evaluate_upscale_by")
+            upscalers = gr.Dropdown(ctx.engine.upscalers.names, value=[], multiselect=True, label="Upscalers",
+                                    info="Mode Upscalers: each is a candidate", elem_id="evaluate_upscalers")
+            with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method",
                                       elem_id="evaluate_sampler")
                 steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=150, elem_id="evaluate_steps")
@@ -141,9 +167,14 @@ def build_evaluate(ctx: AppContext) -> EvaluateTab:
                                 interactive=False, elem_id="evaluate_sheets")
     job_id = gr.State("")
 
-    def start(chosen, more, prompts, first_n, seed_text, wanted, references, sampler_name, n_steps, w, h):
+    def start(chosen, more, prompts, first_n, seed_text, wanted, references, sampler_name, n_steps, w, h,
+              run_mode, sources, shrink, chosen_upscalers):
         try:
-            spec = EvaluationSpec(candidates=parse_candidates(chosen, more), prompt_set=prompts or BUILTIN,
+            candidates = (upscaler_candidates(chosen_upscalers) if run_mode == "upscale"
+                          else parse_candidates(chosen, more))
+            spec = EvaluationSpec(candidates=candidates, mode=run_mode or "txt2img",
+                                  source_dir=(sources or "").strip() or None, upscale_by=float(shrink or 4),
+                                  prompt_set=prompts or BUILTIN,
                                   max_prompts=int(first_n or 0), seeds=parse_seeds(seed_text),
                                   metrics=wanted or [], reference_dir=(references or "").strip() or None,
                                   sampler_name=sampler_name, steps=int(n_steps or 0), width=int(w or 0),
@@ -174,11 +205,12 @@ def build_evaluate(ctx: AppContext) -> EvaluateTab:
             jobs.interrupt(job)
 
     run.click(start, inputs=[checkpoints, extra, prompt_set, max_prompts, seeds, metrics, reference_dir, sampler,
-                             steps, width, height],
+                             steps, width, height, mode, source_dir, upscale_by, upscalers],
               outputs=[job_id, progress, table, messages, chart, sheets], show_progress="hidden",
               api_visibility="private")
     interrupt.click(stop, inputs=[job_id], outputs=[], show_progress="hidden", queue=False,
                     api_visibility="private")
+    mode.input(metrics_for_mode, inputs=[mode], outputs=[metrics], show_progress="hidden", api_visibility="private")
     shown = {"titles": checkpoint_titles(ctx)}
 
     def refresh_titles():

@@ -23,6 +23,7 @@ from pipelines.training.settings import DEFAULT_LEARNING_RATES, TrainingSettings
 from pipelines.training.trainer import check_output, run_folder
 from webui.api.routes_train import dataset_roots, describe, training_runs
 from webui.context import AppContext
+from webui.evaluation_jobs import evaluate_training_run
 from webui.ui import fields
 from webui.ui.generation import describe_error
 from webui.ui.topbar import checkpoint_titles, initial_checkpoint
@@ -159,6 +160,19 @@ def gallery_items(state: dict) -> list[tuple[str, str]]:
     return [(sample["file"], f"step {sample['step']}: {sample['prompt']}") for sample in state["samples"]]
 
 
+def evaluate_run(ctx: AppContext, current: str | None) -> None:
+    """"Evaluate this run": queue an evaluation of the run's saves against its base model (a toast names it)."""
+    run = training_runs(ctx).get(current) if current else None
+    if run is None:
+        raise gr.Error("Evaluate this run: no training run started from this page")
+    try:
+        job = evaluate_training_run(ctx, run, source="ui")
+    except (ValueError, LookupError) as error:
+        raise gr.Error(f"Evaluate this run: {error}") from None
+    gr.Info(f"Evaluation {job.id} queued: {', '.join(c.name for c in job.spec.candidates)}; results in the "
+            f"folder outputs/evaluations/{job.spec.name} and at GET /sdapi/v1/evaluate/{job.id}")
+
+
 # --------------------------------------------------------------------------- the tab
 
 
@@ -194,6 +208,7 @@ def build_train(ctx: AppContext) -> TrainTab:
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train_start")
                 stop = gr.Button("Stop", variant="stop", elem_id="train_stop")
+                evaluate = gr.Button("Evaluate this run", elem_id="train_evaluate")
             for number, (title, names) in enumerate(GROUPS):
                 with gr.Accordion(title, open=number == 0, elem_id=f"train_group_{number}"):
                     for first in range(0, len(names), PER_ROW):
@@ -253,6 +268,7 @@ def build_train(ctx: AppContext) -> TrainTab:
         return "<p class='sdui-log' id='train_progress_line'>stopping at the next step; the state is saved</p>"
 
     stop.click(stop_run, inputs=[run_id], outputs=[progress], queue=False)
+    evaluate.click(lambda current: evaluate_run(ctx, current), inputs=[run_id], outputs=None)
 
     def tick(current: str | None, seen: tuple[int, int]):
         run = training_runs(ctx).get(current) if current else None
