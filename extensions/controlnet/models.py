@@ -24,6 +24,8 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
 from webui.extension_api import ModelFileError, read_weights
 
+from .annotators import AnnotatorCache
+
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
 #: Family config folder by the cross-attention width of real models (SD 1.x 768, SD 2.x 1024, SDXL 2048).
@@ -50,8 +52,11 @@ class ControlNetLibrary:
 
     def __init__(self, folders: Callable[[], tuple[Path, ...]], file_hash: Callable[[Path], str],
                  device: Callable[[], torch.device], dtype: Callable[[], torch.dtype],
-                 annotator_folders: Callable[[], tuple[Path, ...]]):
+                 annotator_folders: Callable[[], tuple[Path, ...]],
+                 memory_mode: Callable[[], str] = lambda: "normal"):
         self._folders = folders
+        #: The network preprocessors' loaded detectors (weights in the annotator folders).
+        self.annotators = AnnotatorCache(annotator_folders, device, memory_mode)
         self._annotator_folders = annotator_folders
         self._hash = file_hash
         self._device = device

@@ -158,8 +158,12 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
             if unit is None or not unit.enabled:
                 continue
             preprocessor = lookup(unit.module)
-            if preprocessor is None:
-                raise ValueError(f"unit {index}: module: {self._module_problem(unit.module)}")
+            if preprocessor is None and unit.module.strip().lower() not in NEEDS_WEIGHTS:
+                raise ValueError(f"unit {index}: module: unknown preprocessor {unit.module!r}; choose from "
+                                 f"{', '.join(module_names())}")
+            reason = unavailable_reason(unit.module, self.library.annotators)
+            if preprocessor is None or reason is not None:
+                raise ValueError(f"unit {index}: module: {unit.module!r} is unavailable: {reason}")
             if unit.model.strip().lower() in ("", "none"):
                 raise ValueError(f"unit {index}: model: choose a ControlNet model; available: "
                                  f"{', '.join(self.library.titles()) or 'none installed'}")
@@ -169,12 +173,6 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                 raise ValueError(f"unit {index}: model: {error}") from None
             parsed.append(ParsedUnit(index, unit, preprocessor, entry))
         return parsed or None
-
-    def _module_problem(self, module: str) -> str:
-        if module.strip().lower() in NEEDS_WEIGHTS:
-            reason = unavailable_reason(module.strip().lower(), self.library.annotator_folders())
-            return f"{module!r} is unavailable: {reason}"
-        return f"unknown preprocessor {module!r}; choose from {', '.join(module_names())}"
 
     def before_job(self, job: Job[list[ParsedUnit]]) -> None:
         """Load each unit's model, detect its map, and add its UNet patch and infotext."""
@@ -193,11 +191,14 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                 resolution = pixel_perfect_resolution(image, width, height, unit.resize_mode)
             elif resolution == -1:
                 resolution = 512
-            detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b)
+            with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.module"):
+                detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b,
+                                  self.library.annotators)
             job.add_unet_patch(UnitPatch(unit, model, detected, f"ControlNet unit {parsed.index}: model "
                                                                 f"{parsed.entry.title}"))
             job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, resolution)
-            if unit.save_detected_map and parsed.preprocessor.name != "none":
+            if unit.save_detected_map and parsed.preprocessor.name != "none" and \
+                    not job.options.control_net_no_detectmap:
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
 
 

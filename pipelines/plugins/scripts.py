@@ -176,6 +176,8 @@ class Job(Generic[ArgsT]):
     model: LoadedModel
     device: torch.device
     args: ArgsT
+    #: The job's Options (read-only; e.g. ``control_net_no_detectmap``).
+    options: Options = field(default_factory=Options)
     #: Infotext keys recorded on every image of the job.
     infotext: dict[str, object] = field(default_factory=dict)
     #: Images returned after the generated ones (e.g. ControlNet's detected maps); not saved to disk.
@@ -323,12 +325,12 @@ class ScriptRun:
 
 @contextmanager
 def running_scripts(enabled: Sequence[tuple[AlwaysOnScript[Any], Any]], request: GenerationRequest,
-                    model: LoadedModel, device: torch.device) -> Iterator[ScriptRun]:
+                    model: LoadedModel, device: torch.device, options: Options | None = None) -> Iterator[ScriptRun]:
     """Set up every enabled script for one job and undo all of it on the way out, newest first."""
     with ExitStack() as stack:
         run = ScriptRun([])
         for script, args in enabled:
-            job = Job(request=request, model=model, device=device, args=args)
+            job = Job(request=request, model=model, device=device, args=args, options=options or Options())
             stack.enter_context(job._undo)
             run.jobs.append((script, job))
             script.before_job(job)
