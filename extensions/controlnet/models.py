@@ -17,9 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
 from webui.extension_api import ModelFileError, read_weights
@@ -62,7 +63,7 @@ class ControlNetLibrary:
         self._device = device
         self._dtype = dtype
         self._entries: list[ControlNetEntry] | None = None
-        self._loaded: OrderedDict[tuple[Path, float, str, str], ControlNetModel] = OrderedDict()
+        self._loaded: OrderedDict[tuple[Path, float, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def folders(self) -> tuple[Path, ...]:
@@ -112,7 +113,7 @@ class ControlNetLibrary:
         known = ", ".join(self.titles()) or f"none found in {', '.join(map(str, self._folders()))}"
         raise LookupError(f"no ControlNet model matches {query!r}; available: {known}")
 
-    def load(self, entry: ControlNetEntry) -> ControlNetModel:
+    def load(self, entry: ControlNetEntry) -> Any:
         """``entry`` as a ControlNetModel on the app's device and dtype (cached, least recently used out)."""
         device, dtype = self._device(), self._dtype()
         key = (entry.path, entry.path.stat().st_mtime, str(device), str(dtype))
@@ -165,10 +166,21 @@ def _match(entries: list[ControlNetEntry], query: str) -> ControlNetEntry | None
 # --------------------------------------------------------------------------- loading
 
 
-def load_controlnet(path: Path) -> ControlNetModel:
-    """Load a diffusers folder or a single file in the original layout (float32, on the CPU)."""
+#: The model classes a diffusers folder may hold (its config.json's ``_class_name``).
+FOLDER_CLASSES = {"ControlNetModel": ControlNetModel, "ControlNetUnionModel": ControlNetUnionModel,
+                  "T2IAdapter": T2IAdapter}
+
+
+def load_controlnet(path: Path) -> ControlNetModel | ControlNetUnionModel | T2IAdapter:
+    """Load a diffusers folder (a ControlNet, a ControlNet Union such as ProMax, or a T2I-Adapter) or a
+    single ControlNet file in the original layout (float32, on the CPU)."""
     if path.is_dir():
-        return ControlNetModel.from_pretrained(path, local_files_only=True)
+        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name", "ControlNetModel")
+        cls = FOLDER_CLASSES.get(kind)
+        if cls is None:
+            raise ModelFileError(path, f"{path.name}: config.json names a {kind!r}; a ControlNet folder holds one "
+                                       f"of {', '.join(FOLDER_CLASSES)}")
+        return cls.from_pretrained(path, local_files_only=True)
     state = read_weights(path)  # never unpickles code from a model file; a state_dict nesting is undone
     if any(key.startswith(_ORIGINAL_PREFIX) for key in state):
         state = {key[len(_ORIGINAL_PREFIX):]: value for key, value in state.items() if key.startswith(_ORIGINAL_PREFIX)}

@@ -37,7 +37,7 @@ from .preprocessors import (
     resolve_thresholds,
     unavailable_reason,
 )
-from .units import ControlNetArgs, ControlNetUnit
+from .units import UNION_CONTROL_TYPES, ControlNetArgs, ControlNetUnit
 
 #: "My prompt is more important": each deeper residual keeps this fraction of the next one's strength.
 SOFT_INJECTION_BASE = 0.825
@@ -61,6 +61,7 @@ class UnitPatch:
     model: Any  # diffusers ControlNetModel
     detected: Image.Image
     label: str  # "ControlNet unit 0: model <title>", for errors
+    union_type: int = 0  # a ControlNet Union's control type (index of UNION_CONTROL_TYPES)
     _images: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, call: UnetCall) -> UnetResiduals | None:
@@ -83,17 +84,33 @@ class UnitPatch:
             added = {key: value[half:] for key, value in added.items()} if added else None
         dtype = self.model.dtype
         image = self._image(call.width, call.height, sample.shape[0]).to(device=sample.device, dtype=dtype)
-        down, mid = self.model(
-            sample.to(dtype), call.timestep, encoder_hidden_states=hidden.to(dtype), controlnet_cond=image,
-            conditioning_scale=unit.weight,
-            added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None, return_dict=False)
-        residuals = [*down, mid]
+        kind = model_kind(self.model)
+        if kind == "t2i_adapter":
+            if self.model.config.in_channels == 1:  # sketch adapters read one grey channel
+                image = image.mean(dim=1, keepdim=True)
+            residuals = [feature * unit.weight for feature in self.model(image)]
+        else:
+            extra: dict[str, Any] = {}
+            if kind == "union":
+                types = torch.zeros(sample.shape[0], self.model.config.num_control_type, dtype=dtype,
+                                    device=sample.device)
+                types[:, self.union_type] = 1
+                extra = {"controlnet_cond": [image], "control_type": types, "control_type_idx": [self.union_type]}
+            else:
+                extra = {"controlnet_cond": image}
+            down, mid = self.model(
+                sample.to(dtype), call.timestep, encoder_hidden_states=hidden.to(dtype), **extra,
+                conditioning_scale=unit.weight,
+                added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None, return_dict=False)
+            residuals = [*down, mid]
         if unit.control_mode == "My prompt is more important":
             last = len(residuals) - 1
             residuals = [r * SOFT_INJECTION_BASE ** (last - i) for i, r in enumerate(residuals)]
         residuals = [r.to(call.sample.dtype) for r in residuals]
         if cond_only:
             residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+        if kind == "t2i_adapter":
+            return UnetResiduals(intrablock=residuals)
         return UnetResiduals(residuals[:-1], residuals[-1])
 
     def _image(self, width: int, height: int, batch: int) -> torch.Tensor:
@@ -103,6 +120,31 @@ class UnitPatch:
             pixels = torch.from_numpy(np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0)
             self._images[key] = pixels.permute(2, 0, 1)[None].expand(batch, -1, -1, -1).contiguous()
         return self._images[key]
+
+
+def model_kind(model: Any) -> str:
+    """"controlnet", "union" (ControlNet Union / ProMax) or "t2i_adapter"."""
+    name = type(model).__name__
+    return {"ControlNetUnionModel": "union", "T2IAdapter": "t2i_adapter"}.get(name, "controlnet")
+
+
+#: The union control type a preprocessor implies (by the start of its name), when the unit says "Unknown".
+_UNION_TYPE_BY_MODULE = (("openpose", "OpenPose"), ("depth", "Depth"), ("softedge", "Soft Edge"),
+                         ("scribble", "Soft Edge"), ("canny", "Hard Edge"), ("lineart", "Hard Edge"),
+                         ("mlsd", "Hard Edge"), ("invert", "Hard Edge"), ("threshold", "Hard Edge"),
+                         ("normal", "Normal Map"), ("seg", "Segmentation"), ("tile", "Tile"), ("inpaint", "Inpaint"))
+
+
+def union_control_type(unit: ControlNetUnit, module: str, index: int) -> int:
+    """The control type index a union model runs with: the unit's own, else the one its preprocessor implies."""
+    name = unit.union_control_type
+    if name == "Unknown":
+        name = next((kind for prefix, kind in _UNION_TYPE_BY_MODULE if module.startswith(prefix)), "Unknown")
+    if name == "Unknown":
+        choices = ", ".join(UNION_CONTROL_TYPES[:-1])
+        raise ValueError(f"ControlNet unit {index}: union_control_type: the model is a ControlNet Union and the "
+                         f"preprocessor {module!r} implies no control type; choose one of {choices}")
+    return UNION_CONTROL_TYPES.index(name)
 
 
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
@@ -127,15 +169,15 @@ def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize
     return max(64, round(scale * min(raw_w, raw_h)))
 
 
-def unit_infotext(parsed: ParsedUnit, resolution: int) -> str:
-    """The value of the ``ControlNet N`` infotext key."""
+def unit_infotext(parsed: ParsedUnit, resolution: int, union_type: str | None = None) -> str:
+    """The value of the ``ControlNet N`` infotext key (with the union control type for a union model)."""
     unit = parsed.unit
     a, b = resolve_thresholds(parsed.preprocessor, unit.threshold_a, unit.threshold_b)
     return (f"Module: {parsed.preprocessor.name}, Model: {parsed.entry.title}, Weight: {unit.weight}, "
             f"Resize Mode: {unit.resize_mode}, Guidance Start: {unit.guidance_start:g}, "
             f"Guidance End: {unit.guidance_end:g}, Pixel Perfect: {unit.pixel_perfect}, "
             f"Control Mode: {unit.control_mode}, Processor Res: {resolution}, Threshold A: {a:g}, "
-            f"Threshold B: {b:g}")
+            f"Threshold B: {b:g}" + (f", Union Control Type: {union_type}" if union_type else ""))
 
 
 class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
@@ -194,9 +236,12 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
             with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.module"):
                 detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b,
                                   self.library.annotators)
+            union_type = union_control_type(unit, parsed.preprocessor.name, parsed.index) \
+                if model_kind(model) == "union" else 0
             job.add_unet_patch(UnitPatch(unit, model, detected, f"ControlNet unit {parsed.index}: model "
-                                                                f"{parsed.entry.title}"))
-            job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, resolution)
+                                                                f"{parsed.entry.title}", union_type=union_type))
+            job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(
+                parsed, resolution, UNION_CONTROL_TYPES[union_type] if model_kind(model) == "union" else None)
             if unit.save_detected_map and parsed.preprocessor.name != "none" and \
                     not job.options.control_net_no_detectmap:
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
@@ -210,6 +255,10 @@ def _init_image(request: GenerationRequest) -> Image.Image | None:
 def _check_family(controlnet: Any, loaded: LoadedModel, parsed: ParsedUnit) -> None:
     """A ControlNet works only with the UNet family it was trained for; say so instead of a shape error."""
     kind = _family_mismatch(controlnet, loaded.unet.config.cross_attention_dim, bool(loaded.is_sdxl))
+    if kind is None and model_kind(controlnet) == "t2i_adapter":
+        channels = list(controlnet.config.channels)
+        if channels != list(loaded.unet.config.block_out_channels)[:len(channels)]:
+            kind = f"a UNet with channels {channels}"
     if kind:
         raise ValueError(f"ControlNet unit {parsed.index}: model {parsed.entry.title} is for {kind}; "
                          f"the checkpoint is {loaded.family.name}")
@@ -217,6 +266,9 @@ def _check_family(controlnet: Any, loaded: LoadedModel, parsed: ParsedUnit) -> N
 
 def _family_mismatch(controlnet: Any, cross_attention_dim: int, is_sdxl: bool) -> str | None:
     """The kind of model ``controlnet`` is for, when a UNet with these traits is not one; else None."""
+    if model_kind(controlnet) == "t2i_adapter":
+        sdxl = controlnet.config.adapter_type == "full_adapter_xl"
+        return None if sdxl == is_sdxl else "SDXL" if sdxl else "SD 1.x/2.x"
     wanted = controlnet.config.cross_attention_dim
     sdxl = controlnet.config.addition_embed_type == "text_time"
     if wanted == cross_attention_dim and sdxl == is_sdxl:

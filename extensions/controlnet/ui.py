@@ -12,16 +12,17 @@ from webui.extension_api import ScriptControls, TabUi
 
 from .models import ControlNetLibrary
 from .preprocessors import PREPROCESSORS, detect, lookup, module_names, unavailable_reason
-from .units import CONTROL_MODES, RESIZE_MODES, UNITS, ControlNetUnit
+from .units import CONTROL_MODES, RESIZE_MODES, UNION_CONTROL_TYPES, UNITS, ControlNetUnit
 
 #: Unit fields in the order of each unit's inputs after the image.
 FIELDS = ("enabled", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
-          "pixel_perfect", "processor_res", "threshold_a", "threshold_b")
+          "pixel_perfect", "processor_res", "threshold_a", "threshold_b", "union_control_type")
 #: Infotext labels of the ``ControlNet N`` value -> unit fields.
 INFOTEXT_FIELDS = {"Module": "module", "Model": "model", "Weight": "weight", "Resize Mode": "resize_mode",
                    "Guidance Start": "guidance_start", "Guidance End": "guidance_end",
                    "Pixel Perfect": "pixel_perfect", "Control Mode": "control_mode",
-                   "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b"}
+                   "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+                   "Union Control Type": "union_control_type"}
 _DEFAULTS = ControlNetUnit().model_dump(exclude={"image", "mask"})
 _PAIR = re.compile(r"\s*([A-Za-z][A-Za-z ]*?):\s*(.*?)\s*(?:,(?=\s*[A-Za-z][A-Za-z ]*?:)|$)")
 
@@ -169,6 +170,9 @@ def build_ui(library: ControlNetLibrary) -> Callable[[TabUi], ScriptControls]:
                                                 elem_id=f"{prefix}_threshold_a_{index}")
                         threshold_b = gr.Slider(1, 255, value=200, step=1, label="Canny High Threshold",
                                                 elem_id=f"{prefix}_threshold_b_{index}")
+                    union_type = gr.Dropdown(list(UNION_CONTROL_TYPES), value="Unknown",
+                                             label="Union Control Type (ControlNet Union models)",
+                                             elem_id=f"{prefix}_union_control_type_{index}")
                     refresh.click(lambda: gr.update(choices=["None", *(e.title for e in library.refresh())]),
                                   outputs=[model])
                     module.change(slider_updates, inputs=[module], outputs=[processor_res, threshold_a, threshold_b])
@@ -176,7 +180,7 @@ def build_ui(library: ControlNetLibrary) -> Callable[[TabUi], ScriptControls]:
                                       inputs=[image, module, processor_res, pixel_perfect, threshold_a, threshold_b],
                                       outputs=[preview_image])
                     controls = [enabled, module, model, weight, start, end, control_mode, resize_mode, pixel_perfect,
-                                processor_res, threshold_a, threshold_b]
+                                processor_res, threshold_a, threshold_b, union_type]
                     inputs += [image, *controls]
                     paste += [(control, _pasted(index, name)) for control, name in zip(controls, FIELDS, strict=True)]
         return ScriptControls(inputs=inputs, to_args=to_args, paste=paste)

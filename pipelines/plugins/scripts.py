@@ -134,14 +134,22 @@ class UnetCall:
 
 @dataclass
 class UnetResiduals:
-    """What a patch adds to the UNet's skip connections (diffusers' ControlNet interface)."""
+    """What a patch adds to the UNet (diffusers' interfaces): ``down`` and ``mid`` to the skip connections (a
+    ControlNet's residuals), ``intrablock`` inside the down blocks (a T2I-Adapter's features)."""
 
-    down: Sequence[torch.Tensor]
+    down: Sequence[torch.Tensor] = ()
     mid: torch.Tensor | None = None
+    intrablock: Sequence[torch.Tensor] = ()
 
     def __add__(self, other: UnetResiduals) -> UnetResiduals:
         mid = other.mid if self.mid is None else self.mid if other.mid is None else self.mid + other.mid
-        return UnetResiduals([a + b for a, b in zip(self.down, other.down, strict=True)], mid)
+        return UnetResiduals(_summed(self.down, other.down), mid, _summed(self.intrablock, other.intrablock))
+
+
+def _summed(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    if not a or not b:
+        return a or b
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 #: Called before each UNet call; returns residuals to add, or None to leave this call alone.
@@ -157,9 +165,13 @@ def combined_residuals(patches: Sequence[UnetPatch], call: UnetCall) -> dict[str
             total = residuals if total is None else total + residuals
     if total is None:
         return {}
-    kwargs: dict[str, Any] = {"down_block_additional_residuals": tuple(total.down)}
+    kwargs: dict[str, Any] = {}
+    if total.down:
+        kwargs["down_block_additional_residuals"] = tuple(total.down)
     if total.mid is not None:
         kwargs["mid_block_additional_residual"] = total.mid
+    if total.intrablock:
+        kwargs["down_intrablock_additional_residuals"] = list(total.intrablock)  # a fresh list: the UNet pops it
     return kwargs
 
 
