@@ -29,6 +29,7 @@ from torch import nn
 
 from webui.extension_api import ModelFileError, read_weights
 
+from .ip_adapter import ClipVisionEncoders
 from .kinds import Annotator, Preprocessor
 
 #: How many loaded annotators stay cached (least recently used out).
@@ -309,8 +310,11 @@ class AnnotatorCache:
     """Finds annotator weights in the annotator folders and keeps the loaded detectors (LRU)."""
 
     def __init__(self, folders: Callable[[], tuple[Path, ...]], device: Callable[[], torch.device],
-                 memory_mode: Callable[[], str], size: int = CACHE_SIZE):
+                 memory_mode: Callable[[], str], size: int = CACHE_SIZE,
+                 clip_vision_folders: Callable[[], tuple[Path, ...]] = lambda: ()):
         self._folders = folders
+        #: The IP-Adapter modules' CLIP vision encoders (``models/clip_vision``).
+        self.clip_vision = ClipVisionEncoders(clip_vision_folders)
         self._device = device
         self._memory_mode = memory_mode
         self._size = size

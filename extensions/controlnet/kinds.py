@@ -49,3 +49,5 @@ class Preprocessor:
     uses_resolution: bool = True
     aliases: tuple[str, ...] = ()
     annotator: Annotator | None = None
+    #: An IP-Adapter module's CLIP vision encoder (its folder under ``models/clip_vision``); its "map" is the image.
+    clip_vision: str | None = None

@@ -26,6 +26,7 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from webui.extension_api import ModelFileError, read_weights
 
 from .annotators import AnnotatorCache
+from .ip_adapter import is_ip_adapter, load_ip_adapter
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
@@ -54,10 +55,13 @@ class ControlNetLibrary:
     def __init__(self, folders: Callable[[], tuple[Path, ...]], file_hash: Callable[[Path], str],
                  device: Callable[[], torch.device], dtype: Callable[[], torch.dtype],
                  annotator_folders: Callable[[], tuple[Path, ...]],
-                 memory_mode: Callable[[], str] = lambda: "normal"):
+                 memory_mode: Callable[[], str] = lambda: "normal",
+                 clip_vision_folders: Callable[[], tuple[Path, ...]] = lambda: ()):
         self._folders = folders
-        #: The network preprocessors' loaded detectors (weights in the annotator folders).
-        self.annotators = AnnotatorCache(annotator_folders, device, memory_mode)
+        #: The network preprocessors' loaded detectors (weights in the annotator folders) and the CLIP vision
+        #: encoders of the IP-Adapter modules.
+        self.annotators = AnnotatorCache(annotator_folders, device, memory_mode,
+                                         clip_vision_folders=clip_vision_folders)
         self._annotator_folders = annotator_folders
         self._hash = file_hash
         self._device = device
@@ -121,8 +125,11 @@ class ControlNetLibrary:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-        model = load_controlnet(entry.path).to(device=device, dtype=dtype).eval()
-        model.requires_grad_(False)
+        if is_ip_adapter(entry.path):
+            model: Any = load_ip_adapter(entry.path)  # its weights go into the UNet per job
+        else:
+            model = load_controlnet(entry.path).to(device=device, dtype=dtype).eval()
+            model.requires_grad_(False)
         with self._lock:
             self._loaded[key] = model
             while len(self._loaded) > _CACHE_SIZE:
@@ -131,6 +138,8 @@ class ControlNetLibrary:
 
 
 def _weights_file(path: Path) -> Path | None:
+    if is_ip_adapter(path) and path.suffix.lower() in (*SUFFIXES, ".bin"):
+        return path
     if path.is_file() and path.suffix.lower() in SUFFIXES:
         # a weights file inside a diffusers folder belongs to that folder's entry
         return None if (path.parent / "config.json").is_file() else path
@@ -149,7 +158,7 @@ def _match(entries: list[ControlNetEntry], query: str) -> ControlNetEntry | None
     if bracket:
         query, wanted_hash = bracket.group(1), bracket.group(2).lower()
     name = query.lower()
-    for suffix in SUFFIXES:
+    for suffix in (*SUFFIXES, ".bin"):
         name = name.removesuffix(suffix)
     if wanted_hash:
         for entry in entries:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .annotators import NETWORK_PREPROCESSORS, NOT_IMPLEMENTED
+from .ip_adapter import CLIP_MODULES
 from .kinds import Preprocessor, Slider
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("tile_colorfix+sharp", _none, Slider("Variation", 8.0, 3.0, 32.0, 1.0),
                  Slider("Sharpness", 1.0, 0.0, 2.0, 0.01), uses_resolution=False),
     *NETWORK_PREPROCESSORS,
+    *(Preprocessor(name, _none, uses_resolution=False, clip_vision=folder) for name, folder in CLIP_MODULES.items()),
 )}
 #: Preprocessors sd-webui-controlnet has that need a network not run here; listed, never available.
 NEEDS_WEIGHTS = NOT_IMPLEMENTED
@@ -122,6 +124,9 @@ def unavailable_reason(name: str, annotators: AnnotatorCache | None) -> str | No
         if name.strip().lower() in NEEDS_WEIGHTS:
             return "this preprocessor's network is not implemented here"
         return f"unknown preprocessor; choose from {', '.join(module_names())}"
+    if preprocessor.clip_vision is not None:
+        return annotators.clip_vision.missing(preprocessor.clip_vision) if annotators else \
+            "needs a CLIP vision encoder, and no clip_vision folder is configured"
     if preprocessor.annotator is None:
         return None
     if annotators is None:

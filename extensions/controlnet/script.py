@@ -27,6 +27,15 @@ from webui.extension_api import (
     validate_args,
 )
 
+from .ip_adapter import (
+    CLIP_MODULES,
+    IPAdapterPatch,
+    IPAdapterWeights,
+    encode,
+    image_processor,
+    install,
+    is_ip_adapter,
+)
 from .models import ControlNetEntry, ControlNetLibrary
 from .preprocessors import (
     NEEDS_WEIGHTS,
@@ -213,7 +222,16 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                 entry = self.library.find(unit.model)
             except LookupError as error:
                 raise ValueError(f"unit {index}: model: {error}") from None
+            ip_model = is_ip_adapter(entry.path)
+            if ip_model != (preprocessor.clip_vision is not None):
+                raise ValueError(f"unit {index}: module: " + (
+                    f"the IP-Adapter model {entry.title} needs an IP-Adapter module: one of "
+                    f"{', '.join(CLIP_MODULES)}" if ip_model else
+                    f"{preprocessor.name!r} encodes an image prompt for an IP-Adapter model (ip-adapter_*); "
+                    f"{entry.title} is not one"))
             parsed.append(ParsedUnit(index, unit, preprocessor, entry))
+        if sum(is_ip_adapter(p.entry.path) for p in parsed) > 1:
+            raise ValueError("units: one IP-Adapter unit per job")
         return parsed or None
 
     def before_job(self, job: Job[list[ParsedUnit]]) -> None:
@@ -226,6 +244,9 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                                  "(img2img uses the init image when none is given)")
             with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.model"):
                 model = self.library.load(parsed.entry)
+            if isinstance(model, IPAdapterWeights):
+                self._ip_adapter(job, parsed, model, image)
+                continue
             _check_family(model, job.model, parsed)
             width, height = job.request.width, job.request.height
             resolution = unit.processor_res
@@ -245,6 +266,29 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
             if unit.save_detected_map and parsed.preprocessor.name != "none" and \
                     not job.options.control_net_no_detectmap:
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
+
+    def _ip_adapter(self, job: Job[list[ParsedUnit]], parsed: ParsedUnit, weights: IPAdapterWeights,
+                    image: Image.Image) -> None:
+        """Encode the image prompt and put the adapter into the job's UNet (weight, start/end per step)."""
+        unit, label = parsed.unit, f"ControlNet unit {parsed.index}: model {parsed.entry.title}"
+        unet = job.model.unet
+        if weights.cross_attention_dim != unet.config.cross_attention_dim:
+            raise ValueError(f"{label} is an IP-Adapter for a UNet with {weights.cross_attention_dim}-wide text "
+                             f"embeddings; the checkpoint is {job.model.family.name}")
+        encoder_name = parsed.preprocessor.clip_vision
+        assert encoder_name is not None
+        encoder = self.library.annotators.clip_vision.load(encoder_name)
+        positive, negative = encode(encoder, image_processor(encoder), image, weights.plus, job.device,
+                                    unet.dtype)
+        wanted = weights.embedding_width
+        if wanted != positive.shape[-1]:
+            raise ValueError(f"{label} takes image embeddings {wanted} wide; the encoder {encoder_name} of module "
+                             f"{parsed.preprocessor.name!r} gives {positive.shape[-1]} (plain SD 1.5 and plus "
+                             "adapters use ViT-H: ip-adapter_clip_sd15; SDXL ones ViT-bigG: ip-adapter_clip_sdxl)")
+        processors = install(job, weights)
+        job.add_unet_patch(IPAdapterPatch(unit.weight, unit.guidance_start, unit.guidance_end, unit.hr_option,
+                                          processors, positive, negative))
+        job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, -1)
 
 
 def _init_image(request: GenerationRequest) -> Image.Image | None:

@@ -135,15 +135,21 @@ class UnetCall:
 @dataclass
 class UnetResiduals:
     """What a patch adds to the UNet (diffusers' interfaces): ``down`` and ``mid`` to the skip connections (a
-    ControlNet's residuals), ``intrablock`` inside the down blocks (a T2I-Adapter's features)."""
+    ControlNet's residuals), ``intrablock`` inside the down blocks (a T2I-Adapter's features); ``added_cond``
+    joins the call's ``added_cond_kwargs`` (an IP-Adapter's ``image_embeds``)."""
 
     down: Sequence[torch.Tensor] = ()
     mid: torch.Tensor | None = None
     intrablock: Sequence[torch.Tensor] = ()
+    added_cond: dict[str, Any] = field(default_factory=dict)
 
     def __add__(self, other: UnetResiduals) -> UnetResiduals:
         mid = other.mid if self.mid is None else self.mid if other.mid is None else self.mid + other.mid
-        return UnetResiduals(_summed(self.down, other.down), mid, _summed(self.intrablock, other.intrablock))
+        clash = set(self.added_cond) & set(other.added_cond)
+        if clash:
+            raise ValueError(f"two patches set the UNet's {', '.join(sorted(clash))}; only one may")
+        return UnetResiduals(_summed(self.down, other.down), mid, _summed(self.intrablock, other.intrablock),
+                             {**self.added_cond, **other.added_cond})
 
 
 def _summed(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -172,6 +178,8 @@ def combined_residuals(patches: Sequence[UnetPatch], call: UnetCall) -> dict[str
         kwargs["mid_block_additional_residual"] = total.mid
     if total.intrablock:
         kwargs["down_intrablock_additional_residuals"] = list(total.intrablock)  # a fresh list: the UNet pops it
+    if total.added_cond:
+        kwargs["added_cond_kwargs"] = {**(call.added_cond_kwargs or {}), **total.added_cond}
     return kwargs
 
 

@@ -207,7 +207,8 @@ def test_pasting_restores_the_unit_settings(cn_engine):
     assert fields["control_mode"] == "My prompt is more important"
     assert fields["threshold_a"] == 100 and fields["threshold_b"] == 200 and fields["processor_res"] == 64
     assert ui._pasted(0, "enabled")(params) is True and ui._pasted(1, "enabled")(params) is False
-    args = ui.to_args([square(), *[fields.get(name, True) for name in ui.FIELDS]] +
+    args = ui.to_args([square(), *[fields.get(name, True if name == "enabled" else ui._DEFAULTS[name])
+                                   for name in ui.FIELDS]] +
                       [None, False, *[None] * (len(ui.FIELDS) - 1)])
     assert cn_engine.scripts.get("controlnet").parse_args(args)[0].unit.weight == 0.75
 

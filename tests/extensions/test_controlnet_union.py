@@ -46,6 +46,9 @@ def test_union_model_runs_with_its_control_type(union_engine):
     depth, result = run(union_engine, [unit(model="tiny-controlnet-union-sdxl", union_control_type="Depth")], **SDXL)
     assert np.abs(depth - plain).mean() > 0.5
     assert "Union Control Type: Depth" in parse_infotext(result.infotexts[0])["ControlNet 0"]
+    from extensions.controlnet.ui import parse_unit_infotext  # pasting restores it
+
+    assert parse_unit_infotext(parse_infotext(result.infotexts[0])["ControlNet 0"])["union_control_type"] == "Depth"
     pose, _ = run(union_engine, [unit(model="tiny-controlnet-union-sdxl", union_control_type="OpenPose")], **SDXL)
     assert np.abs(pose - depth).mean() > 0.1  # the type is an input of the model
     # "Unknown" takes the type from the preprocessor: canny is a hard edge
