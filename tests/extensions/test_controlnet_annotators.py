@@ -153,3 +153,26 @@ def test_api_detect_serves_network_modules_with_poses(annotator_root, tmp_path):
                                                                  "controlnet_input_images": [b64_png(photo())]})
     assert refused.status_code == 422
     assert "dpt_hybrid-midas-501f0c75.pt" in refused.text and "controlnet_module" in refused.text
+
+
+def test_under_medvram_a_detector_leaves_the_gpu_after_detection(tmp_path):
+    from extensions.controlnet.kinds import Annotator, Preprocessor
+
+    class Recorder:
+        def __init__(self):
+            self.moves: list[str] = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "w.pth").write_bytes(b"")
+    recorder = Recorder()
+    fake = Preprocessor("fake", lambda rgb, a, b, detector: rgb,
+                        annotator=Annotator("fake", ("w.pth",), lambda folder: recorder))
+    for mode, expected in (("normal", ["cuda"]), ("medvram", ["cuda", "cpu"]), ("lowvram", ["cuda", "cpu"])):
+        recorder.moves.clear()
+        cache = AnnotatorCache(lambda: (tmp_path,), lambda: torch.device("cuda"), lambda m=mode: m)
+        preprocessors.detect(fake, photo(), 64, annotators=cache)
+        assert recorder.moves == expected, mode
