@@ -168,14 +168,18 @@ def module_detail(annotators: AnnotatorCache | None) -> dict[str, dict[str, obje
 #: sd-webui-controlnet's control types: (name, modules in order, the model-name word that marks its models).
 CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Canny", ("canny", "invert"), "canny"),
-    ("Depth", ("depth_midas", "depth_zoe", "depth_leres"), "depth"),
+    ("Depth", ("depth_midas", "depth_anything_v2", "depth_zoe", "depth_leres"), "depth"),
     ("NormalMap", ("normal_bae",), "normal"),
-    ("OpenPose", ("openpose", "openpose_full", "dw_openpose_full"), "openpose"),
+    ("OpenPose", ("openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand",
+                  "dw_openpose_full"), "openpose"),
     ("MLSD", ("mlsd", "invert"), "mlsd"),
-    ("Lineart", ("lineart_standard", "lineart_realistic", "lineart_anime", "invert"), "lineart"),
-    ("SoftEdge", ("softedge_hed", "softedge_pidinet"), "softedge"),
+    ("Lineart", ("lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "invert"), "lineart"),
+    ("SoftEdge", ("softedge_pidinet", "softedge_hed", "softedge_hedsafe", "softedge_pidisafe"), "softedge"),
     ("Scribble/Sketch", ("scribble_xdog", "invert"), "scribble"),
-    ("Segmentation", ("seg_ofade20k",), "seg"),
+    ("Segmentation", ("seg_ofade20k", "seg_ufade20k"), "seg"),
+    ("Shuffle", ("shuffle",), "shuffle"),
+    ("Tile", ("tile_resample", "tile_colorfix", "tile_colorfix+sharp"), "tile"),
+    ("IP-Adapter", ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith"), "ip-adapter"),
 )
 
 
