@@ -131,6 +131,9 @@ class Options(BaseModel):
     save_images_before_face_restoration: bool = Field(
         False, description="Also save each image before its faces are restored (file name suffix "
         "-before-face-restoration).")
+    # sd-webui-controlnet's option (its key): the detected maps are not added after the images.
+    control_net_no_detectmap: bool = Field(
+        False, description="ControlNet: do not append the detected maps to the output (gallery and API images).")
     # The Extensions tab's choice (A1111's key), read when the server starts.
     disabled_extensions: list[str] = Field(
         default_factory=list, description="Extensions not loaded at the next start (the Extensions tab)."

@@ -341,7 +341,7 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         with model_file_field("prompt"):
             network_params, warnings = held.enter_context(ctx.extra_networks.activated(model, prompts.tags))
         with model_file_field("alwayson_scripts"):
-            scripts = held.enter_context(running_scripts(ctx.scripts, request, model, ctx.device))
+            scripts = held.enter_context(running_scripts(ctx.scripts, request, model, ctx.device, ctx.options))
         result.warnings.extend(warnings)
         result.warnings.extend(scripts.warnings)
         # 3. conditioning, once per job

@@ -70,7 +70,9 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "folders.", (".safetensors", ".pth")),
     ModelKind("controlnet_annotator", "ControlNet/annotators", "annotator weights",
               "Weights of ControlNet preprocessors that run a network (depth, openpose, ...), one folder per "
-              "preprocessor (annotators/depth_midas/, ...); none are bundled.", (".pth", ".safetensors", ".pt")),
+              "annotator under the reference file names (annotators/midas/dpt_hybrid-midas-501f0c75.pt, "
+              "annotators/openpose/body_pose_model.pth, ...; docs/compatibility.md §10); none are bundled.",
+              (".pth", ".safetensors", ".pt")),
     ModelKind("text_encoder", "text_encoder", "text encoders",
               "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them.", (".safetensors",),
               in_use=False),
@@ -93,7 +95,8 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
     ModelKind("codeformer", "Codeformer", "CodeFormer models",
               "CodeFormer face restoration models (codeformer-v0.1.0.pth).", (".pth",)),
     ModelKind("clip_vision", "clip_vision", "CLIP vision encoders",
-              "CLIP vision encoders for image prompts (IP-Adapter).", (".safetensors",), in_use=False),
+              "CLIP vision encoders for image prompts (IP-Adapter units of ControlNet): transformers "
+              "CLIPVisionModelWithProjection folders clip_h/ (ViT-H) and clip_g/ (ViT-bigG).", (".safetensors",)),
 )}
 
 #: Kind -> its sub-folder of ``models/`` (from :data:`MODEL_KINDS`).

@@ -163,6 +163,12 @@ class ExtensionAPI:
         """The dtype models run in (fp16 on a GPU unless ``--no-half``, fp32 on the CPU)."""
         return self._engine.models.device.dtype
 
+    @property
+    def memory_mode(self) -> str:
+        """"normal", "medvram" or "lowvram" (``--medvram`` / ``--lowvram``; always "normal" on the CPU): under
+        the last two, an extension's own models leave the GPU when they are done."""
+        return self._engine.models.device.memory_mode
+
     def file_hash(self, path: Path, kind: str = "sha256") -> str:
         """Full hex SHA-256 of a model file, cached by path, size and mtime: ``kind`` "sha256" hashes the
         whole file, "addnet" the bytes after a safetensors header (docs/compatibility.md §2, LoRA hashes)."""

@@ -14,7 +14,9 @@ def setup(api: ExtensionAPI) -> None:
     """Register the ControlNet script, its accordion and its routes."""
     library = ControlNetLibrary(folders=lambda: api.model_dirs("controlnet"), file_hash=api.file_hash,
                                 device=lambda: api.device, dtype=lambda: api.dtype,
-                                annotator_folders=lambda: api.model_dirs("controlnet_annotator"))
+                                annotator_folders=lambda: api.model_dirs("controlnet_annotator"),
+                                memory_mode=lambda: api.memory_mode,
+                                clip_vision_folders=lambda: api.model_dirs("clip_vision"))
 
     def build(tab_ui: TabUi) -> ScriptControls:
         from .ui import build_ui  # gradio is imported only when the UI is built (plain Python and the API run without)

@@ -17,12 +17,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
 from webui.extension_api import ModelFileError, read_weights
+
+from .annotators import AnnotatorCache
+from .ip_adapter import is_ip_adapter, load_ip_adapter
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "models" / "configs"
 SUFFIXES = (".safetensors", ".pth")
@@ -50,14 +54,20 @@ class ControlNetLibrary:
 
     def __init__(self, folders: Callable[[], tuple[Path, ...]], file_hash: Callable[[Path], str],
                  device: Callable[[], torch.device], dtype: Callable[[], torch.dtype],
-                 annotator_folders: Callable[[], tuple[Path, ...]]):
+                 annotator_folders: Callable[[], tuple[Path, ...]],
+                 memory_mode: Callable[[], str] = lambda: "normal",
+                 clip_vision_folders: Callable[[], tuple[Path, ...]] = lambda: ()):
         self._folders = folders
+        #: The network preprocessors' loaded detectors (weights in the annotator folders) and the CLIP vision
+        #: encoders of the IP-Adapter modules.
+        self.annotators = AnnotatorCache(annotator_folders, device, memory_mode,
+                                         clip_vision_folders=clip_vision_folders)
         self._annotator_folders = annotator_folders
         self._hash = file_hash
         self._device = device
         self._dtype = dtype
         self._entries: list[ControlNetEntry] | None = None
-        self._loaded: OrderedDict[tuple[Path, float, str, str], ControlNetModel] = OrderedDict()
+        self._loaded: OrderedDict[tuple[Path, float, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def folders(self) -> tuple[Path, ...]:
@@ -107,7 +117,7 @@ class ControlNetLibrary:
         known = ", ".join(self.titles()) or f"none found in {', '.join(map(str, self._folders()))}"
         raise LookupError(f"no ControlNet model matches {query!r}; available: {known}")
 
-    def load(self, entry: ControlNetEntry) -> ControlNetModel:
+    def load(self, entry: ControlNetEntry) -> Any:
         """``entry`` as a ControlNetModel on the app's device and dtype (cached, least recently used out)."""
         device, dtype = self._device(), self._dtype()
         key = (entry.path, entry.path.stat().st_mtime, str(device), str(dtype))
@@ -115,8 +125,11 @@ class ControlNetLibrary:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-        model = load_controlnet(entry.path).to(device=device, dtype=dtype).eval()
-        model.requires_grad_(False)
+        if is_ip_adapter(entry.path):
+            model: Any = load_ip_adapter(entry.path)  # its weights go into the UNet per job
+        else:
+            model = load_controlnet(entry.path).to(device=device, dtype=dtype).eval()
+            model.requires_grad_(False)
         with self._lock:
             self._loaded[key] = model
             while len(self._loaded) > _CACHE_SIZE:
@@ -125,6 +138,8 @@ class ControlNetLibrary:
 
 
 def _weights_file(path: Path) -> Path | None:
+    if is_ip_adapter(path) and path.suffix.lower() in (*SUFFIXES, ".bin"):
+        return path
     if path.is_file() and path.suffix.lower() in SUFFIXES:
         # a weights file inside a diffusers folder belongs to that folder's entry
         return None if (path.parent / "config.json").is_file() else path
@@ -143,7 +158,7 @@ def _match(entries: list[ControlNetEntry], query: str) -> ControlNetEntry | None
     if bracket:
         query, wanted_hash = bracket.group(1), bracket.group(2).lower()
     name = query.lower()
-    for suffix in SUFFIXES:
+    for suffix in (*SUFFIXES, ".bin"):
         name = name.removesuffix(suffix)
     if wanted_hash:
         for entry in entries:
@@ -160,10 +175,21 @@ def _match(entries: list[ControlNetEntry], query: str) -> ControlNetEntry | None
 # --------------------------------------------------------------------------- loading
 
 
-def load_controlnet(path: Path) -> ControlNetModel:
-    """Load a diffusers folder or a single file in the original layout (float32, on the CPU)."""
+#: The model classes a diffusers folder may hold (its config.json's ``_class_name``).
+FOLDER_CLASSES = {"ControlNetModel": ControlNetModel, "ControlNetUnionModel": ControlNetUnionModel,
+                  "T2IAdapter": T2IAdapter}
+
+
+def load_controlnet(path: Path) -> ControlNetModel | ControlNetUnionModel | T2IAdapter:
+    """Load a diffusers folder (a ControlNet, a ControlNet Union such as ProMax, or a T2I-Adapter) or a
+    single ControlNet file in the original layout (float32, on the CPU)."""
     if path.is_dir():
-        return ControlNetModel.from_pretrained(path, local_files_only=True)
+        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name", "ControlNetModel")
+        cls = FOLDER_CLASSES.get(kind)
+        if cls is None:
+            raise ModelFileError(path, f"{path.name}: config.json names a {kind!r}; a ControlNet folder holds one "
+                                       f"of {', '.join(FOLDER_CLASSES)}")
+        return cls.from_pretrained(path, local_files_only=True)
     state = read_weights(path)  # never unpickles code from a model file; a state_dict nesting is undone
     if any(key.startswith(_ORIGINAL_PREFIX) for key in state):
         state = {key[len(_ORIGINAL_PREFIX):]: value for key, value in state.items() if key.startswith(_ORIGINAL_PREFIX)}

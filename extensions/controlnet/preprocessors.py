@@ -1,45 +1,26 @@
 """Preprocessors ("modules"): turn a photo into the map a ControlNet model expects.
 
-The ones here need no downloaded weights. Preprocessors that run a network of their own (depth, pose, ...)
-are listed as unavailable with the reason, so clients see them and learn where their weights would go.
+The weight-free ones are here; the ones running a network of their own (depth, openpose, softedge, lineart,
+normal) are in ``annotators.py`` and need their weights in ``models/ControlNet/annotators/<folder>/``: without
+them they are listed as unavailable with the file that goes where.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from .annotators import NETWORK_PREPROCESSORS, NOT_IMPLEMENTED
+from .ip_adapter import CLIP_MODULES
+from .kinds import Preprocessor, Slider
 
-@dataclass(frozen=True)
-class Slider:
-    """A preprocessor parameter as sd-webui-controlnet's ``module_detail`` describes it."""
+if TYPE_CHECKING:
+    from .annotators import AnnotatorCache
 
-    name: str
-    value: float
-    min: float
-    max: float
-    step: float = 1
-
-    def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "value": self.value, "min": self.min, "max": self.max, "step": self.step}
-
-
-@dataclass(frozen=True)
-class Preprocessor:
-    """``run(rgb uint8 HxWx3, threshold_a, threshold_b) -> uint8 HxWx3``; thresholds already defaulted."""
-
-    name: str
-    run: Callable[[np.ndarray, float, float], np.ndarray]
-    threshold_a: Slider | None = None
-    threshold_b: Slider | None = None
-    #: Whether the image is first resized so its short side is the processor resolution.
-    uses_resolution: bool = True
-    aliases: tuple[str, ...] = ()
+__all__ = ["Preprocessor", "Slider"]
 
 
 def _gray3(channel: np.ndarray) -> np.ndarray:
@@ -80,6 +61,29 @@ def _lineart_standard(image: np.ndarray, a: float, b: float) -> np.ndarray:
     return _gray3((np.clip(darker / max(scale, 1e-3), 0, 1) * 255).astype(np.uint8))
 
 
+def _tile_resample(image: np.ndarray, rate: float, b: float) -> np.ndarray:
+    # sd-webui-controlnet's tile_resample: the image made smaller by the rate (below 1.1: unchanged).
+    if rate < 1.1:
+        return image
+    h, w = image.shape[:2]
+    return cv2.resize(image, (max(1, int(w / rate)), max(1, int(h / rate))), interpolation=cv2.INTER_AREA)
+
+
+def _shuffle(image: np.ndarray, a: float, b: float) -> np.ndarray:
+    # controlnet_aux's content shuffle (random flow field remap), with a fixed seed so a job can be repeated.
+    from controlnet_aux.shuffle import ContentShuffleDetector
+
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        short = min(image.shape[:2])
+        out = ContentShuffleDetector()(image, detect_resolution=short, image_resolution=short, output_type="np")
+    finally:
+        np.random.set_state(state)
+    h, w = image.shape[:2]
+    return np.ascontiguousarray(cv2.resize(np.asarray(out), (w, h)) if out.shape[:2] != (h, w) else out)
+
+
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("none", _none, uses_resolution=False),
     Preprocessor("invert", _invert, uses_resolution=False, aliases=("invert (from white bg & black line)",)),
@@ -89,16 +93,23 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("scribble_xdog", _scribble_xdog, Slider("XDoG Threshold", 32, 1, 64)),
     Preprocessor("lineart_standard", _lineart_standard,
                  aliases=("lineart_standard (from white bg & black line)",)),
+    Preprocessor("shuffle", _shuffle),
+    # The tile modules' map is the image itself (resampled); as in sd-webui-controlnet they use no resolution.
+    Preprocessor("tile_resample", _tile_resample, Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01),
+                 uses_resolution=False),
+    Preprocessor("tile_colorfix", _none, Slider("Variation", 8.0, 3.0, 32.0, 1.0), uses_resolution=False),
+    Preprocessor("tile_colorfix+sharp", _none, Slider("Variation", 8.0, 3.0, 32.0, 1.0),
+                 Slider("Sharpness", 1.0, 0.0, 2.0, 0.01), uses_resolution=False),
+    *NETWORK_PREPROCESSORS,
+    *(Preprocessor(name, _none, uses_resolution=False, clip_vision=folder) for name, folder in CLIP_MODULES.items()),
 )}
-#: Preprocessors that run a network of their own; listed, but unavailable without their weights.
-NEEDS_WEIGHTS = ("depth_midas", "depth_zoe", "depth_leres", "normal_bae", "openpose", "openpose_full",
-                 "dw_openpose_full", "softedge_hed", "softedge_pidinet", "lineart_realistic", "lineart_anime",
-                 "mlsd", "seg_ofade20k")
+#: Preprocessors sd-webui-controlnet has that need a network not run here; listed, never available.
+NEEDS_WEIGHTS = NOT_IMPLEMENTED
 DEFAULT_RESOLUTION = 512
 
 
 def lookup(name: str) -> Preprocessor | None:
-    """The runnable preprocessor called ``name`` (or one of its aliases, any case), else None."""
+    """The preprocessor called ``name`` (or one of its aliases, any case), else None."""
     key = name.strip().lower()
     for preprocessor in PREPROCESSORS.values():
         if key == preprocessor.name or key in preprocessor.aliases:
@@ -106,48 +117,69 @@ def lookup(name: str) -> Preprocessor | None:
     return None
 
 
-def unavailable_reason(name: str, annotator_dirs: tuple[Path, ...]) -> str:
-    """Why ``name`` (one of :data:`NEEDS_WEIGHTS`) cannot run here; ``annotator_dirs``: the folders of the
-    "controlnet_annotator" model kind, which hold one sub-folder per preprocessor."""
-    folders = [folder / name for folder in annotator_dirs]
-    found = next((f for f in folders if f.is_dir() and any(f.iterdir())), None)
-    if found is not None:
-        return f"annotator weights found in {found}, but this preprocessor is not implemented yet"
-    if not folders:
+def unavailable_reason(name: str, annotators: AnnotatorCache | None) -> str | None:
+    """Why module ``name`` cannot run here (weights missing: which file goes where), or None when it can."""
+    preprocessor = lookup(name)
+    if preprocessor is None:
+        if name.strip().lower() in NEEDS_WEIGHTS:
+            return "this preprocessor's network is not implemented here"
+        return f"unknown preprocessor; choose from {', '.join(module_names())}"
+    if preprocessor.clip_vision is not None:
+        return annotators.clip_vision.missing(preprocessor.clip_vision) if annotators else \
+            "needs a CLIP vision encoder, and no clip_vision folder is configured"
+    if preprocessor.annotator is None:
+        return None
+    if annotators is None:
         return "needs annotator weights, and no annotator folder is configured"
-    return f"needs annotator weights in {folders[0]}"
+    return annotators.missing(preprocessor.annotator)
 
 
 def module_names() -> list[str]:
-    """Every module name clients may see: runnable ones first, then the ones needing weights."""
+    """Every module name clients may see: the ones here, then the ones not implemented."""
     return [*PREPROCESSORS, *NEEDS_WEIGHTS]
 
 
-def module_detail(annotator_dirs: tuple[Path, ...]) -> dict[str, dict[str, object]]:
-    """``module_detail`` of ``/controlnet/module_list``: sliders, and whether each module can run."""
+def sliders(preprocessor: Preprocessor) -> list[dict[str, object]]:
+    """The module's sliders as sd-webui-controlnet lists them: the resolution first when it uses one."""
+    found = [{"name": "Resolution", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048, "step": 8}
+             ] if preprocessor.uses_resolution else []
+    return found + [s.as_dict() for s in (preprocessor.threshold_a, preprocessor.threshold_b) if s is not None]
+
+
+def module_detail(annotators: AnnotatorCache | None) -> dict[str, dict[str, object]]:
+    """``module_detail`` of ``/controlnet/module_list``: sliders, whether each module can run, and if not why
+    (for a network module: which weight file goes where)."""
     detail: dict[str, dict[str, object]] = {}
     for p in PREPROCESSORS.values():
-        sliders = [{"name": "Resolution", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048, "step": 8}
-                   ] if p.uses_resolution else []
-        sliders += [s.as_dict() for s in (p.threshold_a, p.threshold_b) if s is not None]
-        detail[p.name] = {"model_free": False, "sliders": sliders, "available": True}
+        reason = unavailable_reason(p.name, annotators)
+        entry: dict[str, object] = {"model_free": False, "sliders": sliders(p),
+                                    "available": reason is None}
+        if p.annotator is not None:
+            entry["weights"] = {"folder": p.annotator.folder, "files": list(p.annotator.files)}
+        if reason is not None:
+            entry["reason"] = reason
+        detail[p.name] = entry
     for name in NEEDS_WEIGHTS:
         detail[name] = {"model_free": False, "sliders": [], "available": False,
-                        "reason": unavailable_reason(name, annotator_dirs)}
+                        "reason": unavailable_reason(name, annotators)}
     return detail
 
 
 #: sd-webui-controlnet's control types: (name, modules in order, the model-name word that marks its models).
 CONTROL_TYPES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Canny", ("canny", "invert"), "canny"),
-    ("Depth", ("depth_midas", "depth_zoe", "depth_leres"), "depth"),
+    ("Depth", ("depth_midas", "depth_anything_v2", "depth_zoe", "depth_leres"), "depth"),
     ("NormalMap", ("normal_bae",), "normal"),
-    ("OpenPose", ("openpose", "openpose_full", "dw_openpose_full"), "openpose"),
+    ("OpenPose", ("openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand",
+                  "dw_openpose_full"), "openpose"),
     ("MLSD", ("mlsd", "invert"), "mlsd"),
-    ("Lineart", ("lineart_standard", "lineart_realistic", "lineart_anime", "invert"), "lineart"),
-    ("SoftEdge", ("softedge_hed", "softedge_pidinet"), "softedge"),
+    ("Lineart", ("lineart_standard", "lineart_realistic", "lineart_coarse", "lineart_anime", "invert"), "lineart"),
+    ("SoftEdge", ("softedge_pidinet", "softedge_hed", "softedge_hedsafe", "softedge_pidisafe"), "softedge"),
     ("Scribble/Sketch", ("scribble_xdog", "invert"), "scribble"),
-    ("Segmentation", ("seg_ofade20k",), "seg"),
+    ("Segmentation", ("seg_ofade20k", "seg_ufade20k"), "seg"),
+    ("Shuffle", ("shuffle",), "shuffle"),
+    ("Tile", ("tile_resample", "tile_colorfix", "tile_colorfix+sharp"), "tile"),
+    ("IP-Adapter", ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith"), "ip-adapter"),
 )
 
 
@@ -172,9 +204,10 @@ def resolve_thresholds(preprocessor: Preprocessor, threshold_a: float, threshold
 
 
 def detect(preprocessor: Preprocessor, image: Image.Image, resolution: int, threshold_a: float = -1,
-           threshold_b: float = -1) -> Image.Image:
+           threshold_b: float = -1, annotators: AnnotatorCache | None = None) -> Image.Image:
     """Run ``preprocessor`` on ``image`` (its short side first brought to ``resolution`` when the module uses
-    one; -1 = 512); returns the RGB map."""
+    one; -1 = 512); returns the RGB map. A network module runs through ``annotators`` (ValueError naming the
+    missing weight file when they are absent); openpose's pose JSON is in the map's ``info["pose"]``."""
     rgb = np.asarray(image.convert("RGB"))
     if preprocessor.uses_resolution:
         resolution = DEFAULT_RESOLUTION if resolution == -1 else resolution
@@ -184,4 +217,16 @@ def detect(preprocessor: Preprocessor, image: Image.Image, resolution: int, thre
         if size != (w, h):
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
     a, b = resolve_thresholds(preprocessor, threshold_a, threshold_b)
-    return Image.fromarray(np.ascontiguousarray(preprocessor.run(rgb, a, b)))
+    info: dict[str, Any] = {}
+    if preprocessor.annotator is not None:
+        if annotators is None:
+            raise ValueError(f"module {preprocessor.name!r} is unavailable: needs annotator weights, and no "
+                             "annotator folder is configured")
+        result = annotators.run(preprocessor, rgb, a, b)
+        if isinstance(result, tuple):
+            result, info = result
+    else:
+        result = preprocessor.run(rgb, a, b)
+    detected = Image.fromarray(np.ascontiguousarray(result))
+    detected.info.update(info)
+    return detected

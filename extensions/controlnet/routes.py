@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field, field_validator
 
 from .models import ControlNetLibrary
-from .preprocessors import control_types, detect, lookup, module_detail, module_names
+from .preprocessors import control_types, detect, lookup, module_detail, module_names, unavailable_reason
 from .units import UNITS, decode_image
 
 #: What /controlnet/version answers; clients only check that it is an integer of this generation.
@@ -55,7 +55,7 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
 
     @router.get("/controlnet/module_list")
     def module_list() -> dict:
-        return {"module_list": module_names(), "module_detail": module_detail(library.annotator_folders())}
+        return {"module_list": module_names(), "module_detail": module_detail(library.annotators)}
 
     @router.get("/controlnet/control_types")
     def control_types_route() -> dict:
@@ -70,15 +70,18 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
 
     @router.post("/controlnet/detect")
     def run_detect(body: DetectRequest) -> dict:
+        """The maps of the images (and for the openpose modules, as sd-webui-controlnet, their ``poses``)."""
+        def refuse(message: str) -> HTTPException:
+            return HTTPException(422, detail=[{"loc": ["body", "controlnet_module"], "type": "value_error",
+                                               "msg": f"controlnet_module {body.controlnet_module!r}: {message}"}])
+
         preprocessor = lookup(body.controlnet_module)
-        if preprocessor is None:
-            detail = module_detail(library.annotator_folders()).get(body.controlnet_module.strip().lower())
-            reason = detail["reason"] if detail else f"unknown module; choose from {', '.join(module_names())}"
-            raise HTTPException(422, detail=[{"loc": ["body", "controlnet_module"], "type": "value_error",
-                                              "msg": f"controlnet_module {body.controlnet_module!r}: {reason}"}])
+        reason = unavailable_reason(body.controlnet_module, library.annotators)
+        if preprocessor is None or reason is not None:
+            raise refuse(reason or "unknown module")
         if not body.controlnet_input_images:  # sd-webui-controlnet's answer
             raise HTTPException(422, detail="No image selected")
-        images = []
+        images, poses = [], []
         for i, data in enumerate(body.controlnet_input_images):
             try:
                 image = decode_image(data)
@@ -88,8 +91,17 @@ def add_routes(router: APIRouter, library: ControlNetLibrary) -> APIRouter:
                                                   "msg": f"controlnet_input_images[{i}] {error}"}]) from None
             if image is None:
                 continue
-            images.append(_b64_png(detect(preprocessor, image, body.controlnet_processor_res,
-                                          body.controlnet_threshold_a, body.controlnet_threshold_b)))
-        return {"images": images, "info": "Success"}
+            try:
+                detected = detect(preprocessor, image, body.controlnet_processor_res, body.controlnet_threshold_a,
+                                  body.controlnet_threshold_b, library.annotators)
+            except ValueError as error:  # weights that do not fit their annotator
+                raise refuse(str(error)) from None
+            images.append(_b64_png(detected))
+            if "pose" in detected.info:
+                poses.append(detected.info["pose"])
+        answer: dict = {"images": images, "info": "Success"}
+        if poses:
+            answer["poses"] = poses
+        return answer
 
     return router

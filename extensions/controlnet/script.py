@@ -27,6 +27,15 @@ from webui.extension_api import (
     validate_args,
 )
 
+from .ip_adapter import (
+    CLIP_MODULES,
+    IPAdapterPatch,
+    IPAdapterWeights,
+    encode,
+    image_processor,
+    install,
+    is_ip_adapter,
+)
 from .models import ControlNetEntry, ControlNetLibrary
 from .preprocessors import (
     NEEDS_WEIGHTS,
@@ -37,7 +46,7 @@ from .preprocessors import (
     resolve_thresholds,
     unavailable_reason,
 )
-from .units import ControlNetArgs, ControlNetUnit
+from .units import UNION_CONTROL_TYPES, ControlNetArgs, ControlNetUnit
 
 #: "My prompt is more important": each deeper residual keeps this fraction of the next one's strength.
 SOFT_INJECTION_BASE = 0.825
@@ -61,6 +70,7 @@ class UnitPatch:
     model: Any  # diffusers ControlNetModel
     detected: Image.Image
     label: str  # "ControlNet unit 0: model <title>", for errors
+    union_type: int = 0  # a ControlNet Union's control type (index of UNION_CONTROL_TYPES)
     _images: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, call: UnetCall) -> UnetResiduals | None:
@@ -83,17 +93,33 @@ class UnitPatch:
             added = {key: value[half:] for key, value in added.items()} if added else None
         dtype = self.model.dtype
         image = self._image(call.width, call.height, sample.shape[0]).to(device=sample.device, dtype=dtype)
-        down, mid = self.model(
-            sample.to(dtype), call.timestep, encoder_hidden_states=hidden.to(dtype), controlnet_cond=image,
-            conditioning_scale=unit.weight,
-            added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None, return_dict=False)
-        residuals = [*down, mid]
+        kind = model_kind(self.model)
+        if kind == "t2i_adapter":
+            if self.model.config.in_channels == 1:  # sketch adapters read one grey channel
+                image = image.mean(dim=1, keepdim=True)
+            residuals = [feature * unit.weight for feature in self.model(image)]
+        else:
+            extra: dict[str, Any] = {}
+            if kind == "union":
+                types = torch.zeros(sample.shape[0], self.model.config.num_control_type, dtype=dtype,
+                                    device=sample.device)
+                types[:, self.union_type] = 1
+                extra = {"controlnet_cond": [image], "control_type": types, "control_type_idx": [self.union_type]}
+            else:
+                extra = {"controlnet_cond": image}
+            down, mid = self.model(
+                sample.to(dtype), call.timestep, encoder_hidden_states=hidden.to(dtype), **extra,
+                conditioning_scale=unit.weight,
+                added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None, return_dict=False)
+            residuals = [*down, mid]
         if unit.control_mode == "My prompt is more important":
             last = len(residuals) - 1
             residuals = [r * SOFT_INJECTION_BASE ** (last - i) for i, r in enumerate(residuals)]
         residuals = [r.to(call.sample.dtype) for r in residuals]
         if cond_only:
             residuals = [torch.cat([torch.zeros_like(r), r]) for r in residuals]
+        if kind == "t2i_adapter":
+            return UnetResiduals(intrablock=residuals)
         return UnetResiduals(residuals[:-1], residuals[-1])
 
     def _image(self, width: int, height: int, batch: int) -> torch.Tensor:
@@ -103,6 +129,31 @@ class UnitPatch:
             pixels = torch.from_numpy(np.asarray(fitted.convert("RGB"), dtype=np.float32) / 255.0)
             self._images[key] = pixels.permute(2, 0, 1)[None].expand(batch, -1, -1, -1).contiguous()
         return self._images[key]
+
+
+def model_kind(model: Any) -> str:
+    """"controlnet", "union" (ControlNet Union / ProMax) or "t2i_adapter"."""
+    name = type(model).__name__
+    return {"ControlNetUnionModel": "union", "T2IAdapter": "t2i_adapter"}.get(name, "controlnet")
+
+
+#: The union control type a preprocessor implies (by the start of its name), when the unit says "Unknown".
+_UNION_TYPE_BY_MODULE = (("openpose", "OpenPose"), ("depth", "Depth"), ("softedge", "Soft Edge"),
+                         ("scribble", "Soft Edge"), ("canny", "Hard Edge"), ("lineart", "Hard Edge"),
+                         ("mlsd", "Hard Edge"), ("invert", "Hard Edge"), ("threshold", "Hard Edge"),
+                         ("normal", "Normal Map"), ("seg", "Segmentation"), ("tile", "Tile"), ("inpaint", "Inpaint"))
+
+
+def union_control_type(unit: ControlNetUnit, module: str, index: int) -> int:
+    """The control type index a union model runs with: the unit's own, else the one its preprocessor implies."""
+    name = unit.union_control_type
+    if name == "Unknown":
+        name = next((kind for prefix, kind in _UNION_TYPE_BY_MODULE if module.startswith(prefix)), "Unknown")
+    if name == "Unknown":
+        choices = ", ".join(UNION_CONTROL_TYPES[:-1])
+        raise ValueError(f"ControlNet unit {index}: union_control_type: the model is a ControlNet Union and the "
+                         f"preprocessor {module!r} implies no control type; choose one of {choices}")
+    return UNION_CONTROL_TYPES.index(name)
 
 
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
@@ -127,15 +178,15 @@ def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize
     return max(64, round(scale * min(raw_w, raw_h)))
 
 
-def unit_infotext(parsed: ParsedUnit, resolution: int) -> str:
-    """The value of the ``ControlNet N`` infotext key."""
+def unit_infotext(parsed: ParsedUnit, resolution: int, union_type: str | None = None) -> str:
+    """The value of the ``ControlNet N`` infotext key (with the union control type for a union model)."""
     unit = parsed.unit
     a, b = resolve_thresholds(parsed.preprocessor, unit.threshold_a, unit.threshold_b)
     return (f"Module: {parsed.preprocessor.name}, Model: {parsed.entry.title}, Weight: {unit.weight}, "
             f"Resize Mode: {unit.resize_mode}, Guidance Start: {unit.guidance_start:g}, "
             f"Guidance End: {unit.guidance_end:g}, Pixel Perfect: {unit.pixel_perfect}, "
             f"Control Mode: {unit.control_mode}, Processor Res: {resolution}, Threshold A: {a:g}, "
-            f"Threshold B: {b:g}")
+            f"Threshold B: {b:g}" + (f", Union Control Type: {union_type}" if union_type else ""))
 
 
 class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
@@ -158,8 +209,12 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
             if unit is None or not unit.enabled:
                 continue
             preprocessor = lookup(unit.module)
-            if preprocessor is None:
-                raise ValueError(f"unit {index}: module: {self._module_problem(unit.module)}")
+            if preprocessor is None and unit.module.strip().lower() not in NEEDS_WEIGHTS:
+                raise ValueError(f"unit {index}: module: unknown preprocessor {unit.module!r}; choose from "
+                                 f"{', '.join(module_names())}")
+            reason = unavailable_reason(unit.module, self.library.annotators)
+            if preprocessor is None or reason is not None:
+                raise ValueError(f"unit {index}: module: {unit.module!r} is unavailable: {reason}")
             if unit.model.strip().lower() in ("", "none"):
                 raise ValueError(f"unit {index}: model: choose a ControlNet model; available: "
                                  f"{', '.join(self.library.titles()) or 'none installed'}")
@@ -167,14 +222,17 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                 entry = self.library.find(unit.model)
             except LookupError as error:
                 raise ValueError(f"unit {index}: model: {error}") from None
+            ip_model = is_ip_adapter(entry.path)
+            if ip_model != (preprocessor.clip_vision is not None):
+                raise ValueError(f"unit {index}: module: " + (
+                    f"the IP-Adapter model {entry.title} needs an IP-Adapter module: one of "
+                    f"{', '.join(CLIP_MODULES)}" if ip_model else
+                    f"{preprocessor.name!r} encodes an image prompt for an IP-Adapter model (ip-adapter_*); "
+                    f"{entry.title} is not one"))
             parsed.append(ParsedUnit(index, unit, preprocessor, entry))
+        if sum(is_ip_adapter(p.entry.path) for p in parsed) > 1:
+            raise ValueError("units: one IP-Adapter unit per job")
         return parsed or None
-
-    def _module_problem(self, module: str) -> str:
-        if module.strip().lower() in NEEDS_WEIGHTS:
-            reason = unavailable_reason(module.strip().lower(), self.library.annotator_folders())
-            return f"{module!r} is unavailable: {reason}"
-        return f"unknown preprocessor {module!r}; choose from {', '.join(module_names())}"
 
     def before_job(self, job: Job[list[ParsedUnit]]) -> None:
         """Load each unit's model, detect its map, and add its UNet patch and infotext."""
@@ -186,6 +244,9 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                                  "(img2img uses the init image when none is given)")
             with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.model"):
                 model = self.library.load(parsed.entry)
+            if isinstance(model, IPAdapterWeights):
+                self._ip_adapter(job, parsed, model, image)
+                continue
             _check_family(model, job.model, parsed)
             width, height = job.request.width, job.request.height
             resolution = unit.processor_res
@@ -193,12 +254,41 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
                 resolution = pixel_perfect_resolution(image, width, height, unit.resize_mode)
             elif resolution == -1:
                 resolution = 512
-            detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b)
+            with model_file_field(f"alwayson_scripts.controlnet.args.{parsed.index}.module"):
+                detected = detect(parsed.preprocessor, image, resolution, unit.threshold_a, unit.threshold_b,
+                                  self.library.annotators)
+            union_type = union_control_type(unit, parsed.preprocessor.name, parsed.index) \
+                if model_kind(model) == "union" else 0
             job.add_unet_patch(UnitPatch(unit, model, detected, f"ControlNet unit {parsed.index}: model "
-                                                                f"{parsed.entry.title}"))
-            job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, resolution)
-            if unit.save_detected_map and parsed.preprocessor.name != "none":
+                                                                f"{parsed.entry.title}", union_type=union_type))
+            job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(
+                parsed, resolution, UNION_CONTROL_TYPES[union_type] if model_kind(model) == "union" else None)
+            if unit.save_detected_map and parsed.preprocessor.name != "none" and \
+                    not job.options.control_net_no_detectmap:
                 job.extra_images.append(fit_image(detected, width, height, unit.resize_mode))
+
+    def _ip_adapter(self, job: Job[list[ParsedUnit]], parsed: ParsedUnit, weights: IPAdapterWeights,
+                    image: Image.Image) -> None:
+        """Encode the image prompt and put the adapter into the job's UNet (weight, start/end per step)."""
+        unit, label = parsed.unit, f"ControlNet unit {parsed.index}: model {parsed.entry.title}"
+        unet = job.model.unet
+        if weights.cross_attention_dim != unet.config.cross_attention_dim:
+            raise ValueError(f"{label} is an IP-Adapter for a UNet with {weights.cross_attention_dim}-wide text "
+                             f"embeddings; the checkpoint is {job.model.family.name}")
+        encoder_name = parsed.preprocessor.clip_vision
+        assert encoder_name is not None
+        encoder = self.library.annotators.clip_vision.load(encoder_name)
+        positive, negative = encode(encoder, image_processor(encoder), image, weights.plus, job.device,
+                                    unet.dtype)
+        wanted = weights.embedding_width
+        if wanted != positive.shape[-1]:
+            raise ValueError(f"{label} takes image embeddings {wanted} wide; the encoder {encoder_name} of module "
+                             f"{parsed.preprocessor.name!r} gives {positive.shape[-1]} (plain SD 1.5 and plus "
+                             "adapters use ViT-H: ip-adapter_clip_sd15; SDXL ones ViT-bigG: ip-adapter_clip_sdxl)")
+        processors = install(job, weights)
+        job.add_unet_patch(IPAdapterPatch(unit.weight, unit.guidance_start, unit.guidance_end, unit.hr_option,
+                                          processors, positive, negative))
+        job.infotext[f"ControlNet {parsed.index}"] = unit_infotext(parsed, -1)
 
 
 def _init_image(request: GenerationRequest) -> Image.Image | None:
@@ -209,6 +299,10 @@ def _init_image(request: GenerationRequest) -> Image.Image | None:
 def _check_family(controlnet: Any, loaded: LoadedModel, parsed: ParsedUnit) -> None:
     """A ControlNet works only with the UNet family it was trained for; say so instead of a shape error."""
     kind = _family_mismatch(controlnet, loaded.unet.config.cross_attention_dim, bool(loaded.is_sdxl))
+    if kind is None and model_kind(controlnet) == "t2i_adapter":
+        channels = list(controlnet.config.channels)
+        if channels != list(loaded.unet.config.block_out_channels)[:len(channels)]:
+            kind = f"a UNet with channels {channels}"
     if kind:
         raise ValueError(f"ControlNet unit {parsed.index}: model {parsed.entry.title} is for {kind}; "
                          f"the checkpoint is {loaded.family.name}")
@@ -216,6 +310,9 @@ def _check_family(controlnet: Any, loaded: LoadedModel, parsed: ParsedUnit) -> N
 
 def _family_mismatch(controlnet: Any, cross_attention_dim: int, is_sdxl: bool) -> str | None:
     """The kind of model ``controlnet`` is for, when a UNet with these traits is not one; else None."""
+    if model_kind(controlnet) == "t2i_adapter":
+        sdxl = controlnet.config.adapter_type == "full_adapter_xl"
+        return None if sdxl == is_sdxl else "SDXL" if sdxl else "SD 1.x/2.x"
     wanted = controlnet.config.cross_attention_dim
     sdxl = controlnet.config.addition_embed_type == "text_time"
     if wanted == cross_attention_dim and sdxl == is_sdxl:

@@ -11,17 +11,18 @@ import gradio as gr
 from webui.extension_api import ScriptControls, TabUi
 
 from .models import ControlNetLibrary
-from .preprocessors import PREPROCESSORS
-from .units import CONTROL_MODES, RESIZE_MODES, UNITS, ControlNetUnit
+from .preprocessors import PREPROCESSORS, detect, lookup, module_names, unavailable_reason
+from .units import CONTROL_MODES, RESIZE_MODES, UNION_CONTROL_TYPES, UNITS, ControlNetUnit
 
 #: Unit fields in the order of each unit's inputs after the image.
 FIELDS = ("enabled", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
-          "pixel_perfect", "processor_res", "threshold_a", "threshold_b")
+          "pixel_perfect", "processor_res", "threshold_a", "threshold_b", "union_control_type")
 #: Infotext labels of the ``ControlNet N`` value -> unit fields.
 INFOTEXT_FIELDS = {"Module": "module", "Model": "model", "Weight": "weight", "Resize Mode": "resize_mode",
                    "Guidance Start": "guidance_start", "Guidance End": "guidance_end",
                    "Pixel Perfect": "pixel_perfect", "Control Mode": "control_mode",
-                   "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b"}
+                   "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+                   "Union Control Type": "union_control_type"}
 _DEFAULTS = ControlNetUnit().model_dump(exclude={"image", "mask"})
 _PAIR = re.compile(r"\s*([A-Za-z][A-Za-z ]*?):\s*(.*?)\s*(?:,(?=\s*[A-Za-z][A-Za-z ]*?:)|$)")
 
@@ -84,6 +85,43 @@ def to_args(values: list[Any]) -> list[dict[str, Any]]:
     return units
 
 
+def preview(library: ControlNetLibrary, image: Any, module: str, resolution: float, pixel_perfect: bool,
+            threshold_a: float, threshold_b: float) -> Any:
+    """The preview button: the unit's map, by the same code as ``/controlnet/detect``; a module that cannot
+    run, or no image, is a clear error (a toast)."""
+    import gradio as gr
+
+    if image is None:
+        raise gr.Error("Control image: upload an image first, then preview the preprocessor's map")
+    preprocessor = lookup(module or "")
+    reason = unavailable_reason(module or "", library.annotators)
+    if preprocessor is None or reason is not None:
+        raise gr.Error(f"Preprocessor {module!r}: {reason}")
+    try:
+        return detect(preprocessor, image, -1 if pixel_perfect else int(resolution), threshold_a, threshold_b,
+                      library.annotators)
+    except ValueError as error:
+        raise gr.Error(f"Preprocessor {module!r}: {error}") from None
+
+
+def slider_updates(module: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The resolution and threshold sliders for ``module``: sd-webui-controlnet's names, ranges and defaults;
+    sliders the module does not have are hidden."""
+    import gradio as gr
+
+    preprocessor = lookup(module or "")
+    resolution = gr.update(visible=bool(preprocessor and preprocessor.uses_resolution))
+    updates = []
+    for name in ("threshold_a", "threshold_b"):
+        found = getattr(preprocessor, name, None) if preprocessor else None
+        if found is None:
+            updates.append(gr.update(visible=False))
+        else:
+            updates.append(gr.update(visible=True, label=found.name, minimum=found.min, maximum=found.max,
+                                     step=found.step, value=found.value))
+    return resolution, updates[0], updates[1]
+
+
 def build_ui(library: ControlNetLibrary) -> Callable[[TabUi], ScriptControls]:
     """The accordion builder passed to ``api.add_script``."""
 
@@ -94,18 +132,26 @@ def build_ui(library: ControlNetLibrary) -> Callable[[TabUi], ScriptControls]:
         with gr.Tabs():
             for index in range(UNITS):
                 with gr.Tab(f"Unit {index}"):
-                    image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard"],
-                                     elem_id=f"{prefix}_image_{index}")
+                    with gr.Row():
+                        image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard"],
+                                         elem_id=f"{prefix}_image_{index}")
+                        preview_image = gr.Image(label="Preprocessor Preview", type="pil", interactive=False,
+                                                 elem_id=f"{prefix}_preview_image_{index}")
                     with gr.Row():
                         enabled = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enable_{index}")
                         pixel_perfect = gr.Checkbox(False, label="Pixel Perfect",
                                                     elem_id=f"{prefix}_pixel_perfect_{index}")
-                    with gr.Row():
-                        module = gr.Dropdown(list(PREPROCESSORS), value="canny", label="Preprocessor",
+                    with gr.Row(equal_height=True):
+                        module = gr.Dropdown(module_names(), value="canny", label="Preprocessor", scale=3,
                                              elem_id=f"{prefix}_module_{index}")
-                        model = gr.Dropdown(["None", *library.titles()], value="None", label="Model",
-                                            elem_id=f"{prefix}_model_{index}")
-                        refresh = gr.Button("\U0001f504", elem_id=f"{prefix}_refresh_{index}", scale=0)
+                        run_preview = gr.Button("\U0001f4a5 Preview", scale=1, min_width=100,
+                                                elem_id=f"{prefix}_preview_{index}")
+                    # The model on a row of its own, full width: titles "name [hash]" are long.
+                    with gr.Row(equal_height=True):
+                        model = gr.Dropdown(["None", *library.titles()], value="None", label="Model", scale=8,
+                                            min_width=320, elem_id=f"{prefix}_model_{index}")
+                        refresh = gr.Button("\U0001f504", elem_id=f"{prefix}_refresh_{index}", scale=0,
+                                            min_width=48)
                     weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Control Weight",
                                        elem_id=f"{prefix}_weight_{index}")
                     with gr.Row():
@@ -120,17 +166,21 @@ def build_ui(library: ControlNetLibrary) -> Callable[[TabUi], ScriptControls]:
                     processor_res = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor Resolution",
                                               elem_id=f"{prefix}_processor_res_{index}")
                     with gr.Row():
-                        threshold_a = gr.Slider(0, 255, value=100, step=1, label="Threshold A",
+                        threshold_a = gr.Slider(1, 255, value=100, step=1, label="Canny Low Threshold",
                                                 elem_id=f"{prefix}_threshold_a_{index}")
-                        threshold_b = gr.Slider(0, 255, value=200, step=1, label="Threshold B",
+                        threshold_b = gr.Slider(1, 255, value=200, step=1, label="Canny High Threshold",
                                                 elem_id=f"{prefix}_threshold_b_{index}")
+                    union_type = gr.Dropdown(list(UNION_CONTROL_TYPES), value="Unknown",
+                                             label="Union Control Type (ControlNet Union models)",
+                                             elem_id=f"{prefix}_union_control_type_{index}")
                     refresh.click(lambda: gr.update(choices=["None", *(e.title for e in library.refresh())]),
                                   outputs=[model])
-                    module.change(lambda name: (_slider_default(name, "threshold_a"),
-                                                _slider_default(name, "threshold_b")),
-                                  inputs=[module], outputs=[threshold_a, threshold_b])
+                    module.change(slider_updates, inputs=[module], outputs=[processor_res, threshold_a, threshold_b])
+                    run_preview.click(lambda *values: preview(library, *values),
+                                      inputs=[image, module, processor_res, pixel_perfect, threshold_a, threshold_b],
+                                      outputs=[preview_image])
                     controls = [enabled, module, model, weight, start, end, control_mode, resize_mode, pixel_perfect,
-                                processor_res, threshold_a, threshold_b]
+                                processor_res, threshold_a, threshold_b, union_type]
                     inputs += [image, *controls]
                     paste += [(control, _pasted(index, name)) for control, name in zip(controls, FIELDS, strict=True)]
         return ScriptControls(inputs=inputs, to_args=to_args, paste=paste)

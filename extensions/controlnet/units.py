@@ -22,6 +22,10 @@ UNITS = 3
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
+#: sd-webui-controlnet's control types of a ControlNet Union (ProMax) model, in the model's own order;
+#: "Unknown" picks the type from the unit's preprocessor.
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile",
+                       "Inpaint", "Unknown")
 #: Older names sd-webui-controlnet still accepts for the resize modes.
 _RESIZE_ALIASES = {"scale to fit (inner fit)": "Crop and Resize", "envelope (outer fit)": "Resize and Fill"}
 
@@ -78,6 +82,9 @@ class ControlNetUnit(BaseModel):
     control_mode: str = Field("Balanced", description="Balance between the prompt and the control.")
     hr_option: str = Field("Both", description="Passes the unit applies to when Hires. fix runs.")
     save_detected_map: bool = Field(True, description="Return the detected map with the images.")
+    union_control_type: str = Field("Unknown", description="Control type of a ControlNet Union (ProMax) model: "
+                                    "one of " + ", ".join(UNION_CONTROL_TYPES) + " ('Unknown': from the "
+                                    "preprocessor). Other models ignore it.")
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +115,11 @@ class ControlNetUnit(BaseModel):
     @classmethod
     def _control_mode(cls, value: Any) -> str:
         return _choice(value, CONTROL_MODES)
+
+    @field_validator("union_control_type", mode="before")
+    @classmethod
+    def _union_control_type(cls, value: Any) -> str:
+        return _choice(value, UNION_CONTROL_TYPES)
 
     @field_validator("hr_option", mode="before")
     @classmethod

@@ -134,14 +134,28 @@ class UnetCall:
 
 @dataclass
 class UnetResiduals:
-    """What a patch adds to the UNet's skip connections (diffusers' ControlNet interface)."""
+    """What a patch adds to the UNet (diffusers' interfaces): ``down`` and ``mid`` to the skip connections (a
+    ControlNet's residuals), ``intrablock`` inside the down blocks (a T2I-Adapter's features); ``added_cond``
+    joins the call's ``added_cond_kwargs`` (an IP-Adapter's ``image_embeds``)."""
 
-    down: Sequence[torch.Tensor]
+    down: Sequence[torch.Tensor] = ()
     mid: torch.Tensor | None = None
+    intrablock: Sequence[torch.Tensor] = ()
+    added_cond: dict[str, Any] = field(default_factory=dict)
 
     def __add__(self, other: UnetResiduals) -> UnetResiduals:
         mid = other.mid if self.mid is None else self.mid if other.mid is None else self.mid + other.mid
-        return UnetResiduals([a + b for a, b in zip(self.down, other.down, strict=True)], mid)
+        clash = set(self.added_cond) & set(other.added_cond)
+        if clash:
+            raise ValueError(f"two patches set the UNet's {', '.join(sorted(clash))}; only one may")
+        return UnetResiduals(_summed(self.down, other.down), mid, _summed(self.intrablock, other.intrablock),
+                             {**self.added_cond, **other.added_cond})
+
+
+def _summed(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    if not a or not b:
+        return a or b
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 #: Called before each UNet call; returns residuals to add, or None to leave this call alone.
@@ -157,9 +171,15 @@ def combined_residuals(patches: Sequence[UnetPatch], call: UnetCall) -> dict[str
             total = residuals if total is None else total + residuals
     if total is None:
         return {}
-    kwargs: dict[str, Any] = {"down_block_additional_residuals": tuple(total.down)}
+    kwargs: dict[str, Any] = {}
+    if total.down:
+        kwargs["down_block_additional_residuals"] = tuple(total.down)
     if total.mid is not None:
         kwargs["mid_block_additional_residual"] = total.mid
+    if total.intrablock:
+        kwargs["down_intrablock_additional_residuals"] = list(total.intrablock)  # a fresh list: the UNet pops it
+    if total.added_cond:
+        kwargs["added_cond_kwargs"] = {**(call.added_cond_kwargs or {}), **total.added_cond}
     return kwargs
 
 
@@ -176,6 +196,8 @@ class Job(Generic[ArgsT]):
     model: LoadedModel
     device: torch.device
     args: ArgsT
+    #: The job's Options (read-only; e.g. ``control_net_no_detectmap``).
+    options: Options = field(default_factory=Options)
     #: Infotext keys recorded on every image of the job.
     infotext: dict[str, object] = field(default_factory=dict)
     #: Images returned after the generated ones (e.g. ControlNet's detected maps); not saved to disk.
@@ -323,12 +345,12 @@ class ScriptRun:
 
 @contextmanager
 def running_scripts(enabled: Sequence[tuple[AlwaysOnScript[Any], Any]], request: GenerationRequest,
-                    model: LoadedModel, device: torch.device) -> Iterator[ScriptRun]:
+                    model: LoadedModel, device: torch.device, options: Options | None = None) -> Iterator[ScriptRun]:
     """Set up every enabled script for one job and undo all of it on the way out, newest first."""
     with ExitStack() as stack:
         run = ScriptRun([])
         for script, args in enabled:
-            job = Job(request=request, model=model, device=device, args=args)
+            job = Job(request=request, model=model, device=device, args=args, options=options or Options())
             stack.enter_context(job._undo)
             run.jobs.append((script, job))
             script.before_job(job)

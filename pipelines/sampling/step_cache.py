@@ -150,6 +150,9 @@ def _made_from(sample: torch.Tensor, encoder_hidden_states: torch.Tensor, kwargs
 def _adapter_residuals(kwargs: Mapping[str, Any]) -> bool:
     # Down residuals without a middle one are T2I-adapter residuals inside the down blocks for diffusers,
     # which the partial call does not reproduce.
+    # An IP-Adapter's image embeddings feed attention the partial call does not run either.
+    if "image_embeds" in (kwargs.get("added_cond_kwargs") or {}):
+        return True
     return "down_block_additional_residuals" in kwargs and kwargs.get("mid_block_additional_residual") is None
 
 

@@ -107,6 +107,23 @@ def test_two_units_weights_modes_and_guidance_window(cn_engine):
     assert 0 < np.abs(late - one).mean()
 
 
+def test_detected_map_follows_the_images_in_the_gallery_unless_the_option_is_off(cn_engine, tmp_path):
+    from pipelines.options import Options
+    from webui.ui.output import gallery_entries
+
+    canny = unit(module="canny", image=b64_png(square()), processor_res=64)
+    result = cn_engine.generate(txt2img(alwayson_scripts={"controlnet": [canny]}, batch_size=2))
+    assert len(result.images) == 2 and len(result.extra_images) == 1
+    files, infotexts, seeds, _ = gallery_entries(result, tmp_path)
+    # as A1111 shows it: the grid (when one was made), the two images, then the map (no infotext of its own)
+    shown = (result.grid is not None) + 2 + 1
+    assert len(files) == len(infotexts) == len(seeds) == shown and infotexts[-1] == ""
+    assert np.asarray(Image.open(files[-1])).tolist() == np.asarray(result.extra_images[0]).tolist()
+    quiet = cn_engine.generate(txt2img(alwayson_scripts={"controlnet": [canny]}),
+                               options=Options(control_net_no_detectmap=True))
+    assert quiet.extra_images == [] and len(quiet.images) == 1
+
+
 def test_img2img_inpaint_and_hires_pass_get_the_control(cn_engine):
     base = dict(prompt="a painting", steps=4, width=64, height=64, seed=3, checkpoint=SD15, sampler_name="Euler",
                 init_images=[picture()], denoising_strength=0.6, save_images=False)
@@ -190,7 +207,8 @@ def test_pasting_restores_the_unit_settings(cn_engine):
     assert fields["control_mode"] == "My prompt is more important"
     assert fields["threshold_a"] == 100 and fields["threshold_b"] == 200 and fields["processor_res"] == 64
     assert ui._pasted(0, "enabled")(params) is True and ui._pasted(1, "enabled")(params) is False
-    args = ui.to_args([square(), *[fields.get(name, True) for name in ui.FIELDS]] +
+    args = ui.to_args([square(), *[fields.get(name, True if name == "enabled" else ui._DEFAULTS[name])
+                                   for name in ui.FIELDS]] +
                       [None, False, *[None] * (len(ui.FIELDS) - 1)])
     assert cn_engine.scripts.get("controlnet").parse_args(args)[0].unit.weight == 0.75
 
@@ -252,7 +270,7 @@ def test_api_controlnet_routes(server):
     assert {"none", "canny", "invert", "threshold", "lineart_standard"} <= set(modules["module_list"])
     assert modules["module_detail"]["canny"]["available"] is True
     assert modules["module_detail"]["depth_midas"]["available"] is False
-    assert "annotators/depth_midas" in modules["module_detail"]["depth_midas"]["reason"]
+    assert "annotators/midas: dpt_hybrid-midas-501f0c75.pt" in modules["module_detail"]["depth_midas"]["reason"]
     detected = requests.post(f"{url}/controlnet/detect", timeout=30, json={
         "controlnet_module": "canny", "controlnet_input_images": [b64_png(square())],
         "controlnet_processor_res": 64, "controlnet_threshold_a": 100, "controlnet_threshold_b": 200}).json()

@@ -316,14 +316,16 @@ def test_controlnet_reads_annotators_through_their_kind_and_does_not_list_them_a
     paths.create_model_dirs()
     (paths.model_dirs("controlnet")[0] / "cn.safetensors").write_bytes(b"")
     for annotators in paths.model_dirs("controlnet_annotator"):
-        (annotators / "depth_midas").mkdir(parents=True)
-        (annotators / "depth_midas" / "dpt.safetensors").write_bytes(b"")
+        (annotators / "midas").mkdir(parents=True)
+        (annotators / "midas" / "dpt_hybrid-midas-501f0c75.pt").write_bytes(b"")
     library = ControlNetLibrary(folders=lambda: paths.model_dirs("controlnet"), file_hash=lambda path: "0" * 64,
                                 device=lambda: torch.device("cpu"), dtype=lambda: torch.float32,
                                 annotator_folders=lambda: paths.model_dirs("controlnet_annotator"))
     assert [entry.name for entry in library.refresh()] == ["cn"]
-    reason = unavailable_reason("depth_midas", library.annotator_folders())
-    assert str(paths.models_dir / "ControlNet" / "annotators" / "depth_midas") in reason
-    assert "not implemented yet" in reason
-    assert unavailable_reason("openpose", library.annotator_folders()).endswith(
-        str(paths.models_dir / "ControlNet" / "annotators" / "openpose"))
+    # the weights are found through the annotator kind's folders (so depth_midas can run) ...
+    assert library.annotator_folders() == paths.model_dirs("controlnet_annotator")
+    assert unavailable_reason("depth_midas", library.annotators) is None
+    # ... and a missing one names its file in the kind's first folder
+    assert unavailable_reason("openpose", library.annotators) == (
+        f"needs annotator weights in {paths.models_dir / 'ControlNet' / 'annotators' / 'openpose'}: "
+        "body_pose_model.pth")

@@ -119,7 +119,8 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
                 return
             result = update.result
             session.images, session.infotexts, session.seeds, session.subseeds = gallery_entries(result, scratch)
-            session.first_image = len(session.images) - len(result.images)
+            extras = len(result.extra_images) if result.images else 0  # shown after the images
+            session.first_image = len(session.images) - len(result.images) - extras
             session.selected = 0
             session.job_timestamp = result.job_timestamp
             yield {**idle, panel.gallery: gr.update(value=session.images, selected_index=0 if session.images else None,

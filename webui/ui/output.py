@@ -85,9 +85,19 @@ def gallery_files(result: GenerationResult, scratch: Path) -> list[str]:
 
 def gallery_entries(result: GenerationResult, scratch: Path) -> tuple[list[str], list[str], list[int], list[int]]:
     """(files, infotexts, seeds, subseeds) of the gallery, one per entry: as A1111 shows a batch, the grid
-    first (with the first image's infotext and seeds) when the job made one, then the images."""
+    first (with the first image's infotext and seeds) when the job made one, then the images, then the
+    always-on scripts' extra images (ControlNet's detected maps; no infotext, the first image's seeds)."""
     files = gallery_files(result, scratch)
     infotexts, seeds, subseeds = list(result.infotexts), list(result.seeds), list(result.subseeds)
+    if result.extra_images and result.images:
+        scratch.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(result.extra_images):
+            path = scratch / f"{result.job_timestamp}-extra-{k:02d}-{result.seeds[0]}.png"
+            image.save(path, "PNG")
+            files.append(str(path))
+        infotexts += [""] * len(result.extra_images)
+        seeds += [seeds[0]] * len(result.extra_images)
+        subseeds += [subseeds[0]] * len(result.extra_images) if subseeds else []
     grid = result.grid
     if grid is None or not result.images or any(image is grid for image in result.images):
         return files, infotexts, seeds, subseeds
