@@ -114,6 +114,10 @@ class Engine:
         if request.enable_hr and request.hr_checkpoint_name:
             hires_checkpoint = self._resolve("hr_checkpoint_name",
                                              lambda: self.models.resolve(request.hr_checkpoint_name), "checkpoint")
+        refiner = None
+        if request.refiner_checkpoint:
+            refiner = self._resolve("refiner_checkpoint",
+                                    lambda: self.models.resolve(request.refiner_checkpoint), "checkpoint")
         try:
             scripts = tuple(self.scripts.parse(request.alwayson_scripts))
         except ScriptError as error:
@@ -130,7 +134,7 @@ class Engine:
             raise RequestError("styles", unknown_styles_message(unknown, self.styles.names()))
         known = tuple(style for style in styles if style is not None)  # all of them: none is unknown
         return JobPlan(request=request, checkpoint=checkpoint, vae=vae, hires_checkpoint=hires_checkpoint,
-                       hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
+                       refiner=refiner, hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
 
     @staticmethod
     def _resolve(field: str, find: Callable[[], T], prefix: str | None = None) -> T:
@@ -176,7 +180,7 @@ class Engine:
                                  styles=self.styles, embeddings=self.embeddings, control=control,
                                  device=self.models.device.device, extra_networks=self.extra_networks,
                                  upscalers=self.upscalers, scripts=list(plan.scripts), notice=notice or "",
-                                 hires_checkpoint=plan.hires_checkpoint,
+                                 hires_checkpoint=plan.hires_checkpoint, refiner=plan.refiner,
                                  load_model=lambda title: self.models.get(title, request.vae))
                 return run_job(request, ctx)
             except Exception as error:

@@ -447,8 +447,9 @@ def load_checkpoint(
     """Load a checkpoint file or diffusers folder into a pipeline, fully offline.
 
     Returns a ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline`` (SDXL) or
-    ``StableDiffusionXLImg2ImgPipeline`` (SDXL refiner: no first text encoder), inpainting models included, holding unet, vae, text encoder(s), tokenizer(s) and scheduler;
-    never a safety checker or feature extractor. Derived config folders go under ``cache_dir``.
+    ``StableDiffusionXLImg2ImgPipeline`` (SDXL refiner: no first text encoder), inpainting models included,
+    holding unet, vae, text encoder(s), tokenizer(s) and scheduler; never a safety checker or feature
+    extractor. Derived config folders go under ``cache_dir``.
     """
     path = Path(path)
     if path.is_dir():
