@@ -108,21 +108,21 @@ def test_img2img_with_refiner(engine):
     assert params["Refiner switch at"] == 0.7 and params["Refiner"].startswith("tiny-sdxl-refiner [")
 
 
-@pytest.mark.parametrize("which, first, second", [("second pass", False, True), ("first pass", True, False),
-                                                  ("both passes", True, True)])
-def test_hires_fix_refines_the_passes_the_option_names(engine, which, first, second):
-    options = engine.options.with_overrides({"hires_fix_refiner_pass": which})
+def test_hires_fix_refines_the_passes_the_option_names(engine):
     hires = dict(checkpoint=SDXL, steps=5, enable_hr=True, hr_scale=1.5, denoising_strength=0.6, seed=5)
-    plain = engine.generate(txt2img(**hires), options=options)
-    refined = engine.generate(txt2img(**hires, refiner_checkpoint=REFINER), options=options)
-    assert _max_diff(plain.images, refined.images) > 0
-    params = parse_infotext(refined.infotexts[0])
-    assert params["Refiner"].startswith("tiny-sdxl-refiner [")
-    assert params.get("Hires refiner") == (None if which == "second pass" else which)
-    if not second:  # the hires pass ran on the job's checkpoint again: only the first pass differs
-        first_only = engine.generate(txt2img(**{**hires, "enable_hr": False}, refiner_checkpoint=REFINER),
-                                     options=options)
-        assert _max_diff(first_only.images, engine.generate(txt2img(**{**hires, "enable_hr": False})).images) > 0
+    images, keys = {}, {}
+    for which in (None, "first pass", "second pass", "both passes"):
+        options = engine.options.with_overrides({"hires_fix_refiner_pass": which or "second pass"})
+        result = engine.generate(txt2img(**hires, refiner_checkpoint=REFINER if which else None), options=options)
+        images[which] = result.images
+        params = parse_infotext(result.infotexts[0])
+        keys[which] = (params.get("Refiner", "").split(" [")[0], params.get("Hires refiner"))
+    assert keys == {None: ("", None), "first pass": ("tiny-sdxl-refiner", "first pass"),
+                    "second pass": ("tiny-sdxl-refiner", None), "both passes": ("tiny-sdxl-refiner", "both passes")}
+    names = list(images)
+    for i, a in enumerate(names):  # each choice refines other passes: four different images
+        for b in names[i + 1:]:
+            assert _max_diff(images[a], images[b]) > 0, (a, b)
 
 
 def test_unknown_refiner_names_the_field_and_the_choices(engine):
