@@ -25,7 +25,6 @@ def test_refiner_in_txt2img_writes_its_keys_and_pastes_back(page, ui_server):
     page.locator("#txt2img_prompt textarea").fill("a lighthouse")
     page.locator("#txt2img_refiner").click()  # open the accordion
     assert page.locator("#txt2img_refiner_checkpoint input").input_value() == "None"
-    assert page.locator("#img2img_refiner_checkpoint").count() == 1  # img2img has the same accordion
     choose(page, "txt2img_refiner_checkpoint", re.compile(re.escape(REFINER) + r" \["))
     fill_number(page, "txt2img_refiner_switch_at", 0.7)
     info = generate_and_wait(page, "txt2img")
@@ -44,3 +43,9 @@ def test_refiner_in_txt2img_writes_its_keys_and_pastes_back(page, ui_server):
     page.wait_for_function("(title) => document.querySelector('#txt2img_refiner_checkpoint input').value === title",
                            arg=refiner.title)
     assert number_value(page, "txt2img_refiner_switch_at") == 0.7
+
+    # img2img has the same accordion.
+    page.locator("button[role=tab]:has-text('img2img')").first.click()
+    page.locator("#img2img_refiner").click()
+    assert page.locator("#img2img_refiner_checkpoint input").input_value() == "None"
+    assert number_value(page, "img2img_refiner_switch_at") == 0.8
