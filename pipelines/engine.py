@@ -137,6 +137,10 @@ class Engine:
         if request.enable_hr and request.hr_checkpoint_name:
             hires_checkpoint = self._resolve("hr_checkpoint_name",
                                              lambda: self.models.resolve(request.hr_checkpoint_name), "checkpoint")
+        refiner = None
+        if request.refiner_checkpoint:
+            refiner = self._resolve("refiner_checkpoint",
+                                    lambda: self.models.resolve(request.refiner_checkpoint), "checkpoint")
         try:
             scripts = tuple(self.scripts.parse(request.alwayson_scripts))
         except ScriptError as error:
@@ -153,7 +157,7 @@ class Engine:
             raise RequestError("styles", unknown_styles_message(unknown, self.styles.names()))
         known = tuple(style for style in styles if style is not None)  # all of them: none is unknown
         return JobPlan(request=request, checkpoint=checkpoint, vae=vae, hires_checkpoint=hires_checkpoint,
-                       hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
+                       refiner=refiner, hires_upscaler=hires_upscaler, scripts=scripts, script=script, styles=known)
 
     def check_face_restoration(self, request: GenerationRequest, options: Options) -> None:
         """:class:`RequestError` for ``restore_faces`` when the job restores faces and a model file is missing."""
@@ -222,7 +226,7 @@ class Engine:
                                  device=self.models.device.device, extra_networks=self.extra_networks,
                                  upscalers=self.upscalers, face_restorers=self.face_restorers,
                                  scripts=list(plan.scripts), notice=notice or "",
-                                 hires_checkpoint=plan.hires_checkpoint,
+                                 hires_checkpoint=plan.hires_checkpoint, refiner=plan.refiner,
                                  load_model=lambda title: self.models.get(title, request.vae))
                 return run_job(request, ctx)
             except Exception as error:

@@ -134,6 +134,14 @@ class Options(BaseModel):
     # sd-webui-controlnet's option (its key): the detected maps are not added after the images.
     control_net_no_detectmap: bool = Field(
         False, description="ControlNet: do not append the detected maps to the output (gallery and API images).")
+    # The refiner's options, under A1111's names and defaults.
+    hires_fix_refiner_pass: Literal["first pass", "second pass", "both passes"] = Field(
+        "second pass", description="Hires. fix with a refiner: the pass(es) the refiner takes over. Written to the "
+        "infotext as \"Hires refiner\" unless \"second pass\".")
+    sdxl_refiner_low_aesthetic_score: float = Field(
+        2.5, ge=0.0, le=10.0, description="SDXL refiner: the aesthetic score the negative prompt is conditioned on.")
+    sdxl_refiner_high_aesthetic_score: float = Field(
+        6.0, ge=0.0, le=10.0, description="SDXL refiner: the aesthetic score the prompt is conditioned on.")
     # The Extensions tab's choice (A1111's key), read when the server starts.
     disabled_extensions: list[str] = Field(
         default_factory=list, description="Extensions not loaded at the next start (the Extensions tab)."

@@ -3,8 +3,8 @@
 Every name a request holds (checkpoint, VAE, hires upscaler and checkpoint, styles, always-on scripts,
 the Script dropdown's script) is looked up here, the same way for the UI, the API and a Python caller.
 A name that matches nothing raises :class:`RequestError`, whose message starts with the field
-(``checkpoint:``, ``vae:``, ``hr_upscaler:``, ``hr_checkpoint_name:``, ``styles:``, ``alwayson_scripts...``,
-``script_name:``, ``script_args...``) and lists what is available.
+(``checkpoint:``, ``vae:``, ``hr_upscaler:``, ``hr_checkpoint_name:``, ``refiner_checkpoint:``, ``styles:``,
+``alwayson_scripts...``, ``script_name:``, ``script_args...``) and lists what is available.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class JobPlan:
     vae: ModelFile | None = None
     #: The hires pass's own checkpoint (``hr_checkpoint_name``); None: the first pass's.
     hires_checkpoint: ModelFile | None = None
+    #: The refiner (``refiner_checkpoint``); None: no refiner.
+    refiner: ModelFile | None = None
     #: The hires fix's image upscaler (its library entry); None for a latent mode or no hires fix.
     hires_upscaler: Any = None
     #: The always-on scripts the request enables, with their parsed arguments.

@@ -40,8 +40,15 @@ from pipelines.prompts.parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.prompts.styles import StyleDatabase
 from pipelines.request import GenerationRequest, Img2ImgRequest
 from pipelines.sampling import latents as latent_ops
-from pipelines.sampling.denoise import DenoiseInputs, InpaintLatents, denoise, txt2img_timesteps
-from pipelines.sampling.hires import HiresInputs, encode_hires_prompts, run_hires_pass, switches_model
+from pipelines.sampling.denoise import (
+    DenoiseInputs,
+    InpaintLatents,
+    ModelSwitch,
+    SwitchTarget,
+    denoise,
+    txt2img_timesteps,
+)
+from pipelines.sampling.hires import HiresInputs, encode_hires_prompts, hires_steps, run_hires_pass, switches_model
 from pipelines.sampling.img2img import (
     Img2ImgSource,
     blank_inpaint_conditioning,
@@ -51,6 +58,14 @@ from pipelines.sampling.img2img import (
     prepare_img2img_source,
 )
 from pipelines.sampling.previews import StepReporter
+from pipelines.sampling.refiner import (
+    DEFAULT_HIRES_REFINER_PASS,
+    add_time_ids,
+    latent_space,
+    refined_passes,
+    refiner_title,
+    switch_due,
+)
 from pipelines.sampling.samplers import build_scheduler, fitting_schedule
 from pipelines.sampling.seeds import SeedPlan, generators_for, image_noise
 from pipelines.sampling.step_cache import supports_step_cache
@@ -221,6 +236,8 @@ class JobContext:
     hires_checkpoint: ModelFile | None = None
     #: Gets a checkpoint by title from the model manager, on the device; may unload others (cache size 1).
     load_model: Callable[[str], LoadedModel] | None = None
+    #: The refiner (``refiner_checkpoint`` resolved); None: no refiner.
+    refiner: ModelFile | None = None
 
 
 def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: list[ExtraNetworkTag],
@@ -246,6 +263,99 @@ def _pass_model(ctx: JobContext, title: str, request: GenerationRequest, tags: l
 
 def _switches_model(request: GenerationRequest, ctx: JobContext) -> bool:
     return switches_model(request, ctx.model.file, ctx.hires_checkpoint)
+
+
+def _refines(ctx: JobContext) -> bool:
+    """Whether the job has a refiner other than its own checkpoint (the refiner may then displace it)."""
+    return ctx.refiner is not None and ctx.refiner.title != ctx.model.file.title
+
+
+class RefinerSwitches:
+    """The refiner of one batch (:mod:`pipelines.sampling.refiner`): a :class:`ModelSwitch` for each pass it takes
+    over; :attr:`model` is the refiner once a switch of the current pass loaded it.
+
+    The refiner is loaded through the model manager (which may park or unload the pass's model, as for any
+    checkpoint), gets the job's tiling but not its extra networks (a LoRA fits the checkpoint it was made for),
+    and encodes the pass's prompts with its own text encoders. The first switch adds A1111's infotext keys."""
+
+    def __init__(self, request: GenerationRequest, ctx: JobContext, prompts: PreparedPrompts, held: ExitStack,
+                 extra_params: dict[str, object]):
+        self.request, self.ctx, self.prompts, self.held = request, ctx, prompts, held
+        self.extra_params = extra_params
+        #: The pass's step reporter: previews follow the refiner once it took over.
+        self.reporter: StepReporter | None = None
+        self.model: LoadedModel | None = None
+        option = ctx.options.hires_fix_refiner_pass
+        self.passes = refined_passes(request.enable_hr, option) if _refines(ctx) else (False, False)
+        self.option = option
+
+    @property
+    def aesthetic_scores(self) -> tuple[float, float]:
+        options = self.ctx.options
+        return options.sdxl_refiner_low_aesthetic_score, options.sdxl_refiner_high_aesthetic_score
+
+    def first_pass(self, model: LoadedModel) -> ModelSwitch | None:
+        """The switch of the first pass (txt2img or img2img), made on ``model``."""
+        if not self.passes[0]:
+            return None
+        return self._switch(model, self.request.width, self.request.height, _real_steps(self.request), hires=False)
+
+    def hires_pass(self, model: LoadedModel) -> ModelSwitch | None:
+        """The switch of the hires pass, made on ``model`` (the hires model)."""
+        if not self.passes[1]:
+            return None
+        self.model = None  # the hires pass started on its own checkpoint
+        width, height = self.request.hires_size
+        return self._switch(model, width, height, max(hires_steps(self.request)[1], 1), hires=True)
+
+    def _switch(self, model: LoadedModel, width: int, height: int, steps: int, *, hires: bool) -> ModelSwitch | None:
+        refiner_file = self.ctx.refiner
+        if refiner_file is None or refiner_file.title == model.file.title:
+            return None
+
+        def load() -> SwitchTarget:
+            refiner = self._load(refiner_file, model)
+            request, prompts = self.request, self.prompts
+            if hires:
+                conditioning = encode_hires_prompts(request, refiner, prompts.encode_prompts,
+                                                    prompts.encode_negative_prompts, self.ctx.embeddings)
+            else:
+                encoder = PromptEncoder.from_pipeline(refiner.pipe, embeddings=self.ctx.embeddings)
+                conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
+                                                  prompts.encode_negative_prompts[: request.batch_size],
+                                                  steps, request.clip_skip)
+            self.model = refiner
+            self.extra_params["Refiner"] = refiner_title(refiner)
+            self.extra_params["Refiner switch at"] = request.refiner_switch_at
+            if request.enable_hr and self.option != DEFAULT_HIRES_REFINER_PASS:
+                self.extra_params["Hires refiner"] = self.option
+            if self.reporter is not None:
+                self.reporter.use_model(refiner)
+            return SwitchTarget(refiner.unet, conditioning, add_time_ids(refiner, width, height,
+                                                                         self.aesthetic_scores))
+
+        return ModelSwitch(switch_due(self.request.refiner_switch_at), load)
+
+    def _load(self, file: ModelFile, model: LoadedModel) -> LoadedModel:
+        ctx = self.ctx
+        if ctx.load_model is None:
+            raise RuntimeError("this job context cannot load models (JobContext.load_model is not set)")
+        ctx.control.update(textinfo=f"Refiner: {file.model_name}")
+        with torch.inference_mode(False):  # load and patch outside inference mode (see _pass_model)
+            try:
+                refiner = ctx.load_model(file.title)
+            except ModelFileError as error:
+                if error.field in (None, "checkpoint"):
+                    error.field = "refiner_checkpoint"
+                raise
+            if latent_space(refiner) != latent_space(model):
+                family = "SDXL" if model.is_sdxl else "SD 1.x / 2.x"
+                raise ModelFileError(file.path, f"refiner_checkpoint: {file.title} works in another latent space "
+                                     f"than {model.file.title} ({family}); choose a refiner of the same family",
+                                     field="refiner_checkpoint")
+            if refiner is not ctx.model:
+                self.held.enter_context(_Tiling(refiner, self.request.tiling))
+        return refiner
 
 
 def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
@@ -383,7 +493,8 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                     def before_hires(images: list[Image.Image], first: int = first) -> None:
                         _record_batch(request, ctx, model, plan, first, prompts, images, result,
                                       suffix="-before-highres-fix")
-                images, stopped = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts, before_hires)
+                images, stopped = _run_batch(request, ctx, plan, span, prompts, conditioning, scripts, before_hires,
+                                             result.extra_params)
                 if restores_faces(request, ctx.options):
                     images = _restore_faces(request, ctx, model, plan, first, prompts, images, result)
                 _record_batch(request, ctx, model, plan, first, prompts, images, result,
@@ -472,17 +583,20 @@ def _real_steps(request: GenerationRequest) -> int:
 
 def _run_batch(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, span: slice, prompts: PreparedPrompts,
                conditionings: tuple[Conditioning, Conditioning | None], scripts: ScriptRun,
-               before_hires: Callable[[list[Image.Image]], None] | None = None
-               ) -> tuple[list[Image.Image], JobStopped | None]:
+               before_hires: Callable[[list[Image.Image]], None] | None = None,
+               extra_params: dict[str, object] | None = None) -> tuple[list[Image.Image], JobStopped | None]:
     """One batch: first pass, hires fix, decode; and the Interrupt or Skip that stopped it early (None when it
-    ran to the end). Models other than the job's own are released afterwards."""
+    ran to the end). Models other than the job's own are released afterwards. The refiner's infotext keys go
+    into ``extra_params`` (the job's) once it took over."""
     with ExitStack() as held:
         model = ctx.model
-        if _switches_model(request, ctx):  # the hires pass of the previous batch may have unloaded it
+        # The hires pass or the refiner of the previous batch may have displaced or unloaded it.
+        if _switches_model(request, ctx) or _refines(ctx):
             model = _pass_model(ctx, ctx.model.file.title, request, prompts.tags, held)
         with torch.inference_mode():
+            refiner = RefinerSwitches(request, ctx, prompts, held, extra_params if extra_params is not None else {})
             return _sample_batch(request, ctx, model, plan, span, prompts, conditionings, scripts, held,
-                                 before_hires)
+                                 before_hires, refiner)
 
 
 @dataclass
@@ -524,8 +638,8 @@ def prepare_latents(request: GenerationRequest, ctx: JobContext, model: LoadedMo
 def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, plan: SeedPlan, span: slice,
                   prompts: PreparedPrompts, conditionings: tuple[Conditioning, Conditioning | None],
                   scripts: ScriptRun, held: ExitStack,
-                  before_hires: Callable[[list[Image.Image]], None] | None = None
-                  ) -> tuple[list[Image.Image], JobStopped | None]:
+                  before_hires: Callable[[list[Image.Image]], None] | None = None,
+                  refiner: RefinerSwitches | None = None) -> tuple[list[Image.Image], JobStopped | None]:
     conditioning, hr_conditioning = conditionings
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
@@ -536,16 +650,15 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     start = prepare_latents(request, ctx, model, scheduler, seeds, subseeds, generators, span)
     if ctx.options.eta_noise_seed_delta:  # A1111's ENSD: the step noise comes from seed + delta
         generators = generators_for([seed + ctx.options.eta_noise_seed_delta for seed in seeds])
-    add_time_ids = None
-    if model.is_sdxl:
-        add_time_ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
+    aesthetic = (ctx.options.sdxl_refiner_low_aesthetic_score, ctx.options.sdxl_refiner_high_aesthetic_score)
+    time_ids = add_time_ids(model, request.width, request.height, aesthetic)
 
     # 6. denoise, 7. hires pass; Interrupt or Skip stops them with the latents to decode (as A1111 does)
     stopped: JobStopped | None = None
     try:
         latents, model, upscaled = _denoise_and_hires(request, ctx, model, scheduler, start, conditioning,
-                                                      hr_conditioning, generators, subseeds, add_time_ids,
-                                                      prompts, scripts, held, before_hires)
+                                                      hr_conditioning, generators, subseeds, time_ids,
+                                                      prompts, scripts, held, before_hires, refiner)
     except JobStopped as stop:
         stopped, upscaled = stop, None
         latents = stop.latents if stop.latents is not None else start.latents
@@ -567,7 +680,8 @@ def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: Loade
                        start: BatchLatents, conditioning: Conditioning, hr_conditioning: Conditioning | None,
                        generators: list[torch.Generator], subseeds: list[int], add_time_ids: torch.Tensor | None,
                        prompts: PreparedPrompts, scripts: ScriptRun, held: ExitStack,
-                       before_hires: Callable[[list[Image.Image]], None] | None = None
+                       before_hires: Callable[[list[Image.Image]], None] | None = None,
+                       refiner: RefinerSwitches | None = None
                        ) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
     """Stages 6 and 7: (final latents, the model whose VAE decodes them, the upscaled images of an
     upscale-only hires fix or None). Raises :class:`JobStopped` on Interrupt or Skip, with the latents to
@@ -577,12 +691,22 @@ def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: Loade
     # 6. denoise
     control.update(steps=max(start.steps, 1))
     reporter = StepReporter(control, model, ctx.options.show_progress_type, on_step=scripts.on_step)
+    if refiner is not None:
+        refiner.reporter = reporter
     if len(start.timesteps):
-        latents = denoise(model.unet, DenoiseInputs(
-            latents=latents, timesteps=start.timesteps, scheduler=scheduler, conditioning=conditioning,
-            cfg_scale=request.cfg_scale, generators=generators, steps=start.steps, add_time_ids=add_time_ids,
-            inpaint=start.inpaint, patches=scripts.patches, size=(request.width, request.height),
-            step_cache_interval=ctx.options.step_cache_interval), reporter.step)
+        try:
+            latents = denoise(model.unet, DenoiseInputs(
+                latents=latents, timesteps=start.timesteps, scheduler=scheduler, conditioning=conditioning,
+                cfg_scale=request.cfg_scale, generators=generators, steps=start.steps, add_time_ids=add_time_ids,
+                inpaint=start.inpaint, patches=scripts.patches, size=(request.width, request.height),
+                step_cache_interval=ctx.options.step_cache_interval,
+                switch=refiner.first_pass(model) if refiner is not None else None), reporter.step)
+        except JobStopped as stop:
+            if refiner is not None and refiner.model is not None and stop.model is None:
+                stop.model = refiner.model  # the refiner's latents: its VAE decodes them
+            raise
+        if refiner is not None and refiner.model is not None:
+            model = refiner.model  # the refiner took over: its VAE decodes (or the hires pass starts from it)
 
     if before_hires is not None and request.enable_hr:  # the save_images_before_highres_fix option
         images = decode_images(model, latents)
@@ -590,7 +714,7 @@ def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: Loade
     try:
         # 7. hires pass (on the hires checkpoint, if the request names one)
         latents, model, upscaled = _hires(request, ctx, model, latents, hr_conditioning, generators, subseeds,
-                                          prompts, scripts, held, reporter)
+                                          prompts, scripts, held, reporter, refiner)
         control.check()
     except JobStopped as stop:
         if stop.latents is None:  # stopped between steps (upscaling, switching models): the latents at hand
@@ -601,28 +725,42 @@ def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: Loade
 
 def _hires(request: GenerationRequest, ctx: JobContext, model: LoadedModel, latents: torch.Tensor,
            hr_conditioning: Conditioning | None, generators: list[torch.Generator], subseeds: list[int],
-           prompts: PreparedPrompts, scripts: ScriptRun, held: ExitStack, reporter: StepReporter
-           ) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
+           prompts: PreparedPrompts, scripts: ScriptRun, held: ExitStack, reporter: StepReporter,
+           refiner: RefinerSwitches | None = None) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
     """Stage 7 when asked: (latents, their model, the upscaled images of an upscale-only hires fix or None)."""
     if request.enable_hr:
         load_hires = None
         hires_file = ctx.hires_checkpoint
-        if hires_file is not None and _switches_model(request, ctx):  # switching needs a hires checkpoint
+        # The refiner that took over the first pass hands the hires pass back to its own checkpoint (as A1111).
+        refined_first = refiner is not None and refiner.model is not None
+        if refiner is not None:
+            refiner.model = None
+        pass_file = hires_file if hires_file is not None and _switches_model(request, ctx) else \
+            ctx.model.file if refined_first else None
+        if pass_file is not None:  # switching needs a hires checkpoint (or the first pass's back)
             def load_hires() -> LoadedModel:
-                return _pass_model(ctx, hires_file.title, request, prompts.tags, held)
-        with model_file_field("hr_upscaler"):  # a hires checkpoint or LoRA file has its field already
-            hires = run_hires_pass(HiresInputs(
-                request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
-                upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
-                encode_prompts=prompts.encode_prompts, encode_negative_prompts=prompts.encode_negative_prompts,
-                embeddings=ctx.embeddings, load_hires_model=load_hires, patches=scripts.patches,
-                step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
-                overlap=ctx.options.upscaler_tile_overlap))
+                return _pass_model(ctx, pass_file.title, request, prompts.tags, held)
+        try:
+            with model_file_field("hr_upscaler"):  # a hires checkpoint or LoRA file has its field already
+                hires = run_hires_pass(HiresInputs(
+                    request=request, model=model, latents=latents, generators=generators, subseeds=subseeds,
+                    upscalers=ctx.upscalers, reporter=reporter, device=ctx.device, conditioning=hr_conditioning,
+                    encode_prompts=prompts.encode_prompts, encode_negative_prompts=prompts.encode_negative_prompts,
+                    embeddings=ctx.embeddings, load_hires_model=load_hires, patches=scripts.patches,
+                    step_cache_interval=ctx.options.step_cache_interval, tile=ctx.options.upscaler_tile,
+                    overlap=ctx.options.upscaler_tile_overlap,
+                    refiner_switch=refiner.hires_pass if refiner is not None else None,
+                    aesthetic_scores=(ctx.options.sdxl_refiner_low_aesthetic_score,
+                                      ctx.options.sdxl_refiner_high_aesthetic_score)))
+        except JobStopped as stop:
+            if refiner is not None and refiner.model is not None and stop.latents is not None:
+                stop.model = refiner.model  # stopped after the refiner took over the hires pass
+            raise
         if hires.images is not None:  # upscale only: the upscaler's pixels are the result
             return latents, model, hires.images
         if hires.latents is None:
             raise RuntimeError("hires fix: the pass returned neither images nor latents")
-        return hires.latents, hires.model, None
+        return hires.latents, (refiner.model if refiner is not None and refiner.model else hires.model), None
     return latents, model, None
 
 

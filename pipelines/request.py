@@ -88,6 +88,12 @@ class GenerationRequest(BaseModel):
     hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
                                     description="Hires. fix negative prompt; empty: the same negative prompt.")
     vae: str = Field("Automatic", description="'Automatic' (the checkpoint's own VAE) or a file in models/VAE.")
+    refiner_checkpoint: str | None = Field(
+        None, description="Refiner: a checkpoint (title, file name, name or hash; typically an SDXL refiner) that "
+        "takes over the denoising at refiner_switch_at; None or 'None': no refiner.")
+    refiner_switch_at: float = Field(
+        0.8, ge=0.01, le=1.0, description="Refiner: the fraction of the sampling (by timestep, as A1111) at which "
+        "the refiner takes over; 1 = never.")
     save_images: bool = Field(True, description="Save the images to the outputs folder.")
     script_name: str | None = Field(None, description="A script from the Script dropdown to run (e.g. 'X/Y/Z plot').")
     script_args: list[Any] = Field(default_factory=list, description="The arguments of script_name.")
@@ -113,6 +119,14 @@ class GenerationRequest(BaseModel):
     def _finite(cls, value: float, info) -> float:
         if not math.isfinite(value):
             raise ValueError(f"{info.field_name} must be a finite number")
+        return value
+
+    @field_validator("refiner_checkpoint", mode="before")
+    @classmethod
+    def _no_refiner(cls, value: Any) -> Any:
+        # The UI's "None" choice, A1111's "None"/"none" and an empty value all mean no refiner.
+        if value is None or (isinstance(value, str) and value.strip() in ("", "None", "none")):
+            return None
         return value
 
     @field_validator("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", mode="before")

@@ -265,6 +265,10 @@ _TABLE: tuple[_Entry, ...] = (
     _Entry("Hires schedule type", ("hr_scheduler",), str, _when("hr_scheduler", bool, _hires)),
     _Entry("Hires prompt", ("hr_prompt",), str, _when("hr_prompt", bool, _hires)),
     _Entry("Hires negative prompt", ("hr_negative_prompt",), str, _when("hr_negative_prompt", bool, _hires)),
+    # A job writes the refiner's keys itself once the refiner took over (as A1111); "Refiner" is "name [hash]".
+    _Entry("Refiner", ("refiner_checkpoint",), str, _when("refiner_checkpoint", bool)),
+    _Entry("Refiner switch at", ("refiner_switch_at",), float,
+           lambda f: bool(f.get("refiner_checkpoint")) and f.get("refiner_switch_at") is not None),
 )
 
 _HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")

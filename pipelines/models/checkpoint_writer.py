@@ -30,6 +30,7 @@ from pipelines.files import atomic_output
 from pipelines.models.checkpoints import (
     SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
+    SDXL_REFINER_TEXT_PREFIX,
     SDXL_TEXT_PREFIXES,
     UNET_PREFIX,
     V_PRED_MARKER,
@@ -214,15 +215,24 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def original_entries(family: str, components: Mapping[str, Any], *,
                      prediction_type: str = "epsilon") -> dict[str, Entry]:
-    """Every weight of a ``family`` ("sd1", "sd2", "sdxl") model from its diffusers ``components`` (``unet``,
-    ``vae``, ``text_encoder`` and for SDXL ``text_encoder_2``), keyed as the original single file keys them.
+    """Every weight of a ``family`` ("sd1", "sd2", "sdxl", "sdxl_refiner") model from its diffusers ``components``
+    (``unet``, ``vae``, ``text_encoder`` and for SDXL ``text_encoder_2``; a refiner has only ``text_encoder_2``),
+    keyed as the original single file keys them.
 
     A v-prediction model gets the empty ``v_pred`` marker tensor our loader (and ComfyUI) read."""
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"family: {family!r} has no original single-file layout here; allowed: sd1, sd2, sdxl")
+    if family not in ("sd1", "sd2", "sdxl", "sdxl_refiner"):
+        raise ValueError(f"family: {family!r} has no original single-file layout here; "
+                         "allowed: sd1, sd2, sdxl, sdxl_refiner")
     unet, vae = components["unet"], components["vae"]
     entries = {**unet_to_original(_state(unet), unet.config.layers_per_block),
                **vae_to_original(_state(vae), len(vae.config.up_block_types))}
+    if family == "sdxl_refiner":  # one embedder: OpenCLIP-G as conditioner.embedders.0
+        second = components["text_encoder_2"]
+        entries.update(open_clip_to_original(_state(second), second.config.num_hidden_layers,
+                                             second.config.hidden_size, SDXL_REFINER_TEXT_PREFIX))
+        if prediction_type == "v_prediction":
+            entries[V_PRED_MARKER] = torch.zeros(0)
+        return entries
     encoder = components["text_encoder"]
     if family == "sd1":
         entries.update(clip_to_original(_state(encoder), SD1_TEXT_PREFIX))

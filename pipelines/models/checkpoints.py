@@ -35,6 +35,7 @@ from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -49,6 +50,8 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES_DIR = CONFIGS_DIR / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 FAMILY_CONFIG_DIRS = {"sd1": CONFIGS_DIR / "sd15", "sd2": CONFIGS_DIR / "sd2", "sdxl": CONFIGS_DIR / "sdxl"}
+#: The SDXL refiner: family "sdxl" (same latent space, VAE and scheduler) with ``ModelFamily.refiner`` set.
+SDXL_REFINER_CONFIG_DIR = CONFIGS_DIR / "sdxl_refiner"
 #: Components a sidecar ``diffusers:`` mapping may override, and where each config lives in a folder.
 CONFIG_FILES = {
     "unet": "unet/config.json",
@@ -83,6 +86,8 @@ class ModelFamily:
     inpainting: bool
     prediction_type: str  # "epsilon" | "v_prediction"
     config_dir: Path
+    #: An SDXL refiner (family "sdxl"): only the OpenCLIP-G text encoder, aesthetic-score conditioning.
+    refiner: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ def _family_name_from_keys(state_dict: dict[str, torch.Tensor], path: Path | Non
     if all(has[prefix] for prefix in SDXL_TEXT_PREFIXES):
         return "sdxl"
     if has[SDXL_REFINER_TEXT_PREFIX]:
-        raise ValueError(f"{where} looks like an SDXL refiner (one OpenCLIP text encoder); refiners are unsupported")
+        return "sdxl"  # the refiner (see _is_sdxl_refiner)
     if has[SD2_TEXT_PREFIX]:
         return "sd2"
     if has[SD1_TEXT_PREFIX]:
@@ -201,6 +206,8 @@ def _plan(state_dict: dict[str, torch.Tensor], path: Path | None) -> tuple[Model
     # SD 2.x comes as 512 eps and 768 v models with identical key names; 2.x inpainting is eps.
     unknown = prediction_type is None and name == "sd2" and not inpainting
     family = ModelFamily(name, inpainting, prediction_type or "epsilon", FAMILY_CONFIG_DIRS[name])
+    if _is_sdxl_refiner(state_dict):
+        family = replace(family, config_dir=SDXL_REFINER_CONFIG_DIR, refiner=True)
     return family, sidecar, unknown
 
 
@@ -361,9 +368,12 @@ def _load_single_file(path: Path, torch_dtype: torch.dtype, cache_dir: Path) -> 
         "unet": unet,
         "vae": vae,
         "scheduler": scheduler_class.from_pretrained(config_dir, subfolder="scheduler", local_files_only=True),
-        "text_encoder": _load_text_encoder(CLIPTextModel, state_dict, config_dir, "text_encoder", torch_dtype, path),
-        "tokenizer": CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True),
     }
+    if not family.refiner:  # the refiner has only the second (OpenCLIP-G) text encoder
+        components["text_encoder"] = _load_text_encoder(CLIPTextModel, state_dict, config_dir, "text_encoder",
+                                                        torch_dtype, path)
+        components["tokenizer"] = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer",
+                                                                local_files_only=True)
     if family.name == "sdxl":
         components["text_encoder_2"] = _load_text_encoder(
             CLIPTextModelWithProjection, state_dict, config_dir, "text_encoder_2", torch_dtype, path
@@ -375,6 +385,8 @@ def _load_single_file(path: Path, torch_dtype: torch.dtype, cache_dir: Path) -> 
 
 
 def _assemble(family: ModelFamily, components: dict[str, Any], index: dict[str, Any]) -> DiffusionPipeline:
+    if family.refiner:
+        return _refiner_pipeline(components, index)
     if family.name == "sdxl":
         pipe = StableDiffusionXLPipeline(
             **components,
@@ -401,14 +413,19 @@ def _family_of_folder(folder: Path) -> ModelFamily:
         name = "sd1"
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction_type = _read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon"
-    return ModelFamily(name, unet.get("in_channels", 4) == 9, prediction_type, folder)
+    refiner = name == "sdxl" and _is_sdxl_refiner_folder(index)
+    return ModelFamily(name, unet.get("in_channels", 4) == 9, prediction_type, folder, refiner=refiner)
 
 
 def _load_folder(folder: Path, torch_dtype: torch.dtype) -> tuple[DiffusionPipeline, ModelFamily]:
     if not (folder / "model_index.json").is_file() or not (folder / "unet" / "config.json").is_file():
         raise ValueError(f"{folder} is not a diffusers model folder (model_index.json and unet/config.json expected)")
     family = _family_of_folder(folder)
-    if family.name == "sdxl":
+    if family.refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True, add_watermarker=False
+        )
+    elif family.name == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(
             folder, dtype=torch_dtype, local_files_only=True, add_watermarker=False
         )
@@ -429,9 +446,10 @@ def load_checkpoint(
 ) -> tuple[DiffusionPipeline, ModelFamily]:
     """Load a checkpoint file or diffusers folder into a pipeline, fully offline.
 
-    Returns a ``StableDiffusionPipeline`` (SD 1.x / 2.x) or ``StableDiffusionXLPipeline`` (SDXL),
-    inpainting models included, holding unet, vae, text encoder(s), tokenizer(s) and scheduler;
-    never a safety checker or feature extractor. Derived config folders go under ``cache_dir``.
+    Returns a ``StableDiffusionPipeline`` (SD 1.x / 2.x), ``StableDiffusionXLPipeline`` (SDXL) or
+    ``StableDiffusionXLImg2ImgPipeline`` (SDXL refiner: no first text encoder), inpainting models included,
+    holding unet, vae, text encoder(s), tokenizer(s) and scheduler; never a safety checker or feature
+    extractor. Derived config folders go under ``cache_dir``.
     """
     path = Path(path)
     if path.is_dir():
@@ -462,3 +480,28 @@ def load_vae(path: Path, family: ModelFamily, *, torch_dtype: torch.dtype, cache
     )
     _require_complete(vae, "vae", path)
     return vae
+
+
+# --------------------------------------------------------------------------- the SDXL refiner
+
+
+def _is_sdxl_refiner(state_dict: dict[str, torch.Tensor]) -> bool:
+    """An original-layout SDXL refiner: the OpenCLIP-G encoder as ``conditioner.embedders.0`` and no CLIP-L."""
+    keys = state_dict.keys()
+    return any(key.startswith(SDXL_REFINER_TEXT_PREFIX) for key in keys) and not any(
+        key.startswith(SDXL_TEXT_PREFIXES[0]) for key in keys)
+
+
+def _is_sdxl_refiner_folder(index: dict[str, Any]) -> bool:
+    """A diffusers refiner folder: aesthetic-score conditioning, or a second text encoder without a first."""
+    no_first = not (index.get("text_encoder") or [None])[0] and bool((index.get("text_encoder_2") or [None])[0])
+    return bool(index.get("requires_aesthetics_score")) or no_first
+
+
+def _refiner_pipeline(components: dict[str, Any], index: dict[str, Any]) -> DiffusionPipeline:
+    return StableDiffusionXLImg2ImgPipeline(
+        **components, text_encoder=None, tokenizer=None,
+        requires_aesthetics_score=index.get("requires_aesthetics_score", True),
+        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", False),
+        add_watermarker=False,
+    )

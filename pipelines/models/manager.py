@@ -186,6 +186,10 @@ class ModelManager:
             log.info("Unloading %s", title)
             if self._active == title:
                 self._active = None
+            if self.device.is_accelerator and old.pipe.device.type != "cpu":
+                # A running job may still hold it (the base while its refiner or hires checkpoint loads): off the
+                # device now, so that only the model being loaded takes device memory.
+                old.pipe.to("cpu")
             del old
             free_memory()
 

@@ -54,6 +54,26 @@ class InpaintLatents:
 
 
 @dataclass
+class SwitchTarget:
+    """The model a run switches to (the refiner): its UNet, its conditioning (same step numbering) and its
+    SDXL ``add_time_ids`` ((1, k), or (2, k): the uncond row, then the cond row)."""
+
+    unet: Any
+    conditioning: ConditioningLike
+    add_time_ids: torch.Tensor | None = None
+
+
+@dataclass
+class ModelSwitch:
+    """Hand the rest of a run to another model from the first UNet call at which ``due(timestep)`` holds
+    (:func:`pipelines.sampling.refiner.switch_due`); ``load`` is called once, then. The scheduler, the latents
+    and the noise generators carry on: the sampler continues on the same sigma schedule."""
+
+    due: Callable[[float], bool]
+    load: Callable[[], SwitchTarget]
+
+
+@dataclass
 class DenoiseInputs:
     """Everything one denoising run needs; the latents are already noised for the first timestep."""
 
@@ -75,6 +95,8 @@ class DenoiseInputs:
     #: Opt-in step caching (:mod:`pipelines.sampling.step_cache`): the whole UNet runs every this many calls;
     #: 0 = always.
     step_cache_interval: int = 0
+    #: The refiner's switch, or None. After it, the always-on scripts' patches (made for the first UNet) stop.
+    switch: ModelSwitch | None = None
 
 
 StepHook = Callable[[int, torch.Tensor], None]
@@ -90,9 +112,17 @@ def _unet_conditioning(cond: StepConditioningLike, batch: int, use_cfg: bool, ad
         if len(parts) != len(wanted):
             raise ValueError("SDXL conditioning (add_time_ids) needs the pooled prompt embeddings")
         pooled = torch.cat(parts) if use_cfg else parts[0]
-        time_ids = add_time_ids.to(device=device, dtype=dtype).repeat(embeds.shape[0], 1)
+        time_ids = _time_ids(add_time_ids, batch, use_cfg).to(device=device, dtype=dtype)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
     return embeds.to(device=device, dtype=dtype), kwargs
+
+
+def _time_ids(add_time_ids: torch.Tensor, batch: int, use_cfg: bool) -> torch.Tensor:
+    """One row per UNet input: (1, k) ids serve every row; (2, k) ids give the uncond rows the first and the
+    cond rows the second (the refiner's two aesthetic scores)."""
+    uncond, cond = add_time_ids[:1], add_time_ids[-1:]
+    rows = [uncond.repeat(batch, 1), cond.repeat(batch, 1)] if use_cfg else [cond.repeat(batch, 1)]
+    return torch.cat(rows)
 
 
 def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
@@ -115,26 +145,36 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
     call_unet = unet_runner(unet, inputs.step_cache_interval, calls)
     cfg_scale = inputs.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)
     current: StepConditioningLike | None = None
+    # What the refiner switch replaces: the UNet's runner, conditioning, time ids, patches, inpainting input.
+    conditioning, add_time_ids, patches = inputs.conditioning, inputs.add_time_ids, inputs.patches
+    switch = inputs.switch
+    takes_mask = _takes_mask(unet, inpaint)
     # Set at the first call (no conditioning is None), then whenever prompt editing changes it.
     embeds: torch.Tensor
     cond_kwargs: dict[str, Any]
 
     def predict(index: int, step: int, latents: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's guided prediction for ``latents`` at timestep ``t``, and the unguided one."""
-        nonlocal current, embeds, cond_kwargs
-        cond = inputs.conditioning.at_step(step)
+        nonlocal current, embeds, cond_kwargs, call_unet, conditioning, add_time_ids, patches, switch, takes_mask
+        if switch is not None and switch.due(float(t)):
+            target = switch.load()
+            switch, current = None, None
+            call_unet = _from_call(unet_runner(target.unet, inputs.step_cache_interval, calls - index), index)
+            conditioning, add_time_ids, patches = target.conditioning, target.add_time_ids, ()
+            takes_mask = _takes_mask(target.unet, inpaint)
+        cond = conditioning.at_step(step)
         if cond is not current:  # prompt editing: new embeddings from this step on
-            embeds, cond_kwargs = _unet_conditioning(cond, batch, use_cfg, inputs.add_time_ids, device, dtype)
+            embeds, cond_kwargs = _unet_conditioning(cond, batch, use_cfg, add_time_ids, device, dtype)
             current = cond
         model_input = torch.cat([latents] * 2) if use_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         unet_kwargs = dict(cond_kwargs)
-        if inputs.patches:
-            unet_kwargs.update(combined_residuals(inputs.patches, UnetCall(
+        if patches:
+            unet_kwargs.update(combined_residuals(patches, UnetCall(
                 step=step, steps=inputs.steps, timestep=t, sample=model_input, encoder_hidden_states=embeds,
                 added_cond_kwargs=cond_kwargs.get("added_cond_kwargs"), cfg=use_cfg, width=inputs.size[0],
                 height=inputs.size[1], pass_index=inputs.pass_index)))
-        if inpaint is not None and inpaint.masked_image_latents is not None:
+        if takes_mask and inpaint is not None and inpaint.masked_image_latents is not None:
             extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
             model_input = torch.cat([model_input, torch.cat([extra] * 2) if use_cfg else extra], dim=1)
         noise_pred = call_unet(index, model_input, t, embeds, unet_kwargs)
@@ -143,8 +183,12 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
         uncond, text = noise_pred.chunk(2)
         return uncond + cfg_scale * (text - uncond), uncond
 
+    def blends() -> bool:
+        """A plain UNet does not know the mask: the original is kept outside it (after a switch, too)."""
+        return inpaint is not None and not takes_mask
+
     if own_sampler:
-        return _sample_own(scheduler, inputs, on_step, predict)
+        return _sample_own(scheduler, inputs, on_step, predict, blends)
 
     step_kwargs: dict[str, object] = {"generator": inputs.generators} if _accepts_generator(scheduler) else {}
     own_noise = _takes_step_noise(scheduler)
@@ -157,7 +201,7 @@ def denoise(unet, inputs: DenoiseInputs, on_step: StepHook) -> torch.Tensor:
             step_kwargs["variance_noise"] = step_noise(inputs.generators, tuple(noise_pred.shape), device)
         output = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)
         latents, denoised = output[0], _denoised_estimate(scheduler, output)
-        if inpaint is not None and inpaint.masked_image_latents is None:
+        if inpaint is not None and blends():
             # A plain UNet does not know the mask: keep the original, noised to the next timestep, outside it.
             original = inpaint.image_latents
             if i < len(inputs.timesteps) - 1:
@@ -179,9 +223,20 @@ def _report_step(on_step: StepHook, step: int, latents: torch.Tensor, denoised: 
         raise
 
 
+def _from_call(runner: Callable[..., torch.Tensor], first: int) -> Callable[..., torch.Tensor]:
+    """``runner`` (a new UNet's, see :func:`unet_runner`) counting its calls from call ``first`` of the run."""
+    return lambda index, *args: runner(index - first, *args)
+
+
+def _takes_mask(unet, inpaint: InpaintLatents | None) -> bool:
+    """Whether ``unet`` is an inpainting UNet given the mask and masked image as extra input channels."""
+    in_channels = getattr(getattr(unet, "config", None), "in_channels", 9)
+    return inpaint is not None and inpaint.masked_image_latents is not None and in_channels == 9
+
+
 def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: StepHook,
-                predict: Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                ) -> torch.Tensor:
+                predict: Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                blends: Callable[[], bool]) -> torch.Tensor:
     """Run one of our samplers (:mod:`pipelines.sampling.k_samplers`): it calls the model as often as its
     algorithm needs, and every call reports progress (and may be interrupted) through ``on_step``.
 
@@ -202,7 +257,7 @@ def _sample_own(scheduler: KDiffusionScheduler, inputs: DenoiseInputs, on_step: 
         calls += 1
         denoised = scheduler.denoised(x, sigma, guided.to(x.dtype))
         denoised_uncond = denoised if uncond is guided else scheduler.denoised(x, sigma, uncond.to(x.dtype))
-        if inpaint is not None and inpaint.masked_image_latents is None:
+        if inpaint is not None and blends():
             keep = 1 - inpaint.mask
             denoised = keep * inpaint.image_latents + inpaint.mask * denoised
             denoised_uncond = keep * inpaint.image_latents + inpaint.mask * denoised_uncond

@@ -30,9 +30,10 @@ from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_condit
 from pipelines.prompts.parser import extract_extra_networks
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
 from pipelines.sampling import latents as latent_ops
-from pipelines.sampling.denoise import DenoiseInputs, denoise, img2img_timesteps
+from pipelines.sampling.denoise import DenoiseInputs, ModelSwitch, denoise, img2img_timesteps
 from pipelines.sampling.img2img import blank_inpaint_conditioning
 from pipelines.sampling.previews import StepReporter
+from pipelines.sampling.refiner import add_time_ids as sdxl_time_ids
 from pipelines.sampling.samplers import build_scheduler
 from pipelines.sampling.seeds import image_noise
 from pipelines.upscaling.library import DEFAULT_OVERLAP, DEFAULT_TILE
@@ -124,13 +125,14 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
                conditioning, generators: list[torch.Generator],
                make_noise: Callable[[tuple[int, int, int]], torch.Tensor],
                on_step: Callable[[int, torch.Tensor], None], device,
-               patches: Sequence[UnetPatch] = (), step_cache_interval: int = 0) -> torch.Tensor:
+               patches: Sequence[UnetPatch] = (), step_cache_interval: int = 0, switch: ModelSwitch | None = None,
+               aesthetic_scores: tuple[float, float] = (2.5, 6.0)) -> torch.Tensor:
     """Redraw ``init`` (the upscaled first pass, see :func:`upscale_first_pass`) on ``model``, the hires
     model; returns the latents at the hires size.
 
     ``patches`` are the always-on scripts' UNet patches; they see ``pass_index=1`` and the hires size.
     ``step_cache_interval`` is the step-caching option (:mod:`pipelines.sampling.step_cache`); this pass
-    starts its own cache.
+    starts its own cache. ``switch`` hands the rest of the pass to the refiner (:mod:`pipelines.sampling.refiner`).
     """
     width, height = request.hires_size
     factor = model.vae_scale_factor
@@ -146,7 +148,7 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
         return init
     noise = make_noise((init.shape[1], *size)).to(device=device, dtype=dtype)
     start = scheduler.add_noise(init, noise, timesteps[:1].repeat(init.shape[0]))
-    add_time_ids = torch.tensor([[height, width, 0, 0, height, width]]) if model.is_sdxl else None
+    add_time_ids = sdxl_time_ids(model, width, height, aesthetic_scores)
     inpaint = None
     if model.is_inpainting:
         seeds = [int(g.initial_seed()) for g in generators]
@@ -155,7 +157,7 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
         latents=start, timesteps=timesteps, scheduler=scheduler, conditioning=conditioning,
         cfg_scale=request.cfg_scale, generators=generators, steps=real, add_time_ids=add_time_ids,
         inpaint=inpaint, patches=patches, size=(width, height), pass_index=1,
-        step_cache_interval=step_cache_interval), on_step)
+        step_cache_interval=step_cache_interval, switch=switch), on_step)
 
 
 def switches_model(request: GenerationRequest, first: ModelFile, hires: ModelFile | None) -> bool:
@@ -200,6 +202,10 @@ class HiresInputs:
     step_cache_interval: int = 0
     tile: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP
+    #: The refiner's switch for this pass, given the hires model (None: no refiner in this pass).
+    refiner_switch: Callable[[LoadedModel], ModelSwitch | None] | None = None
+    #: The refiner's aesthetic scores (negative prompt, prompt), for a hires model that is an SDXL refiner.
+    aesthetic_scores: tuple[float, float] = (2.5, 6.0)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,9 @@ def run_hires_pass(inputs: HiresInputs) -> HiresOutput:
                                                               subseed_strength=request.subseed_strength)
                                                   for g, sub in zip(generators, subseeds)]),
             on_step=reporter.step, device=inputs.device, patches=inputs.patches,
-            step_cache_interval=inputs.step_cache_interval)
+            step_cache_interval=inputs.step_cache_interval,
+            switch=inputs.refiner_switch(model) if inputs.refiner_switch is not None else None,
+            aesthetic_scores=inputs.aesthetic_scores)
     except JobStopped as stop:
         if stop.latents is not None:  # latents of the hires model: its VAE decodes them
             stop.model = model

@@ -413,9 +413,12 @@ def test_hires_fix_through_the_api(client):
     ("img2img", {"init_images": []}, "init_images", "at least 1"),
     ("img2img", {"init_images": [b64_png(picture())], "mask": "bm9wZQ=="}, "mask", "not an image"),
     ("png-info", {"image": "bm90IGFuIGltYWdl"}, "image", "not an image"),
+    ("txt2img", {"refiner_checkpoint": "sdxl_refiner"}, "refiner_checkpoint", "no model matches 'sdxl_refiner'"),
+    ("img2img", {"init_images": [b64_png(picture())], "refiner_checkpoint": "x"}, "refiner_checkpoint",
+     "no model matches 'x'"),
+    ("txt2img", {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0}, "refiner_switch_at", "0.01"),
     # what A1111 has and we do not is refused, not silently dropped
     ("txt2img", {"restore_faces": True}, "restore_faces", "put codeformer-v0.1.0.pth (or another CodeFormer"),
-    ("txt2img", {"refiner_checkpoint": "sdxl_refiner"}, "refiner_checkpoint", "refiner is not available"),
     ("extra-single-image", {"image": b64_png(picture()), "gfpgan_visibility": 0.5}, "gfpgan_visibility",
      "put GFPGANv1.4.pth"),
     ("extra-single-image", {"image": b64_png(picture()), "codeformer_visibility": 1}, "codeformer_visibility",

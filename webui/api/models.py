@@ -70,8 +70,6 @@ COMMON_API_FIELDS: dict[str, tuple[Any, Any]] = {
     "s_noise": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
     "s_min_uncond": (float | None, _field(None, "Legacy sampler parameter; accepted and not used.")),
     "comments": (dict[str, Any] | None, _field(None, "Free-form comments; accepted and not used.")),
-    "refiner_checkpoint": (str | None, _field(None, "SDXL refiner checkpoint (not available yet).")),
-    "refiner_switch_at": (float | None, _field(None, "When to switch to the refiner (not available yet).")),
     "disable_extra_networks": (bool | None, _field(False, "Accepted for compatibility.")),
     "firstpass_image": (str | None, _field(None, "Accepted for compatibility; not used.")),
     "infotext": (str | None, _field(None, "A pasted infotext: the fields this request does not set are filled "

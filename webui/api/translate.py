@@ -91,9 +91,6 @@ def split_sampler(name: str, scheduler: str) -> tuple[str, str]:
 
 def _refuse_unavailable(body: BaseModel) -> None:
     """Features A1111 has and we do not yet are refused, not silently dropped."""
-    if body.refiner_checkpoint not in (None, "", "None"):
-        raise ApiError(("refiner_checkpoint",), "refiner_checkpoint: the SDXL refiner is not available in this "
-                                                "version")
 
 
 def resolve_checkpoint(engine: Engine, query: Any, loc: tuple[str, ...]) -> str:
@@ -278,6 +275,8 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
         request.vae = plan.vae_name
     if plan.hires_checkpoint is not None:
         request.hr_checkpoint_name = plan.hires_checkpoint.title
+    if plan.refiner is not None:
+        request.refiner_checkpoint = plan.refiner.title
 
     parameters = body.model_dump()
     parameters.update(sampler_name=request.sampler_name, scheduler=request.scheduler)

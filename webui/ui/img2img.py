@@ -36,6 +36,7 @@ from webui.ui.jobs import CustomJob
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
 from webui.ui.prompts import PromptArea, build_prompt_area
+from webui.ui.refiner import build_refiner_controls
 from webui.ui.tokens import TokenCounter
 from webui.ui.topbar import TopBar
 from webui.ui.ui_config import UiDefaults
@@ -161,6 +162,7 @@ def build_img2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
                                         info=f.description(Img2ImgRequest, "inpaint_full_res"))
                 padding = f.slider(Img2ImgRequest, "inpaint_full_res_padding", "Only masked padding, pixels",
                                    step=4, elem_id="img2img_inpaint_full_res_padding")
+            build_refiner_controls(ctx, "img2img", controls, topbar)
             extensions = build_extension_controls(ctx, tab_ui)
         with gr.Column(scale=1, elem_id="img2img_results"):
             panel = build_output_panel(ctx, "img2img")

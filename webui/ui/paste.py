@@ -20,6 +20,7 @@ from webui.context import AppContext
 from webui.ui.controls import GenerationControls, schedule_choices
 from webui.ui.extension_ui import ExtensionControls, PasteSource
 from webui.ui.prompts import PromptArea
+from webui.ui.refiner import NO_REFINER
 from webui.ui.topbar import TopBar
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,19 @@ def _hires_choices(ctx: AppContext, fields: dict[str, Any]) -> None:
             fields[key] = value
 
 
+def _refiner_choice(ctx: AppContext, fields: dict[str, Any]) -> None:
+    """The Refiner dropdown's value for a pasted infotext: no "Refiner" key means none (as A1111, whose
+    accordion closes then); the refiner is shown by its title, and one that is not here is warned about."""
+    name = fields.get("refiner_checkpoint")
+    fields["refiner_checkpoint"] = NO_REFINER
+    if name:
+        try:
+            fields["refiner_checkpoint"] = ctx.engine.registry.find_checkpoint(str(name)).title
+        except LookupError:
+            gr.Warning(f"The image was refined with checkpoint {name}, which is not in your models folder; "
+                       f"the refiner is set to '{NO_REFINER}'.")
+
+
 def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.components.Component, Any]:
     """Updates for every control the infotext names; warns (in the browser) about what cannot be used."""
     if not (text or "").strip():
@@ -142,6 +156,8 @@ def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.co
             fields.pop("sampler_name")
     if fields.get("enable_hr"):
         _hires_choices(ctx, fields)
+    if "refiner_checkpoint" in target.fields:
+        _refiner_choice(ctx, fields)
     for name, value in fields.items():
         component = target.fields.get(name)
         if component is None:

@@ -23,6 +23,7 @@ from webui.ui.generation import wire_generation
 from webui.ui.output import OutputPanel, build_output_panel
 from webui.ui.paste import PasteTarget
 from webui.ui.prompts import PromptArea, build_prompt_area
+from webui.ui.refiner import build_refiner_controls
 from webui.ui.tokens import TokenCounter
 from webui.ui.topbar import TopBar
 from webui.ui.ui_config import UiDefaults
@@ -115,6 +116,7 @@ def build_txt2img(ctx: AppContext, topbar: TopBar, defaults: UiDefaults, counter
         with gr.Column(scale=1, elem_id="txt2img_settings"):
             controls = build_sampling_controls(ctx, "txt2img", defaults)
             build_hires_controls(ctx, controls, topbar)
+            build_refiner_controls(ctx, "txt2img", controls, topbar)
             extensions = build_extension_controls(ctx, tab_ui)
         with gr.Column(scale=1, elem_id="txt2img_results"):
             panel = build_output_panel(ctx, "txt2img")
