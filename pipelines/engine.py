@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -106,6 +107,8 @@ class Engine:
         vae = None
         if request.vae not in ("Automatic", "None", ""):
             vae = self._resolve("vae", lambda: self.registry.find_vae(request.vae))
+        for module in request.additional_modules:
+            self._resolve("additional_modules", partial(self.registry.find_module, module))
         hires_upscaler = None
         if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
             hires_upscaler = self._resolve("hr_upscaler", lambda: self.upscalers.find(request.hr_upscaler),
@@ -169,7 +172,7 @@ class Engine:
         with self._gpu:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
-                model = self.models.get(request.checkpoint, request.vae)
+                model = self.models.get(request.checkpoint, request.vae, request.additional_modules)
                 notice = acceleration.prepare(model, options.unet_compile, acceleration.job_shapes(request, model),
                                               self.models.device.device)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
@@ -177,7 +180,8 @@ class Engine:
                                  device=self.models.device.device, extra_networks=self.extra_networks,
                                  upscalers=self.upscalers, scripts=list(plan.scripts), notice=notice or "",
                                  hires_checkpoint=plan.hires_checkpoint,
-                                 load_model=lambda title: self.models.get(title, request.vae))
+                                 load_model=lambda title: self.models.get(title, request.vae,
+                                                                          request.additional_modules))
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):
