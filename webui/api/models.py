@@ -177,6 +177,8 @@ class SDModelItem(BaseModel):
     sha256: str
     filename: str
     config: str | None = None
+    #: The model family ("sd1", "sd2", "sdxl", "flux"), read from the file's header; None when that does not tell.
+    family: str | None = None
 
 
 class SDVaeItem(BaseModel):

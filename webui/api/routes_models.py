@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.models import families
 from pipelines.models.weights import ModelFileError
 from pipelines.request import GenerationRequest
 from webui.api.errors import ApiError, StateConflict, model_file_error, model_file_loc, validation_errors
@@ -37,6 +38,11 @@ _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 def _sidecar_config(path: Path) -> str | None:
     config = path.with_suffix(".yaml")
     return str(config) if path.is_file() and config.is_file() else None
+
+
+def _family(path: Path) -> str | None:
+    family = families.family_of_path(path)
+    return family.name if family is not None else None
 
 
 def current_options(ctx: AppContext, selection: ApiSelection) -> dict[str, Any]:
@@ -109,7 +115,8 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
     def sd_models() -> list[dict]:
         """Checkpoints in models/Stable-diffusion (and --ckpt-dir)."""
         return [{"title": m.title, "model_name": m.model_name, "hash": m.short_hash, "sha256": m.sha256,
-                 "filename": str(m.path), "config": _sidecar_config(m.path)} for m in engine.registry.checkpoints]
+                 "filename": str(m.path), "config": _sidecar_config(m.path), "family": _family(m.path)}
+                for m in engine.registry.checkpoints]
 
     @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
     def sd_vae() -> list[dict]:
