@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from pipelines.models import checkpoints
-from pipelines.models.families import flux, sd1, sd2, sdxl
+from pipelines.models.families import flux, sd1, sd2, sd3, sdxl
 from pipelines.models.families.base import Family
 from pipelines.models.weights import read_safetensors_header
 
-FAMILIES: tuple[Family, ...] = (flux.FAMILY, sdxl.FAMILY, sd2.FAMILY, sd1.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux.FAMILY, sd3.FAMILY, sdxl.FAMILY, sd2.FAMILY, sd1.FAMILY)
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 

@@ -153,11 +153,13 @@ def transformer_config(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def clip_config(weights: dict[str, torch.Tensor]) -> CLIPTextConfig:
+def clip_config(weights: dict[str, torch.Tensor], base: Path = CONFIG_DIR / "clip_l_config.json") -> CLIPTextConfig:
     vocab, hidden = weights["text_model.embeddings.token_embedding.weight"].shape
+    projection = weights.get("text_projection.weight")
     return CLIPTextConfig(**{
-        **_read_json(CONFIG_DIR / "clip_l_config.json"),
-        "vocab_size": vocab, "hidden_size": hidden, "projection_dim": hidden,
+        **_read_json(base),
+        "vocab_size": vocab, "hidden_size": hidden,
+        "projection_dim": projection.shape[0] if projection is not None else hidden,
         "num_attention_heads": max(hidden // 64, 1),  # 64-wide heads, as in every CLIP text model
         "num_hidden_layers": _count(weights, "text_model.encoder.layers."),
         "intermediate_size": weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -178,11 +180,11 @@ def t5_config(weights: dict[str, torch.Tensor]) -> T5Config:
     })
 
 
-def vae_config(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+def vae_config(weights: dict[str, torch.Tensor], base: Path = CONFIG_DIR / "vae_config.json") -> dict[str, Any]:
     """The ``AutoencoderKL`` config of original-layout (LDM) VAE weights."""
     blocks = _count(weights, "encoder.down.")
     return {
-        **_read_json(CONFIG_DIR / "vae_config.json"),
+        **_read_json(base),
         "latent_channels": weights["decoder.conv_in.weight"].shape[1],
         "block_out_channels": [weights[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(blocks)],
         "down_block_types": ["DownEncoderBlock2D"] * blocks,
@@ -281,19 +283,27 @@ def _assign(model: torch.nn.Module, weights: dict[str, torch.Tensor], component:
     _require_complete(model, component, path)
 
 
-def _load_clip(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> CLIPTextModel:
+def load_clip(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, *, cls: type = CLIPTextModel,
+              base: Path = CONFIG_DIR / "clip_l_config.json", component: str = "clip_l") -> Any:
+    """A CLIP text model (``cls``: with or without its projection) from file weights."""
+    keep_projection = cls is not CLIPTextModel
     # Files keep transformers' "text_model." level; drop it where this transformers' model has none.
-    weights = {key if key.startswith("text_model.") else "text_model." + key: value
-               for key, value in _cast(weights, dtype).items() if key != "text_projection.weight"}
+    weights = {key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key: value
+               for key, value in _cast(weights, dtype).items()
+               if keep_projection or key != "text_projection.weight"}
     with init_empty_weights():
-        model = CLIPTextModel(clip_config(weights))
+        model = cls(clip_config(weights, base))
     if not any(key.startswith("text_model.") for key in model.state_dict()):
         weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
-    _assign(model, weights, "clip_l", path)
+    _assign(model, weights, component, path)
     return model.eval()
 
 
-def _load_t5(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> T5EncoderModel:
+def _load_clip(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> CLIPTextModel:
+    return load_clip(weights, dtype, path)
+
+
+def load_t5(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> T5EncoderModel:
     weights = _cast(weights, dtype)
     # The token embedding is stored once, under either name.
     if "shared.weight" not in weights and "encoder.embed_tokens.weight" in weights:
@@ -305,8 +315,9 @@ def _load_t5(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -
     return model.eval()
 
 
-def _load_vae(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, cache_dir: Path) -> AutoencoderKL:
-    config_dir = _materialize({"vae": vae_config(weights)}, cache_dir, "flux-vae")
+def load_vae(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, cache_dir: Path,
+             base: Path = CONFIG_DIR / "vae_config.json") -> AutoencoderKL:
+    config_dir = _materialize({"vae": vae_config(weights, base)}, cache_dir, "vae-16ch")
     vae = AutoencoderKL.from_single_file(_cast(weights, dtype), config=str(config_dir), subfolder="vae",
                                          local_files_only=True, dtype=dtype)
     _require_complete(vae, "vae", path)
@@ -356,10 +367,10 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(_read_json(
             CONFIG_DIR / ("scheduler_dev.json" if transformer.config.guidance_embeds else "scheduler_schnell.json"))),
-        vae=_load_vae(parts["vae"], torch_dtype, sources["vae"], Path(cache_dir)),
+        vae=load_vae(parts["vae"], torch_dtype, sources["vae"], Path(cache_dir)),
         text_encoder=_load_clip(parts["clip_l"], torch_dtype, sources["clip_l"]),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=_load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]),
+        text_encoder_2=load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]),
         tokenizer_2=t5_tokenizer(search.get("text_encoder", ())),
         transformer=transformer,
     )
