@@ -111,12 +111,18 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
     api = APIRouter(route_class=route_class, tags=["models and settings"])
     engine = ctx.engine
 
-    @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
-    def sd_models() -> list[dict]:
-        """Checkpoints in models/Stable-diffusion (and --ckpt-dir)."""
-        return [{"title": m.title, "model_name": m.model_name, "hash": m.short_hash, "sha256": m.sha256,
-                 "filename": str(m.path), "config": _sidecar_config(m.path), "family": _family(m.path)}
-                for m in engine.registry.checkpoints]
+    @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], response_model_exclude_unset=True)
+    def sd_models(with_family: bool = False) -> list[dict]:
+        """Checkpoints in models/Stable-diffusion and models/unet (and --ckpt-dir). ``with_family=true`` adds each
+        one's model family (left out otherwise: A1111's clients read these items with strict models)."""
+        items = []
+        for m in engine.registry.checkpoints:
+            item = {"title": m.title, "model_name": m.model_name, "hash": m.short_hash, "sha256": m.sha256,
+                    "filename": str(m.path), "config": _sidecar_config(m.path)}
+            if with_family:
+                item["family"] = _family(m.path)
+            items.append(item)
+        return items
 
     @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
     def sd_vae() -> list[dict]:
