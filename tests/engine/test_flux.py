@@ -153,3 +153,31 @@ def test_modes_not_yet_available_are_refused(flux_engine):
         flux_engine.generate(_request(checkpoint="tiny-flux-dev", enable_hr=True))
     with pytest.raises(ValueError, match="width must be a multiple of 16"):
         flux_engine.generate(_request(checkpoint="tiny-flux-dev", width=72))
+
+
+def test_lora_in_peft_format_equals_diffusers_and_is_undone(flux_models, tmp_path_factory):
+    from pipelines.engine import Engine
+    from pipelines.settings import EngineSettings, Paths
+    from tests.fixtures.tiny_flux import write_tiny_flux_lora
+    from webui.extensions import load_extensions
+
+    root, paths = flux_models
+    lora = write_tiny_flux_lora(root / "Lora")
+    data = tmp_path_factory.mktemp("flux-lora-data")
+    engine = Engine(EngineSettings(paths=Paths(data_dir=data, models_dir=root, outputs_dir=data / "outputs"),
+                                   device="cpu", checkpoint_cache=1))
+    extensions = load_extensions(engine, plugin_dir=tmp_path_factory.mktemp("no_plugins"))
+    assert next(r for r in extensions.records if r.name == "lora").loaded
+    plain = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers")).images
+    with_lora = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers", prompt="a photo of a cat <lora:"
+                                         f"{lora.stem}:0.7>"))
+    assert "Lora hashes" in parse_infotext(with_lora.infotexts[0]) and not with_lora.warnings
+    pipe = tiny_flux_pipeline(True, paths["t5_tokenizer"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="x")
+    pipe.set_adapters(["x"], [0.7])
+    theirs = pipe(prompt=["a photo of a cat"], num_inference_steps=3, height=64, width=64, guidance_scale=3.5,
+                  generator=[torch.Generator("cpu").manual_seed(5)]).images
+    assert _max_diff(with_lora.images, theirs) <= 1 and _max_diff(with_lora.images, plain) > 0
+    after = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers")).images
+    assert _max_diff(after, plain) == 0  # the LoRA was only there for its job
