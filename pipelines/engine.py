@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 
 from pipelines.job_control import JobControl
-from pipelines.models import acceleration
+from pipelines.models import acceleration, families
 from pipelines.models.catalog import ModelRegistry
 from pipelines.models.devices import free_memory, is_out_of_memory
 from pipelines.models.manager import ModelManager
@@ -104,6 +104,10 @@ class Engine:
         """Resolve every name ``request`` holds, once, before any model work; :class:`RequestError` names the
         field and what is available. A1111-style names ("name [hash]" titles, hashes) resolve as everywhere."""
         checkpoint = self._resolve("checkpoint", lambda: self.models.resolve(request.checkpoint))
+        family = families.family_of_path(checkpoint.path)
+        problem = families.unsupported(request, family) if family is not None else None
+        if problem is not None:
+            raise RequestError(problem[0], f"{problem[0]}: {problem[1]}")
         vae = None
         if request.vae not in ("Automatic", "None", ""):
             vae = self._resolve("vae", lambda: self.registry.find_vae(request.vae))

@@ -26,6 +26,7 @@ import pipelines
 from pipelines.images.infotext import build_infotext, infotext_params_from_fields
 from pipelines.images.saving import filename_from_pattern, make_grid, save_image
 from pipelines.job_control import JobControl, JobInterrupted, JobStopped
+from pipelines.models import families
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.models.weights import ModelFileError, model_file_field
@@ -280,15 +281,9 @@ def _family_inputs(request: GenerationRequest, model: LoadedModel) -> tuple[Gene
                         f"was replaced by {family.schedules[0]}")
     if family.schedules and schedule not in family.schedules:
         update["scheduler"] = family.schedules[0]
-    if family.sample is not None:
-        if isinstance(request, Img2ImgRequest):
-            raise ValueError(f"mode: img2img and inpaint are not available for {family.label} models yet; use txt2img")
-        if request.enable_hr:
-            raise ValueError(f"enable_hr: Hires. fix is not available for {family.label} models yet")
-        for name in ("width", "height"):
-            if getattr(request, name) % 16:
-                raise ValueError(f"{name} must be a multiple of 16 for {family.label} models, got "
-                                 f"{getattr(request, name)}")
+    problem = families.unsupported(request, family)
+    if problem is not None:  # Engine.plan refuses these first; this guards direct callers of run_job
+        raise ValueError(f"{problem[0]}: {problem[1]}")
     return (request.model_copy(update=update) if update else request), warnings
 
 

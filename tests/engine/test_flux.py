@@ -148,11 +148,33 @@ def test_unknown_module_is_refused_naming_the_field(flux_engine):
     assert error.value.field == "additional_modules" and "clip_l.safetensors" in str(error.value)
 
 
-def test_modes_not_yet_available_are_refused(flux_engine):
-    with pytest.raises(ValueError, match="enable_hr: Hires. fix is not available for Flux.1"):
-        flux_engine.generate(_request(checkpoint="tiny-flux-dev", enable_hr=True))
-    with pytest.raises(ValueError, match="width must be a multiple of 16"):
+def test_modes_not_yet_available_are_refused_when_planned(flux_engine):
+    from pipelines.plan import RequestError
+
+    with pytest.raises(RequestError, match="enable_hr: Hires. fix is not available for Flux.1") as error:
+        flux_engine.plan(_request(checkpoint="tiny-flux-dev", enable_hr=True))
+    assert error.value.field == "enable_hr"
+    with pytest.raises(RequestError, match="width must be a multiple of 16") as error:
         flux_engine.generate(_request(checkpoint="tiny-flux-dev", width=72))
+    assert error.value.field == "width"
+
+
+def test_interrupt_decodes_the_latents_at_hand(flux_engine):
+    from pipelines.job_control import JobControl
+
+    control = JobControl()
+    original = control.update
+
+    def interrupt_at_step_two(**fields):
+        original(**fields)
+        if fields.get("step") == 2:
+            control.interrupt()
+
+    control.update = interrupt_at_step_two
+    result = flux_engine.generate(_request(checkpoint="tiny-flux-dev", steps=4), control=control)
+    full = flux_engine.generate(_request(checkpoint="tiny-flux-dev", steps=4)).images
+    assert result.interrupted and len(result.images) == 1
+    assert 0 < _max_diff(result.images, full)  # not the finished image, and not an error
 
 
 def test_lora_in_peft_format_equals_diffusers_and_is_undone(flux_models, tmp_path_factory):

@@ -61,6 +61,21 @@ def family_of_path(path: Path) -> Family | None:
     return family_of_keys(set(keys))
 
 
+def unsupported(request, family: Family) -> tuple[str, str] | None:
+    """(field, message) when ``family`` cannot run ``request`` yet (a mode or size its own loop does not do);
+    None when it can."""
+    if family.sample is None:
+        return None
+    if getattr(request, "mode", "txt2img") == "img2img":
+        return "mode", f"img2img and inpaint are not available for {family.label} models yet; use txt2img"
+    if request.enable_hr:
+        return "enable_hr", f"Hires. fix is not available for {family.label} models yet"
+    for name in ("width", "height"):
+        if getattr(request, name) % 16:
+            return name, f"{name} must be a multiple of 16 for {family.label} models, got {getattr(request, name)}"
+    return None
+
+
 def load_checkpoint(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                     search: dict[str, Sequence[Path]] | None = None):
     """Load a checkpoint of any family, fully offline: ``(pipeline, ModelFamily)``.

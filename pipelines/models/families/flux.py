@@ -35,6 +35,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
+from pipelines.job_control import JobStopped
 from pipelines.models.checkpoints import (
     CONFIGS_DIR,
     TOKENIZER_FILES_DIR,
@@ -490,7 +491,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
                            txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
     for i, t in enumerate(timesteps):
-        on_step(i, unpack(latents, h, w))
+        _report(on_step, i, unpack(latents, h, w))
         cond = conditioning.at_step(i)
         timestep = t.expand(b).to(latents.dtype)
         prediction = predict(cond.cond, cond.pooled, timestep)
@@ -499,6 +500,16 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
             prediction = negative + request.cfg_scale * (prediction - negative)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
     return unpack(latents, h, w)
+
+
+def _report(on_step: Callable[[int, torch.Tensor], None], step: int, latents: torch.Tensor) -> None:
+    """Report ``step``; a stop there (interrupt, skip) hands on the latents at hand to decode."""
+    try:
+        on_step(step, latents)
+    except JobStopped as stop:
+        if stop.latents is None:
+            stop.latents = latents
+        raise
 
 
 def infotext_fields(request, model) -> dict[str, object]:

@@ -209,7 +209,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     scheduler.set_begin_index(0)
     use_cfg = request.cfg_scale > 1.0
     for i, t in enumerate(scheduler.timesteps):
-        on_step(i, latents)
+        flux._report(on_step, i, latents)
         cond = conditioning.at_step(i)
         if cond.pooled is None or cond.uncond_pooled is None:
             raise ValueError("SD 3.5 conditioning needs the pooled CLIP embeddings")
