@@ -77,3 +77,29 @@ def test_missing_clip_g_names_the_file_and_folder(sd3_engine, sd3_models):
     message = str(error.value)
     assert "CLIP-G text encoder" in message and "clip_g.safetensors" in message
     assert str(root / "text_encoder") in message
+
+
+def test_lora_in_peft_format_equals_diffusers(sd3_models, tmp_path_factory):
+    from pipelines.engine import Engine
+    from pipelines.settings import EngineSettings, Paths
+    from tests.fixtures.tiny_sd3 import write_tiny_sd3_lora
+    from webui.extensions import load_extensions
+
+    root, paths = sd3_models
+    lora = write_tiny_sd3_lora(root / "Lora")
+    data = tmp_path_factory.mktemp("sd3-lora-data")
+    engine = Engine(EngineSettings(paths=Paths(data_dir=data, models_dir=root, outputs_dir=data / "outputs"),
+                                   device="cpu", checkpoint_cache=1))
+    load_extensions(engine, plugin_dir=tmp_path_factory.mktemp("no_plugins"))
+    result = engine.generate(_request(checkpoint="tiny-sd35-diffusers",
+                                      prompt=f"a photo of a cat <lora:{lora.stem}:0.6>"))
+    assert "Lora hashes" in parse_infotext(result.infotexts[0]) and not result.warnings
+    pipe = tiny_sd3_pipeline(True, paths["t5_tokenizer"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="x")
+    pipe.set_adapters(["x"], [0.6])
+    theirs = pipe(prompt=["a photo of a cat"], negative_prompt=["blurry"], num_inference_steps=3, height=64, width=64,
+                  guidance_scale=4.5, generator=[torch.Generator("cpu").manual_seed(9)]).images
+    assert _max_diff(result.images, theirs) <= 1
+    plain = _reference(True, paths["t5_tokenizer"], [9])
+    assert _max_diff(result.images, plain) > 0
