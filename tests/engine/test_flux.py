@@ -203,3 +203,9 @@ def test_lora_in_peft_format_equals_diffusers_and_is_undone(flux_models, tmp_pat
     assert _max_diff(with_lora.images, theirs) <= 1 and _max_diff(with_lora.images, plain) > 0
     after = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers")).images
     assert _max_diff(after, plain) == 0  # the LoRA was only there for its job
+
+
+def test_t5_reads_plain_text():
+    assert flux._plain_text("a photo of a cat") == ("a photo of a cat", False)
+    assert flux._plain_text("a (red:1.3) fox BREAK snow") == ("a red fox snow", True)
+    assert flux._plain_text(r"a \(b\)") == ("a (b)", False)

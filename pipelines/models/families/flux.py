@@ -394,10 +394,11 @@ def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequ
 def _plain_text(text: str) -> tuple[str, bool]:
     """The prompt as T5 and CLIP read it here (emphasis brackets and BREAK taken out), and whether any were."""
     pieces = parse_prompt_attention(text)
-    plain = " ".join(piece for piece, weight in pieces if (piece, weight) != BREAK_MARKER) if any(
-        (piece, weight) == BREAK_MARKER for piece, weight in pieces) else "".join(piece for piece, _ in pieces)
-    changed = any(weight != 1.0 or (piece, weight) == BREAK_MARKER for piece, weight in pieces)
-    return plain, changed
+    breaks = any(piece == BREAK_MARKER for piece in pieces)
+    plain = "".join(" " if piece == BREAK_MARKER else piece[0] for piece in pieces)
+    if breaks:  # a BREAK between two words leaves one space
+        plain = " ".join(plain.split())
+    return plain, breaks or any(weight != 1.0 for _, weight in pieces if (_, weight) != BREAK_MARKER)
 
 
 def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, request) -> tuple[Conditioning,
