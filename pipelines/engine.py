@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Protocol, TypeVar
 
 import torch
 
 from pipelines.faces import FaceRestorers, MissingFaceModel
 from pipelines.job_control import JobControl
-from pipelines.models import acceleration
+from pipelines.models import acceleration, families
 from pipelines.models.catalog import ModelRegistry
 from pipelines.models.devices import free_memory, is_out_of_memory
 from pipelines.models.manager import ModelManager
@@ -126,9 +127,15 @@ class Engine:
         files must be there (a RequestError for ``restore_faces`` names the file and the folder otherwise)."""
         self.check_face_restoration(request, options or self.options)
         checkpoint = self._resolve("checkpoint", lambda: self.models.resolve(request.checkpoint))
+        family = families.family_of_path(checkpoint.path)
+        problem = families.unsupported(request, family) if family is not None else None
+        if problem is not None:
+            raise RequestError(problem[0], f"{problem[0]}: {problem[1]}")
         vae = None
         if request.vae not in ("Automatic", "None", ""):
             vae = self._resolve("vae", lambda: self.registry.find_vae(request.vae))
+        for module in request.additional_modules:
+            self._resolve("additional_modules", partial(self.registry.find_module, module))
         hires_upscaler = None
         if request.enable_hr and request.hr_upscaler not in LATENT_UPSCALE_MODES:
             hires_upscaler = self._resolve("hr_upscaler", lambda: self.upscalers.find(request.hr_upscaler),
@@ -218,7 +225,7 @@ class Engine:
         with self._gpu:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
-                model = self.models.get(request.checkpoint, request.vae)
+                model = self.models.get(request.checkpoint, request.vae, request.additional_modules)
                 notice = acceleration.prepare(model, options.unet_compile, acceleration.job_shapes(request, model),
                                               self.models.device.device)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
@@ -227,7 +234,8 @@ class Engine:
                                  upscalers=self.upscalers, face_restorers=self.face_restorers,
                                  scripts=list(plan.scripts), notice=notice or "",
                                  hires_checkpoint=plan.hires_checkpoint, refiner=plan.refiner,
-                                 load_model=lambda title: self.models.get(title, request.vae))
+                                 load_model=lambda title: self.models.get(title, request.vae,
+                                                                          request.additional_modules))
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

@@ -28,6 +28,7 @@ from pipelines.faces import FaceRestorers
 from pipelines.images.infotext import build_infotext, infotext_params_from_fields
 from pipelines.images.saving import filename_from_pattern, make_grid, save_image
 from pipelines.job_control import JobControl, JobInterrupted, JobStopped
+from pipelines.models import families
 from pipelines.models.catalog import ModelFile
 from pipelines.models.manager import LoadedModel
 from pipelines.models.weights import ModelFileError, model_file_field
@@ -204,6 +205,8 @@ def infotext_params(request: GenerationRequest, model: LoadedModel, prompt: str,
         "tiling": request.tiling,
         "rng": "CPU",
     }
+    if model.spec.infotext_fields is not None:
+        fields.update(model.spec.infotext_fields(request, model))
     params = infotext_params_from_fields(fields)
     params.update(extra)
     params["Version"] = pipelines.__version__
@@ -374,10 +377,37 @@ def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, 
     return (request.model_copy(update=update) if update else request), warnings
 
 
+def _family_inputs(request: GenerationRequest, model: LoadedModel) -> tuple[GenerationRequest, list[str]]:
+    """The request as the model's family runs it: its defaults for fields the caller left unset, its samplers
+    and schedule types; a mode it cannot run yet is refused naming the field."""
+    family = model.spec
+    update: dict[str, object] = {name: value for name, value in family.defaults.items()
+                                 if name not in request.model_fields_set}
+    warnings = []
+    sampler = update.get("sampler_name", request.sampler_name)
+    if family.samplers and sampler not in family.samplers:
+        update["sampler_name"] = family.samplers[0]
+        warnings.append(f"{family.label} models run {', '.join(family.samplers)}; {sampler} was replaced by "
+                        f"{family.samplers[0]}")
+    schedule = update.get("scheduler", request.scheduler)
+    if family.schedules and schedule not in (*family.schedules, "Automatic"):
+        warnings.append(f"{family.label} models run the schedule types {', '.join(family.schedules)}; {schedule} "
+                        f"was replaced by {family.schedules[0]}")
+    if family.schedules and schedule not in family.schedules:
+        update["scheduler"] = family.schedules[0]
+    problem = families.unsupported(request, family)
+    if problem is not None:  # Engine.plan refuses these first; this guards direct callers of run_job
+        raise ValueError(f"{problem[0]}: {problem[1]}")
+    return (request.model_copy(update=update) if update else request), warnings
+
+
 def check_inputs(request: GenerationRequest, ctx: JobContext) -> tuple[GenerationRequest, list[str]]:
-    """The request as it will run and be recorded: schedule types the samplers can run, the hires checkpoint
-    by its name (as "Model" records the first one); and the warnings about what changed."""
+    """The request as it will run and be recorded: the family's defaults and samplers, schedule types the
+    samplers can run, the hires checkpoint by its name (as "Model" records the first one); and the warnings
+    about what changed."""
+    request, family_warnings = _family_inputs(request, ctx.model)
     request, warnings = _runnable_schedules(request)
+    warnings = family_warnings + warnings
     if request.enable_hr:
         hires = ctx.hires_checkpoint
         request = request.model_copy(update={"hr_checkpoint_name": hires.model_name if hires else None})
@@ -385,10 +415,19 @@ def check_inputs(request: GenerationRequest, ctx: JobContext) -> tuple[Generatio
 
 
 def encode_job_prompts(request: GenerationRequest, ctx: JobContext, model: LoadedModel,
-                       prompts: PreparedPrompts) -> tuple[Conditioning, Conditioning | None]:
+                       prompts: PreparedPrompts, notes: list[str] | None = None
+                       ) -> tuple[Conditioning, Conditioning | None]:
     """The conditioning of the first pass and, unless the hires pass runs on its own checkpoint (whose text
     encoders encode its prompts batch by batch), of the hires pass. Once per job: every batch has the same
     prompts and step count."""
+    if model.spec.encode is not None:  # a family with its own text encoders (Flux.1)
+        with torch.inference_mode():
+            conditioning, warnings = model.spec.encode(model, prompts.encode_prompts[: request.batch_size],
+                                                       prompts.encode_negative_prompts[: request.batch_size],
+                                                       _real_steps(request), request)
+        if notes is not None:
+            notes.extend(warnings)
+        return conditioning, None
     encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
     with torch.inference_mode():
         conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
@@ -409,7 +448,7 @@ def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: Load
     extra = img2img_infotext_params(request) if isinstance(request, Img2ImgRequest) else {}
     extra.update(network_params)
     extra.update(scripts.infotext)
-    if ctx.options.step_cache_interval and supports_step_cache(model.pipe.unet):
+    if ctx.options.step_cache_interval and supports_step_cache(model.unet):
         extra["Step cache"] = ctx.options.step_cache_interval  # it changes the image: say so
     elif ctx.options.step_cache_interval:
         warnings.append("step caching is off for this model (a torch.compile'd UNet, or one not laid "
@@ -455,7 +494,7 @@ def run_job(request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         result.warnings.extend(warnings)
         result.warnings.extend(scripts.warnings)
         # 3. conditioning, once per job
-        conditionings = encode_job_prompts(request, ctx, model, prompts)
+        conditionings = encode_job_prompts(request, ctx, model, prompts, result.warnings)
         # 4. the job's own infotext parameters
         result.extra_params = job_infotext_params(request, ctx, model, conditionings[0], network_params, scripts,
                                                   result.warnings)
@@ -643,6 +682,8 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     conditioning, hr_conditioning = conditionings
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
+    if model.spec.sample is not None:  # a family with its own sampling loop (Flux.1)
+        return _sample_family_batch(request, ctx, model, seeds, subseeds, generators, conditioning, scripts)
     scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds,
                                 sdxl=model.is_sdxl)
 
@@ -672,6 +713,27 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     images = decode_images(model, latents)
     if start.source is not None:
         images = finish_inpaint(images, start.source)
+    scripts.after_batch(images)
+    return images, stopped
+
+
+def _sample_family_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, seeds: list[int],
+                         subseeds: list[int], generators: list[torch.Generator], conditioning: Conditioning,
+                         scripts: ScriptRun) -> tuple[list[Image.Image], JobStopped | None]:
+    """Stages 5, 6 and 8 for a family with its own sampling loop: CPU noise per image, its loop, decode."""
+    sample = model.spec.sample
+    if sample is None:
+        raise RuntimeError(f"{model.spec.label} has no sampling loop of its own")
+    h, w = model.latent_size(request.width, request.height)
+    noise = initial_noise(request, seeds, subseeds, generators, (model.vae.config.latent_channels, h, w), model)
+    ctx.control.update(steps=request.steps)
+    reporter = StepReporter(ctx.control, model, ctx.options.show_progress_type, on_step=scripts.on_step)
+    stopped: JobStopped | None = None
+    try:
+        latents = sample(model, noise, conditioning, request, reporter.step)
+    except JobStopped as stop:
+        stopped, latents = stop, stop.latents if stop.latents is not None else noise
+    images = decode_images(model, latents.to(ctx.device))
     scripts.after_batch(images)
     return images, stopped
 

@@ -61,6 +61,9 @@ class GenerationRequest(BaseModel):
                            "default, with a warning.")
     steps: int = Field(20, ge=1, le=150, description="Sampling steps.")
     cfg_scale: float = Field(7.0, ge=1.0, le=30.0, description="How strongly the image follows the prompt.")
+    distilled_cfg_scale: float = Field(
+        3.5, ge=0.0, le=30.0, description="Flux.1 dev: the guidance its transformer was distilled with (Forge's "
+        "Distilled CFG Scale); real CFG runs only when cfg_scale is above 1. Other families ignore it.")
     width: int = _size_field("Image width in pixels, a multiple of 8.")
     height: int = _size_field("Image height in pixels, a multiple of 8.")
     batch_size: int = Field(1, ge=1, le=64, description="Images per forward pass.")
@@ -94,6 +97,9 @@ class GenerationRequest(BaseModel):
     refiner_switch_at: float = Field(
         0.8, ge=0.01, le=1.0, description="Refiner: the fraction of the sampling (by timestep, as A1111) at which "
         "the refiner takes over; 1 = never.")
+    additional_modules: list[str] = Field(
+        default_factory=list, description="Forge's VAE / Text Encoder: files in models/text_encoder or models/VAE "
+        "that complete a checkpoint stored without them (a Flux.1 transformer file: clip_l, t5xxl, ae).")
     save_images: bool = Field(True, description="Save the images to the outputs folder.")
     script_name: str | None = Field(None, description="A script from the Script dropdown to run (e.g. 'X/Y/Z plot').")
     script_args: list[Any] = Field(default_factory=list, description="The arguments of script_name.")

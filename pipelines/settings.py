@@ -49,8 +49,8 @@ class ModelKind:
 #: and placeholder under ``models/``.
 MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
     ModelKind("checkpoint", "Stable-diffusion", "Stable Diffusion checkpoints",
-              "Checkpoints: SD 1.x, SD 2.x (512 and 768-v) and SDXL, inpainting models too, as single files "
-              "or diffusers folders.", (".safetensors", ".ckpt")),
+              "Checkpoints: SD 1.x, SD 2.x (512 and 768-v), SDXL, SD 3.5 and Flux.1, inpainting models too, as "
+              "single files or diffusers folders.", (".safetensors", ".ckpt")),
     ModelKind("vae", "VAE", "VAE", "VAEs chosen in the top bar's VAE list instead of a checkpoint's own.",
               (".safetensors", ".ckpt", ".pt")),
     ModelKind("taesd", "VAE-taesd", "TAESD tiny VAEs",
@@ -74,11 +74,12 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "annotators/openpose/body_pose_model.pth, ...; docs/compatibility.md §10); none are bundled.",
               (".pth", ".safetensors", ".pt")),
     ModelKind("text_encoder", "text_encoder", "text encoders",
-              "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them.", (".safetensors",),
-              in_use=False),
+              "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them (Flux.1, SD 3.5), "
+              "chosen in the top bar's VAE / Text Encoder list; the T5 tokenizer files go into t5_tokenizer/ here.",
+              (".safetensors",)),
     ModelKind("unet", "unet", "diffusion models",
-              "Diffusion-model-only files (the UNet or transformer without text encoders or VAE).",
-              (".safetensors",), in_use=False),
+              "Diffusion-model-only files (a Flux.1 or SD 3.5 transformer without text encoders or VAE), listed "
+              "with the checkpoints.", (".safetensors",)),
     ModelKind("clip", "CLIP", "CLIP models",
               "CLIP image-text models for the Evaluate tab's CLIP score: transformers CLIP folders (config.json, "
               "weights, preprocessor and tokenizer files), open_clip folders (open_clip_config.json and "

@@ -202,5 +202,6 @@ def _drop_adapters(pipe: Any, names: Sequence[str]) -> None:
 
 def _part_weights(present: Mapping[str, Sequence[str]], adapter: str, use: LoraUse) -> dict[str, float]:
     """set_adapters' per-part weights, naming only the parts the adapter really has."""
-    parts = {"unet": use.unet, **{encoder: use.te for encoder in _TEXT_ENCODERS}}
+    # The denoiser's weight goes to the UNet, or to the transformer of a family without one (Flux.1, SD 3.5).
+    parts = {"unet": use.unet, "transformer": use.unet, **{encoder: use.te for encoder in _TEXT_ENCODERS}}
     return {part: weight for part, weight in parts.items() if adapter in present.get(part, ())}

@@ -238,6 +238,8 @@ _TABLE: tuple[_Entry, ...] = (
     _Entry("Sampler", ("sampler_name",), str),
     _Entry("Schedule type", ("scheduler",), str),
     _Entry("CFG scale", ("cfg_scale",), float),
+    # Forge's key for Flux.1 dev's guidance; written only for a family that uses it (the field is None otherwise).
+    _Entry("Distilled CFG Scale", ("distilled_cfg_scale",), float),
     _Entry("Seed", ("seed",), int),
     _Entry("Size", ("width", "height"), _SIZE),
     _Entry("Model hash", ("sd_model_hash",), str, _when("sd_model_hash", bool)),

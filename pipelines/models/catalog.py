@@ -87,6 +87,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._checkpoints: list[ModelFile] = []
         self._vaes: list[ModelFile] = []
+        self._text_encoders: list[ModelFile] = []
         self.refresh()
 
     def refresh(self) -> None:
@@ -95,12 +96,21 @@ class ModelRegistry:
             ModelFile(path, rel, self.hashes.sha256(_hash_file(path)))
             for path, rel in _scan(self.paths.model_dirs("checkpoint"), MODEL_EXTENSIONS["checkpoint"], True)
         ]
+        # Diffusion-model-only files (a Flux.1 transformer) are checkpoints too, completed by modules.
+        checkpoints += [
+            ModelFile(path, rel, self.hashes.sha256(path))
+            for path, rel in _scan(self.paths.model_dirs("unet"), MODEL_EXTENSIONS["unet"], False)
+        ]
         vaes = [
             ModelFile(path, rel, self.hashes.sha256(path))
             for path, rel in _scan(self.paths.model_dirs("vae"), MODEL_EXTENSIONS["vae"], False)
         ]
+        text_encoders = [
+            ModelFile(path, rel, self.hashes.sha256(path))
+            for path, rel in _scan(self.paths.model_dirs("text_encoder"), MODEL_EXTENSIONS["text_encoder"], False)
+        ]
         with self._lock:
-            self._checkpoints, self._vaes = checkpoints, vaes
+            self._checkpoints, self._vaes, self._text_encoders = checkpoints, vaes, text_encoders
 
     @property
     def checkpoints(self) -> list[ModelFile]:
@@ -111,6 +121,22 @@ class ModelRegistry:
     def vaes(self) -> list[ModelFile]:
         with self._lock:
             return list(self._vaes)
+
+    @property
+    def modules(self) -> list[ModelFile]:
+        """Files that complete a checkpoint stored without them: text encoders, then VAEs (Forge's
+        "VAE / Text Encoder" list)."""
+        with self._lock:
+            return [*self._text_encoders, *self._vaes]
+
+    def find_module(self, query: str) -> ModelFile:
+        """The text encoder or VAE file ``query`` names (file name, name, or hash); LookupError lists them."""
+        found = _find(self.modules, query, legacy=False)
+        if found is None:
+            names = ", ".join(m.name for m in self.modules) or "none; put text encoders in " + str(
+                self.paths.model_dirs("text_encoder")[0])
+            raise LookupError(f"additional_modules: no text encoder or VAE matches {query!r}; available: {names}")
+        return found
 
     def find_checkpoint(self, query: str) -> ModelFile:
         """The checkpoint that ``query`` names: its title, file name, name without extension, full or short

@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines.models import families
 from pipelines.models.acceleration import apply_defaults
 from pipelines.models.catalog import ModelFile, ModelRegistry
-from pipelines.models.checkpoints import ModelFamily, load_checkpoint, load_vae
+from pipelines.models.checkpoints import ModelFamily, load_vae
 from pipelines.models.devices import DeviceConfig, device_config, free_memory, is_out_of_memory
 from pipelines.models.weights import ModelFileError, model_file_field
 from pipelines.settings import EngineSettings
@@ -53,6 +54,14 @@ class LoadedModel:
     #: Why the TAESD file could not be used for previews (then they are the cheap ones), or None.
     taesd_error: str | None = None
 
+    #: The separate module files (text encoders, VAE) the checkpoint was loaded with (Forge's "VAE / Text Encoder").
+    modules: tuple[ModelFile, ...] = ()
+
+    @property
+    def spec(self) -> families.Family:
+        """The family module's declarations (:mod:`pipelines.models.families`)."""
+        return families.get(self.family.name)
+
     @property
     def is_sdxl(self) -> bool:
         return self.family.name == "sdxl"
@@ -73,7 +82,9 @@ class LoadedModel:
 
     @property
     def unet(self):
-        return self.pipe.unet
+        """The denoiser: the UNet, or the transformer of a family without one (Flux.1)."""
+        unet = getattr(self.pipe, "unet", None)
+        return unet if unet is not None else self.pipe.transformer
 
     @property
     def vae(self):
@@ -107,8 +118,8 @@ class ModelManager:
 
     def default_query(self) -> str:
         """What to load when a request names no checkpoint: the current one, the configured one, or the first."""
-        if self._active:
-            return self._active
+        if self._active and self._active in self._loaded:
+            return self._loaded[self._active].file.title
         if self.settings.default_checkpoint:
             return self.settings.default_checkpoint
         checkpoints = self.registry.checkpoints
@@ -123,22 +134,26 @@ class ModelManager:
         """The model file a request means; LookupError names what is available."""
         return self.registry.find_checkpoint(checkpoint or self.default_query())
 
-    def get(self, checkpoint: str | None = None, vae: str = "Automatic") -> LoadedModel:
+    def get(self, checkpoint: str | None = None, vae: str = "Automatic", modules: Sequence[str] = ()) -> LoadedModel:
         """The loaded model for ``checkpoint`` with ``vae`` attached, on the device; loads it if needed.
 
-        A file that cannot be used raises :class:`ModelFileError` naming it and why, with ``field``
-        ``checkpoint`` or ``vae``; the models loaded before stay usable."""
+        ``modules`` name separate text encoder / VAE files (``models/text_encoder``, ``models/VAE``) that complete
+        a checkpoint stored without them. A file that cannot be used raises :class:`ModelFileError` naming it
+        and why, with ``field`` ``checkpoint``, ``vae`` or ``additional_modules``; the models loaded before stay
+        usable."""
         file = self.resolve(checkpoint)
         vae_file = None if vae in ("Automatic", "", None, "None") else self.registry.find_vae(vae)
+        module_files = tuple(self.registry.find_module(name) for name in modules)
+        key = file.title if not module_files else " + ".join([file.title, *(m.title for m in module_files)])
         with self._lock:
-            model = self._loaded.get(file.title)
+            model = self._loaded.get(key)
             if model is None:
                 with model_file_field("checkpoint"), _unusable_file(file.path):
-                    model = self._load(file)
-            self._loaded.move_to_end(file.title)
-            if self._active != file.title:
+                    model = self._load(file, module_files, key)
+            self._loaded.move_to_end(key)
+            if self._active != key:
                 self._activate(model)
-                self._active = file.title
+                self._active = key
             if vae_file is not None:
                 with model_file_field("vae"), _unusable_file(vae_file.path):
                     self._set_vae(model, vae_file)
@@ -157,16 +172,21 @@ class ModelManager:
     def reload(self) -> LoadedModel | None:
         """Load the current checkpoint again from disk (after the file changed)."""
         with self._lock:
-            title = self._active
+            current = self.current
             self.unload()
-            return self.get(title) if title else None
+            if current is None:
+                return None
+            return self.get(current.file.title, modules=[module.name for module in current.modules])
 
     # --- internals
-    def _load(self, file: ModelFile) -> LoadedModel:
+    def _load(self, file: ModelFile, modules: tuple[ModelFile, ...] = (), key: str = "") -> LoadedModel:
         self._make_room()
         started = time.perf_counter()
-        pipe, family = load_checkpoint(
-            file.path, torch_dtype=self.device.dtype, cache_dir=self.registry.paths.cache_dir / "configs"
+        paths = self.registry.paths
+        pipe, family = families.load_checkpoint(
+            file.path, torch_dtype=self.device.dtype, cache_dir=paths.cache_dir / "configs",
+            modules=[module.path for module in modules],
+            search={kind: paths.model_dirs(kind) for kind in ("text_encoder", "vae")},
         )
         pipe.set_progress_bar_config(disable=True)
         if self.device.vae_dtype != self.device.dtype:
@@ -174,9 +194,9 @@ class ModelManager:
         model = LoadedModel(
             file=file, family=family, pipe=pipe, load_seconds=time.perf_counter() - started,
             own_vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config),
-            taesd_dirs=self.registry.paths.model_dirs("taesd"),
+            taesd_dirs=self.registry.paths.model_dirs("taesd"), modules=modules,
         )
-        self._loaded[file.title] = model
+        self._loaded[key or file.title] = model
         log.info("Loaded %s (%s) in %.1f s", file.title, family.name, model.load_seconds)
         return model
 

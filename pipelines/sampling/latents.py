@@ -91,6 +91,9 @@ def approx_preview_pixels(latents: torch.Tensor, family: str) -> torch.Tensor:
     """The first latent of a batch as RGB (3, h, w) in [0, 1] at latent size, on the latents' device:
     a fixed linear map, free of any model call."""
     factors = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd"].to(latents.device, torch.float32)
+    if latents.shape[1] != factors.shape[0]:  # no fitted map for these latents (Flux.1's 16 channels)
+        first = latents[0, :3].float()
+        return (first - first.amin()) / (first.amax() - first.amin()).clamp(min=1e-6)
     rgb = torch.einsum("chw,cr->rhw", latents[0].float(), factors)
     return ((rgb + 1) / 2).clamp(0, 1)
 

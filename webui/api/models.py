@@ -174,6 +174,9 @@ class SDModelItem(BaseModel):
     sha256: str
     filename: str
     config: str | None = None
+    #: Ours, only with ``?with_family=true``: the model family ("sd1", "sd2", "sdxl", "sd3", "flux"), read from the
+    #: file's header; None when that does not tell.
+    family: str | None = None
 
 
 class SDVaeItem(BaseModel):

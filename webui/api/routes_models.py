@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.engine import EngineError
+from pipelines.models import families
 from pipelines.models.weights import ModelFileError
 from pipelines.request import GenerationRequest
 from webui.api.errors import ApiError, StateConflict, model_file_error, model_file_loc, validation_errors
@@ -37,6 +38,11 @@ _LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 def _sidecar_config(path: Path) -> str | None:
     config = path.with_suffix(".yaml")
     return str(config) if path.is_file() and config.is_file() else None
+
+
+def _family(path: Path) -> str | None:
+    family = families.family_of_path(path)
+    return family.name if family is not None else None
 
 
 def current_options(ctx: AppContext, selection: ApiSelection) -> dict[str, Any]:
@@ -105,11 +111,18 @@ def router(ctx: AppContext, selection: ApiSelection, route_class: type) -> APIRo
     api = APIRouter(route_class=route_class, tags=["models and settings"])
     engine = ctx.engine
 
-    @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
-    def sd_models() -> list[dict]:
-        """Checkpoints in models/Stable-diffusion (and --ckpt-dir)."""
-        return [{"title": m.title, "model_name": m.model_name, "hash": m.short_hash, "sha256": m.sha256,
-                 "filename": str(m.path), "config": _sidecar_config(m.path)} for m in engine.registry.checkpoints]
+    @api.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], response_model_exclude_unset=True)
+    def sd_models(with_family: bool = False) -> list[dict]:
+        """Checkpoints in models/Stable-diffusion and models/unet (and --ckpt-dir). ``with_family=true`` adds each
+        one's model family (left out otherwise: A1111's clients read these items with strict models)."""
+        items = []
+        for m in engine.registry.checkpoints:
+            item = {"title": m.title, "model_name": m.model_name, "hash": m.short_hash, "sha256": m.sha256,
+                    "filename": str(m.path), "config": _sidecar_config(m.path)}
+            if with_family:
+                item["family"] = _family(m.path)
+            items.append(item)
+        return items
 
     @api.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem])
     def sd_vae() -> list[dict]:

@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -32,7 +33,9 @@ from webui.api.state import ApiSelection
 #: A1111's default sampler for API requests that name none.
 API_DEFAULT_SAMPLER = "Euler"
 #: ``override_settings`` / options keys that are fields of the request rather than Options.
-REQUEST_OPTIONS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+REQUEST_OPTIONS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
+                   # Forge's "VAE / Text Encoder" choice (text encoders / VAE completing a Flux.1 transformer file)
+                   "forge_additional_modules": "additional_modules"}
 #: Keys GET options shows that are derived, so a client posting the whole dict back is not refused.
 READ_ONLY_OPTIONS = frozenset({"sd_checkpoint_hash"})
 #: A1111 options that scripts read and write but that have one value here: GET options shows that value; setting
@@ -132,6 +135,10 @@ def split_overrides(overrides: dict[str, Any] | None, current: Options
             fields["vae"] = "Automatic" if value is None or str(value) in _AUTOMATIC_VAES else str(value)
         elif key == "CLIP_stop_at_last_layers":
             fields["clip_skip"] = value
+        elif key == "forge_additional_modules":
+            # Forge keeps full paths; a file name (or name, or hash) of models/text_encoder or models/VAE is looked up.
+            fields["additional_modules"] = [Path(str(item)).name for item in value] if isinstance(value, list) \
+                else value
         elif key not in READ_ONLY_OPTIONS and key not in FIXED_OPTIONS:
             changes[key] = value
     check_option_changes(current, changes, ("override_settings",))
@@ -260,6 +267,14 @@ def prepare(body: BaseModel, engine: Engine, selection: ApiSelection, current: O
     if engine_model is Img2ImgRequest:
         fields.update(_decode_images(body))
     request = _build_request(engine_model, fields, overridden)
+    # Fields the body leaves out count as unset, so that a model family's own defaults apply to them (Flux.1: CFG
+    # scale 1, Euler); families without defaults run the API defaults as before.
+    left_out = {"cfg_scale", "steps"} - body.model_fields_set
+    if not {"sampler_name", "sampler_index"} & body.model_fields_set:
+        left_out |= {"sampler_name"}
+    if "scheduler" not in body.model_fields_set:
+        left_out |= {"scheduler"}
+    request.__pydantic_fields_set__ -= left_out
     try:
         # Every name the request holds, resolved as the engine will when the job runs (it plans again then:
         # a request without a checkpoint override runs on the checkpoint selected at that time).

@@ -81,6 +81,10 @@ def build_sampling_controls(ctx: AppContext, tab: str, defaults: UiDefaults,
                                                       value=start("Batch size", None), elem_id=f"{tab}_batch_size"))
     keep("cfg_scale", "CFG Scale", f.slider(model, "cfg_scale", "CFG Scale", step=0.5,
                                             value=start("CFG Scale", None), elem_id=f"{tab}_cfg_scale"))
+    # Forge's control for Flux.1 dev; shown while the top bar's checkpoint is of a family that uses it.
+    keep("distilled_cfg_scale", "Distilled CFG Scale", f.slider(
+        model, "distilled_cfg_scale", "Distilled CFG Scale", step=0.1, value=start("Distilled CFG Scale", None),
+        elem_id=f"{tab}_distilled_cfg_scale", visible=False))
     with gr.Row():
         keep("seed", "Seed", f.number(model, "seed", "Seed", value=start("Seed", None), elem_id=f"{tab}_seed",
                                       scale=6))

@@ -19,7 +19,7 @@ from webui.ui.controls import GenerationControls
 from webui.ui.jobs import CustomJob, Session, run_job
 from webui.ui.output import OutputPanel, gallery_entries, infotext_html
 from webui.ui.prompts import PromptArea
-from webui.ui.topbar import TopBar
+from webui.ui.topbar import TopBar, checkpoint_family
 
 #: Builds the tab's request from the common fields and the values of the tab's extra inputs (or a job of the
 #: tab's own, as img2img's Batch).
@@ -74,19 +74,20 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
     """Connect the tab's Generate button (and its Interrupt / Skip replacements) to the engine."""
     names = list(controls.fields)
     scratch = Path(tempfile.gettempdir()) / "sdui-gallery"
-    inputs = [panel.session, topbar.checkpoint, topbar.vae, topbar.clip_skip, area.prompt, area.negative_prompt,
-              area.styles, *controls.fields.values(), *extra_inputs]
+    inputs = [panel.session, topbar.checkpoint, topbar.vae, topbar.modules, topbar.clip_skip, area.prompt,
+              area.negative_prompt, area.styles, *controls.fields.values(), *extra_inputs]
     running = {area.generate: gr.update(visible=False), area.interrupt: gr.update(visible=True),
                area.skip: gr.update(visible=True), area.error: ""}
     idle = {area.generate: gr.update(visible=True), area.interrupt: gr.update(visible=False),
             area.skip: gr.update(visible=False), panel.preview: gr.update(visible=False, value=None),
             panel.progress: ""}
 
-    def generate(session: Session, checkpoint: str | None, vae: str, clip_skip: int, prompt: str, negative: str,
-                 styles: list[str], *values: Any):
+    def generate(session: Session, checkpoint: str | None, vae: str, modules: list[str] | None, clip_skip: int,
+                 prompt: str, negative: str, styles: list[str], *values: Any):
         common = dict(zip(names, values[:len(names)]))
         common.update(prompt=prompt or "", negative_prompt=negative or "", styles=styles or [],
-                      checkpoint=checkpoint or None, vae=vae or "Automatic", clip_skip=int(clip_skip or 1))
+                      checkpoint=checkpoint or None, vae=vae or "Automatic", clip_skip=int(clip_skip or 1),
+                      additional_modules=list(modules or []))
         def refused(message: str) -> dict:
             # A toast, a red line right under Generate, and the old result marked as not being this request's.
             gr.Warning(message)
@@ -141,7 +142,28 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
             raise gr.Error("No image yet: generate one first, then reuse its seed.")
         return seeds[min(session.selected, len(seeds) - 1)]
 
+    _wire_family_controls(ctx, topbar, controls)
+
     controls.reuse_seed.click(lambda s: reuse(s, s.seeds), inputs=[panel.session],
                               outputs=[controls.fields["seed"]], show_progress="hidden")
     controls.reuse_subseed.click(lambda s: reuse(s, s.subseeds), inputs=[panel.session],
                                  outputs=[controls.fields["subseed"]], show_progress="hidden")
+
+
+def _wire_family_controls(ctx: AppContext, topbar: TopBar, controls: GenerationControls) -> None:
+    """Choosing a checkpoint of a family with its own defaults (Flux.1: Euler, Simple, CFG scale 1) sets them in
+    the tab, and shows the controls only that family uses (Distilled CFG Scale)."""
+    targets = [controls.fields[name] for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
+               if name in controls.fields]
+    if len(targets) < 4:
+        return
+
+    def follow(title: str | None) -> list:
+        family = checkpoint_family(ctx, title)
+        defaults = family.defaults if family is not None else {}
+        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update()
+                   for name in ("sampler_name", "scheduler", "cfg_scale")]
+        return [*updates, gr.update(visible=family is not None and family.infotext_fields is not None)]
+
+    topbar.checkpoint.change(follow, inputs=[topbar.checkpoint], outputs=targets, show_progress="hidden",
+                             queue=False)

@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 import gradio as gr
 import httpx
 
+from pipelines.models import families
+from pipelines.models.families.base import Family
 from pipelines.request import GenerationRequest
 from webui.context import AppContext
 from webui.ui import fields as f
@@ -22,6 +24,8 @@ class TopBar:
     checkpoint: gr.Dropdown
     refresh: gr.Button
     vae: gr.Dropdown
+    #: Forge's "VAE / Text Encoder": files completing a checkpoint stored without them (a Flux.1 transformer).
+    modules: gr.Dropdown
     clip_skip: gr.Slider
     notice: gr.Markdown
     download: gr.Button
@@ -38,6 +42,20 @@ def checkpoint_titles(ctx: AppContext) -> list[str]:
 
 def vae_choices(ctx: AppContext) -> list[str]:
     return ["Automatic", *(m.name for m in ctx.engine.registry.vaes)]
+
+
+def module_choices(ctx: AppContext) -> list[str]:
+    return [m.name for m in ctx.engine.registry.modules]
+
+
+def checkpoint_family(ctx: AppContext, title: str | None) -> Family | None:
+    """The family of the checkpoint called ``title`` (from its header), or None."""
+    if not title:
+        return None
+    try:
+        return families.family_of_path(ctx.engine.registry.find_checkpoint(title).path)
+    except LookupError:
+        return None
 
 
 def initial_checkpoint(ctx: AppContext) -> str | None:
@@ -77,6 +95,9 @@ def build_topbar(ctx: AppContext) -> TopBar:
                             elem_classes="sdui-tool")
         vae = gr.Dropdown(vae_choices(ctx), value=lambda: initial_vae(ctx), label="SD VAE", elem_id="setting_sd_vae",
                           scale=3, min_width=200, info=None)
+        modules = gr.Dropdown(module_choices(ctx), value=[], multiselect=True, label="VAE / Text Encoder",
+                              elem_id="setting_forge_additional_modules", scale=3, min_width=200,
+                              info=None)
         clip_skip = f.slider(GenerationRequest, "clip_skip", "Clip skip",
                              value=lambda: ctx.options.CLIP_stop_at_last_layers,
                              elem_id="setting_CLIP_stop_at_last_layers", scale=3, min_width=200)
@@ -87,7 +108,7 @@ def build_topbar(ctx: AppContext) -> TopBar:
             download = gr.Button("Download the default model", elem_id="download_default_model", size="sm",
                                  scale=0, min_width=240)
             download_status = gr.HTML("", elem_id="download_default_model_status")
-    bar = TopBar(checkpoint, refresh, vae, clip_skip, notice, download, download_status, queue_status)
+    bar = TopBar(checkpoint, refresh, vae, modules, clip_skip, notice, download, download_status, queue_status)
     _wire(ctx, bar, notice_box)
     return bar
 
@@ -99,23 +120,24 @@ def _wire(ctx: AppContext, bar: TopBar, notice_box: gr.Group) -> None:
         titles = checkpoint_titles(ctx)
         value = current if current in titles else (titles[0] if titles else None)
         return (gr.update(choices=titles, value=value), gr.update(choices=vae_choices(ctx)),
-                gr.update(visible=not titles))
+                gr.update(choices=module_choices(ctx)), gr.update(visible=not titles))
 
     bar.list_changed.append(bar.refresh.click(refresh, inputs=[bar.checkpoint],
-                                              outputs=[bar.checkpoint, bar.vae, notice_box], show_progress="hidden"))
+                                              outputs=[bar.checkpoint, bar.vae, bar.modules, notice_box],
+                                              show_progress="hidden"))
 
-    def load(title: str | None, vae: str) -> None:
+    def load(title: str | None, vae: str, modules: list[str] | None) -> None:
         if not title:
             return
         # Loading goes through the job queue like a generation: it must not swap models under a running job.
         try:
-            ctx.queue.run(lambda _control: ctx.engine.models.get(title, vae), source="ui",
+            ctx.queue.run(lambda _control: ctx.engine.models.get(title, vae, modules or []), source="ui",
                           description=f"load {title}")
         except (LookupError, OSError, ValueError) as error:
             raise gr.Error(f"Could not load {title}: {error}") from error
         ctx.update_options({"sd_model_checkpoint": title})
 
-    bar.checkpoint.input(load, inputs=[bar.checkpoint, bar.vae], show_progress="minimal")
+    bar.checkpoint.input(load, inputs=[bar.checkpoint, bar.vae, bar.modules], show_progress="minimal")
 
     # A page opened later lists the models there now (a merge, a download), not those of the start: its
     # value (the loaded model) may be one of them.

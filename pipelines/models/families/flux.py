@@ -1,0 +1,537 @@
+"""Flux.1 (dev and schnell): a flow-matching transformer, CLIP-L (pooled) + T5-XXL text encoders, a 16-channel VAE.
+
+Layouts read, all offline:
+
+- a diffusers folder (``model_index.json`` of ``FluxPipeline``);
+- one file holding everything, keys of the original (Black Forest Labs) layout as the published single files
+  have them: ``model.diffusion_model.*`` (the transformer), ``text_encoders.clip_l.transformer.*``,
+  ``text_encoders.t5xxl.transformer.*``, ``vae.*`` (or ``first_stage_model.*``);
+- split files: a transformer-only file (bare original keys) in ``models/Stable-diffusion/`` or ``models/unet/``,
+  with the text encoders and the VAE chosen as "additional modules" (Forge's "VAE / Text Encoder" list) from
+  ``models/text_encoder/`` and ``models/VAE/``.
+
+Every component's config is read off its weights (layer counts, widths, heads) on top of the shipped configs in
+``pipelines/models/configs/flux/``; dev and schnell differ by the guidance embedder (dev has one). Weights stored
+as fp8 (e4m3fn / e5m2) or bf16 are cast to the engine's dtype on the CPU while loading.
+
+Sampling is diffusers' ``FluxPipeline`` loop (packed 2x2 latents, flow-matching Euler, resolution-dependent
+shift for dev) run step by step so that interrupt, progress and prompt editing work; with the same generators
+it gives the same pixels as ``FluxPipeline``. Dev's distilled guidance is the request's ``distilled_cfg_scale``
+(infotext "Distilled CFG Scale"); real CFG with the negative prompt runs only when ``cfg_scale`` > 1 (the family's
+default is 1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+from pipelines.job_control import JobStopped
+from pipelines.models.checkpoints import (
+    CONFIGS_DIR,
+    TOKENIZER_FILES_DIR,
+    ModelFamily,
+    _materialize,
+    _read_json,
+    _require_complete,
+    read_state_dict,
+)
+from pipelines.models.families.base import Family
+from pipelines.prompts.encoding import Conditioning, StepConditioning
+from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
+
+CONFIG_DIR = CONFIGS_DIR / "flux"
+#: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
+#: beside the configs, then ``<models/text_encoder>/t5_tokenizer/``.
+T5_TOKENIZER_DIR = "t5_tokenizer"
+#: T5 tokens per prompt, as diffusers' FluxPipeline uses by default.
+MAX_SEQUENCE_LENGTH = 512
+
+_FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.scale"
+_TRANSFORMER_PREFIX = "model.diffusion_model."
+_CLIP_PREFIX = "text_encoders.clip_l.transformer."
+_T5_PREFIX = "text_encoders.t5xxl.transformer."
+_VAE_PREFIXES = ("vae.", "first_stage_model.")
+#: A component's name, what it is called in messages, and the file users keep it in.
+_COMPONENTS = {
+    "clip_l": ("CLIP-L text encoder", "clip_l.safetensors", "text_encoder"),
+    "t5xxl": ("T5-XXL text encoder", "t5xxl_fp16.safetensors", "text_encoder"),
+    "vae": ("VAE", "ae.safetensors", "vae"),
+}
+_CAST_FROM = (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _claims(keys: Collection[str]) -> bool:
+    return _FLUX_KEY in keys or _TRANSFORMER_PREFIX + _FLUX_KEY in keys
+
+
+# --------------------------------------------------------------------------- splitting and identifying weights
+
+
+def split_components(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of one file by component (``transformer``, ``clip_l``, ``t5xxl``, ``vae``), prefixes removed."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "clip_l": {}, "t5xxl": {}, "vae": {}}
+    for key, value in state_dict.items():
+        if key.startswith(_CLIP_PREFIX):
+            parts["clip_l"][key[len(_CLIP_PREFIX):]] = value
+        elif key.startswith(_T5_PREFIX):
+            parts["t5xxl"][key[len(_T5_PREFIX):]] = value
+        elif key.startswith(_VAE_PREFIXES):
+            parts["vae"][key.split(".", 1)[1]] = value
+        elif key.startswith(_TRANSFORMER_PREFIX):
+            parts["transformer"][key[len(_TRANSFORMER_PREFIX):]] = value
+        else:
+            parts[_kind_of_key(key) or "transformer"][key] = value
+    return parts
+
+
+def _kind_of_key(key: str) -> str | None:
+    if key.startswith(("text_model.", "embeddings.token_embedding", "embeddings.position_embedding",
+                       "encoder.layers.", "final_layer_norm.")):
+        return "clip_l"
+    if key.startswith(("encoder.block.", "shared.", "encoder.final_layer_norm", "encoder.embed_tokens")):
+        return "t5xxl"
+    if key.startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv")):
+        return "vae"
+    return None
+
+
+def module_kind(keys: Collection[str]) -> str | None:
+    """What a separate module file holds: ``clip_l``, ``t5xxl``, ``vae``, or None (none of them)."""
+    stripped = [key.split("transformer.", 1)[1] if key.startswith("text_encoders.") else key for key in keys]
+    if any(key.startswith("encoder.block.0.layer.0.SelfAttention") for key in stripped):
+        return "t5xxl"
+    if any(key.startswith(("text_model.encoder.layers.0.", "encoder.layers.0.self_attn")) for key in stripped):
+        return "clip_l"
+    if any(key.endswith("decoder.conv_in.weight") for key in stripped):
+        return "vae"
+    return None
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors (fp8 and bf16 included) in ``dtype``, converted on the CPU."""
+    return {key: value.to(dtype) if value.dtype in _CAST_FROM else value for key, value in state_dict.items()}
+
+
+def _count(keys: Collection[str], prefix: str) -> int:
+    numbers = {int(match.group(1)) for key in keys if (match := re.match(re.escape(prefix) + r"(\d+)\.", key))}
+    return max(numbers) + 1 if numbers else 0
+
+
+# --------------------------------------------------------------------------- configs read off the weights
+
+
+def rope_axes(head_dim: int) -> list[int]:
+    """The rotary embedding's split of one head over (text index, height, width): [16, 56, 56] for 128."""
+    side = (head_dim * 7 // 16) // 2 * 2
+    return [head_dim - 2 * side, side, side]
+
+
+def transformer_config(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``FluxTransformer2DModel`` config of original-layout transformer weights."""
+    head_dim = weights[_FLUX_KEY].shape[0]
+    hidden, in_channels = weights["img_in.weight"].shape
+    return {
+        **_read_json(CONFIG_DIR / "transformer_config.json"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "axes_dims_rope": rope_axes(head_dim),
+        "in_channels": in_channels,
+        "joint_attention_dim": weights["txt_in.weight"].shape[1],
+        "pooled_projection_dim": weights["vector_in.in_layer.weight"].shape[1],
+        "num_layers": _count(weights, "double_blocks."),
+        "num_single_layers": _count(weights, "single_blocks."),
+        "guidance_embeds": "guidance_in.in_layer.weight" in weights,
+    }
+
+
+def clip_config(weights: dict[str, torch.Tensor], base: Path = CONFIG_DIR / "clip_l_config.json") -> CLIPTextConfig:
+    vocab, hidden = weights["text_model.embeddings.token_embedding.weight"].shape
+    projection = weights.get("text_projection.weight")
+    return CLIPTextConfig(**{
+        **_read_json(base),
+        "vocab_size": vocab, "hidden_size": hidden,
+        "projection_dim": projection.shape[0] if projection is not None else hidden,
+        "num_attention_heads": max(hidden // 64, 1),  # 64-wide heads, as in every CLIP text model
+        "num_hidden_layers": _count(weights, "text_model.encoder.layers."),
+        "intermediate_size": weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "max_position_embeddings": weights["text_model.embeddings.position_embedding.weight"].shape[0],
+    })
+
+
+def t5_config(weights: dict[str, torch.Tensor]) -> T5Config:
+    vocab, d_model = weights["shared.weight"].shape
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    heads = weights[attention + "relative_attention_bias.weight"].shape[1]
+    return T5Config(**{
+        **_read_json(CONFIG_DIR / "t5xxl_config.json"),
+        "vocab_size": vocab, "d_model": d_model, "num_heads": heads,
+        "d_kv": weights[attention + "q.weight"].shape[0] // heads,
+        "d_ff": weights["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+        "num_layers": _count(weights, "encoder.block."),
+    })
+
+
+def vae_config(weights: dict[str, torch.Tensor], base: Path = CONFIG_DIR / "vae_config.json") -> dict[str, Any]:
+    """The ``AutoencoderKL`` config of original-layout (LDM) VAE weights."""
+    blocks = _count(weights, "encoder.down.")
+    return {
+        **_read_json(base),
+        "latent_channels": weights["decoder.conv_in.weight"].shape[1],
+        "block_out_channels": [weights[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(blocks)],
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "layers_per_block": _count(weights, "encoder.down.0.block."),
+        "use_quant_conv": "quant_conv.weight" in weights,
+        "use_post_quant_conv": "post_quant_conv.weight" in weights,
+    }
+
+
+# --------------------------------------------------------------------------- building components
+
+
+_TOP_KEYS = {
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out",
+}
+_DOUBLE_KEYS = {
+    "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2", "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+}
+_SINGLE_KEYS = {"modulation.lin": "norm.linear", "norm.query_norm.scale": "attn.norm_q.weight",
+                "norm.key_norm.scale": "attn.norm_k.weight", "linear2": "proj_out"}
+
+
+def _rename(source: str, table: dict[str, str]) -> str | None:
+    for old, new in table.items():
+        if source == old or source.startswith(old + "."):
+            return new + source[len(old):]
+    return None
+
+
+def convert_transformer(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original (BFL) transformer keys -> ``FluxTransformer2DModel`` keys, for any width (diffusers' own converter
+    assumes the 3072-wide model): fused qkv split into q, k, v; single blocks' ``linear1`` into q, k, v and the MLP
+    input; the final modulation's (shift, scale) halves swapped to (scale, shift)."""
+    inner = weights["img_in.weight"].shape[0]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        block = re.match(r"(double|single)_blocks\.(\d+)\.(.+)", key)
+        if block is None:
+            if key.startswith("final_layer.adaLN_modulation.1."):
+                shift, scale = value.chunk(2, dim=0)
+                out["norm_out.linear." + key.rsplit(".", 1)[1]] = torch.cat([scale, shift], dim=0)
+                continue
+            renamed = _rename(key, _TOP_KEYS)
+        elif block[1] == "double":
+            prefix, rest = f"transformer_blocks.{block[2]}.", block[3]
+            fused = re.fullmatch(r"(img|txt)_attn\.qkv\.(weight|bias)", rest)
+            if fused:
+                names = ("to_q", "to_k", "to_v") if fused[1] == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+                for name, part in zip(names, value.chunk(3, dim=0)):
+                    out[f"{prefix}attn.{name}.{fused[2]}"] = part
+                continue
+            renamed = _rename(rest, _DOUBLE_KEYS)
+            renamed = prefix + renamed if renamed else None
+        else:
+            prefix, rest = f"single_transformer_blocks.{block[2]}.", block[3]
+            fused = re.fullmatch(r"linear1\.(weight|bias)", rest)
+            if fused:
+                parts = torch.split(value, [inner, inner, inner, value.shape[0] - 3 * inner], dim=0)
+                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
+                    out[f"{prefix}{name}.{fused[1]}"] = part
+                continue
+            renamed = _rename(rest, _SINGLE_KEYS)
+            renamed = prefix + renamed if renamed else None
+        if renamed is None:
+            raise ValueError(f"unknown Flux.1 transformer weight {key!r}")
+        out[renamed] = value
+    return out
+
+
+def _load_transformer(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> FluxTransformer2DModel:
+    config = transformer_config(weights)
+    converted = convert_transformer(_cast(weights, dtype))
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    _assign(model, converted, "transformer", path)
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, weights: dict[str, torch.Tensor], component: str, path: Path) -> None:
+    result = model.load_state_dict(weights, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: {len(result.unexpected_keys)} {component} weights do not fit a Flux.1 "
+                         f"{component}, e.g. {result.unexpected_keys[:3]}")
+    _require_complete(model, component, path)
+
+
+def load_clip(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, *, cls: type = CLIPTextModel,
+              base: Path = CONFIG_DIR / "clip_l_config.json", component: str = "clip_l") -> Any:
+    """A CLIP text model (``cls``: with or without its projection) from file weights."""
+    keep_projection = cls is not CLIPTextModel
+    # Files keep transformers' "text_model." level; drop it where this transformers' model has none.
+    weights = {key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key: value
+               for key, value in _cast(weights, dtype).items()
+               if keep_projection or key != "text_projection.weight"}
+    with init_empty_weights():
+        model = cls(clip_config(weights, base))
+    if not any(key.startswith("text_model.") for key in model.state_dict()):
+        weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
+    _assign(model, weights, component, path)
+    return model.eval()
+
+
+def _load_clip(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> CLIPTextModel:
+    return load_clip(weights, dtype, path)
+
+
+def load_t5(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> T5EncoderModel:
+    weights = _cast(weights, dtype)
+    # The token embedding is stored once, under either name.
+    if "shared.weight" not in weights and "encoder.embed_tokens.weight" in weights:
+        weights["shared.weight"] = weights["encoder.embed_tokens.weight"]
+    weights.setdefault("encoder.embed_tokens.weight", weights["shared.weight"])
+    with init_empty_weights():
+        model = T5EncoderModel(t5_config(weights))
+    _assign(model, weights, "t5xxl", path)
+    return model.eval()
+
+
+def load_vae(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, cache_dir: Path,
+             base: Path = CONFIG_DIR / "vae_config.json") -> AutoencoderKL:
+    config_dir = _materialize({"vae": vae_config(weights, base)}, cache_dir, "vae-16ch")
+    vae = AutoencoderKL.from_single_file(_cast(weights, dtype), config=str(config_dir), subfolder="vae",
+                                         local_files_only=True, dtype=dtype)
+    _require_complete(vae, "vae", path)
+    return vae
+
+
+def t5_tokenizer(search: Sequence[Path]) -> T5TokenizerFast:
+    """The T5 tokenizer from the first folder of ``search`` + ``t5_tokenizer/`` that holds its files."""
+    folders = [CONFIG_DIR / T5_TOKENIZER_DIR, *(Path(folder) / T5_TOKENIZER_DIR for folder in search)]
+    for folder in folders:
+        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
+            return T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+    raise ValueError("Flux.1 needs the T5 tokenizer (tokenizer.json and tokenizer_config.json of "
+                     f"google/t5-v1_1-xxl) in one of: {', '.join(str(folder) for folder in folders)}")
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(TOKENIZER_FILES_DIR, local_files_only=True, model_max_length=77)
+
+
+def _missing(component: str, path: Path, search: dict[str, Sequence[Path]]) -> ValueError:
+    what, example, kind = _COMPONENTS[component]
+    folders = ", ".join(str(folder) for folder in search.get(kind, ())) or f"models/{kind}"
+    return ValueError(
+        f"{path} is a Flux.1 model without its {what}: put a file like {example} into {folders} and choose it in "
+        f"the top bar's \"VAE / Text Encoder\" list (request field additional_modules)")
+
+
+def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
+               search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
+    search = search or {}
+    parts = split_components(read_state_dict(path))
+    sources = dict.fromkeys(parts, path)
+    for module in modules:
+        module_parts = split_components(read_state_dict(module))
+        kind = module_kind([key for part in module_parts.values() for key in part]) if module_parts else None
+        if kind is None:
+            raise ValueError(f"{module} is none of a Flux.1 model's modules (CLIP-L, T5-XXL text encoder, VAE)")
+        parts[kind] = {key: value for part in module_parts.values() for key, value in part.items()}
+        sources[kind] = module
+    if _FLUX_KEY not in parts["transformer"]:
+        raise ValueError(f"{path}: no Flux.1 transformer weights ({_FLUX_KEY})")
+    for component in ("clip_l", "t5xxl", "vae"):
+        if not parts[component]:
+            raise _missing(component, path, search)
+    transformer = _load_transformer(parts.pop("transformer"), torch_dtype, path)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(_read_json(
+            CONFIG_DIR / ("scheduler_dev.json" if transformer.config.guidance_embeds else "scheduler_schnell.json"))),
+        vae=load_vae(parts["vae"], torch_dtype, sources["vae"], Path(cache_dir)),
+        text_encoder=_load_clip(parts["clip_l"], torch_dtype, sources["clip_l"]),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]),
+        tokenizer_2=t5_tokenizer(search.get("text_encoder", ())),
+        transformer=transformer,
+    )
+    return pipe, ModelFamily("flux", False, "flow", CONFIG_DIR)
+
+
+def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
+         search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
+    """A Flux.1 model from a diffusers folder, one file, or a transformer file plus ``modules``."""
+    path = Path(path)
+    if path.is_dir():
+        pipe = FluxPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        return pipe, ModelFamily("flux", False, "flow", path)
+    return _load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+
+
+# --------------------------------------------------------------------------- conditioning
+
+
+def _plain_text(text: str) -> tuple[str, bool]:
+    """The prompt as T5 and CLIP read it here (emphasis brackets and BREAK taken out), and whether any were."""
+    pieces = parse_prompt_attention(text)
+    breaks = any(piece == BREAK_MARKER for piece in pieces)
+    plain = "".join(" " if piece == BREAK_MARKER else piece[0] for piece in pieces)
+    if breaks:  # a BREAK between two words leaves one space
+        plain = " ".join(plain.split())
+    return plain, breaks or any(weight != 1.0 for _, weight in pieces if (_, weight) != BREAK_MARKER)
+
+
+def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, request) -> tuple[Conditioning,
+                                                                                                    list[str]]:
+    """Per-step conditioning: T5 hidden states as ``cond``, CLIP's pooled output as ``pooled``; prompt editing
+    works. Emphasis weights and BREAK do nothing for these encoders (a warning says so)."""
+    pipe = model.pipe
+    device = pipe.transformer.device
+    real_cfg = request.cfg_scale > 1.0
+    prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
+    negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
+    warnings: list[str] = []
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encoding(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if text not in encoded:
+            plain, changed = _plain_text(text)
+            if changed and not warnings:
+                warnings.append("Flux.1: emphasis weights and BREAK are ignored (T5 and the pooled CLIP read the "
+                                "plain text); prompt editing works")
+            embeds, pooled, _ = pipe.encode_prompt(plain, prompt_2=None, device=device,
+                                                   max_sequence_length=MAX_SEQUENCE_LENGTH)
+            encoded[text] = (embeds, pooled)
+        return encoded[text]
+
+    if not real_cfg and any(negative_prompts):
+        warnings.append("Flux.1: the negative prompt is used only with real CFG (CFG scale above 1)")
+    starts: list[int] = []
+    segments: list[StepConditioning] = []
+    schedules = prompt_schedules + (negative_schedules if real_cfg else [])
+    changes = sorted({0} | {end for schedule in schedules for end, _ in schedule[:-1]})
+    for start in changes:
+        cond = [encoding(_text_at(schedule, start + 1)) for schedule in prompt_schedules]
+        uncond = [encoding(_text_at(schedule, start + 1)) for schedule in negative_schedules] if real_cfg else cond
+        starts.append(start)
+        segments.append(StepConditioning(
+            cond=torch.cat([embeds for embeds, _ in cond]), uncond=torch.cat([embeds for embeds, _ in uncond]),
+            pooled=torch.cat([pooled for _, pooled in cond]),
+            uncond_pooled=torch.cat([pooled for _, pooled in uncond])))
+    return Conditioning(starts, segments, prompt_schedules, negative_schedules, []), warnings
+
+
+def _text_at(schedule: list[tuple[int, str]], step_number: int) -> str:
+    for end, text in schedule:
+        if end >= step_number:
+            return text
+    return schedule[-1][1]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, C*4): the transformer's 2x2 patches, as diffusers packs them."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, packed = latents.shape
+    c = packed // 4
+    return latents.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
+           on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps; returns (B, 16, h, w)."""
+    transformer = model.pipe.transformer
+    device, dtype = transformer.device, transformer.dtype
+    b, _, h, w = noise.shape
+    latents = pack(noise.to(device=device, dtype=dtype))
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    config = scheduler.config
+    steps = request.steps
+    mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    scheduler.set_begin_index(0)
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full([1], request.distilled_cfg_scale, device=device, dtype=torch.float32).expand(b)
+    real_cfg = request.cfg_scale > 1.0
+
+    def predict(embeds: torch.Tensor, pooled: torch.Tensor | None, timestep: torch.Tensor) -> torch.Tensor:
+        if pooled is None:
+            raise ValueError("Flux.1 conditioning needs the pooled CLIP embeddings")
+        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+        return transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                           pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
+                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+
+    for i, t in enumerate(timesteps):
+        _report(on_step, i, unpack(latents, h, w))
+        cond = conditioning.at_step(i)
+        timestep = t.expand(b).to(latents.dtype)
+        prediction = predict(cond.cond, cond.pooled, timestep)
+        if real_cfg:
+            negative = predict(cond.uncond, cond.uncond_pooled, timestep)
+            prediction = negative + request.cfg_scale * (prediction - negative)
+        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+    return unpack(latents, h, w)
+
+
+def _report(on_step: Callable[[int, torch.Tensor], None], step: int, latents: torch.Tensor) -> None:
+    """Report ``step``; a stop there (interrupt, skip) hands on the latents at hand to decode."""
+    try:
+        on_step(step, latents)
+    except JobStopped as stop:
+        if stop.latents is None:
+            stop.latents = latents
+        raise
+
+
+def infotext_fields(request, model) -> dict[str, object]:
+    """Forge's "Distilled CFG Scale" for dev (schnell has no guidance embedder)."""
+    if model.pipe.transformer.config.guidance_embeds:
+        return {"distilled_cfg_scale": request.distilled_cfg_scale}
+    return {}
+
+
+FAMILY = Family(
+    name="flux",
+    label="Flux.1",
+    claims_keys=_claims,
+    folder_classes=("FluxPipeline",),
+    config_dir=CONFIG_DIR,
+    load=load,
+    encode=encode,
+    sample=sample,
+    samplers=("Euler",),
+    schedules=("Simple",),
+    defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
+    infotext_fields=infotext_fields,
+    unet=False,
+)

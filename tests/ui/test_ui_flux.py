@@ -1,0 +1,40 @@
+"""Browser: a Flux.1 checkpoint shows its controls (Distilled CFG Scale, CFG scale 1, Euler) and the top bar's
+"VAE / Text Encoder" list completes a transformer-only file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.fixtures.tiny_flux import write_tiny_flux
+from tests.ui.test_ui import choose_checkpoint, generate_and_wait
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    from tests.ui.helpers import FAST_DEFAULTS, start_ui_server
+
+    root = tmp_path_factory.mktemp("flux-ui")
+    write_tiny_flux(root / "models")
+    data = root / "data"
+    data.mkdir()
+    (data / "ui-config.json").write_text(json.dumps(FAST_DEFAULTS))
+    running = start_ui_server(root / "models", data)
+    yield running
+    running.server.close()
+
+
+def test_flux_controls_and_split_files(page):
+    choose_checkpoint(page, "tiny-flux-schnell.safetensors")
+    page.locator("#txt2img_distilled_cfg_scale").wait_for(state="visible")
+    assert page.locator("#txt2img_cfg_scale input[type=number]").input_value() == "1"
+    for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
+        page.locator("#setting_forge_additional_modules input").click()
+        page.get_by_role("option", name=re.compile(re.escape(name))).click()
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    info = generate_and_wait(page, "txt2img")
+    assert "Sampler: Euler" in info and "CFG scale: 1" in info
