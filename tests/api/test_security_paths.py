@@ -161,7 +161,8 @@ def test_extras_batch_from_directory_reads_only_inside_the_allowed_folders(site)
     site.ui_call("extras_batch_directory_tab", session=session)  # the tab sets the source to "folder"
 
     def process(folder: str) -> dict:
-        data = [None, None, None, folder, None, 2, 64, 64, True, "Lanczos", "None", 0]
+        # Extras' inputs: ..., upscaler 2 visibility, GFPGAN visibility, CodeFormer visibility, CodeFormer weight.
+        data = [None, None, None, folder, None, 2, 64, 64, True, "Lanczos", "None", 0, 0, 0, 0.5]
         return site.ui_call(api_name="process", data=data, session=session)
 
     for bad in (str(site.outside), "../" + site.outside.name, "~", "dir-link"):
