@@ -65,7 +65,7 @@ def test_the_ade20k_palette_is_mmsegs():
     assert ADE20K_PALETTE[2] == (6, 230, 230)  # sky
     assert ADE20K_PALETTE[12] == (150, 5, 61)  # person
     assert ADE20K_PALETTE[-2:] == ((102, 255, 0), (92, 0, 255))  # clock, flag
-    assert len(set(ADE20K_PALETTE)) == 149  # as in mmseg, "building" is not the only grey: 140,140,140 twice
+    assert len(set(ADE20K_PALETTE)) == 149 and ADE20K_PALETTE[6] == ADE20K_PALETTE[48]  # road, skyscraper (mmseg)
 
 
 def test_seg_ufade20k_colours_each_pixel_by_the_upernets_class(cache, annotator_root):
