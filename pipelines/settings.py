@@ -69,10 +69,11 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "ControlNet models for SD 1.x and SDXL, as single files in the original layout or diffusers "
               "folders.", (".safetensors", ".pth")),
     ModelKind("controlnet_annotator", "ControlNet/annotators", "annotator weights",
-              "Weights of ControlNet preprocessors that run a network (depth, openpose, ...), one folder per "
-              "annotator under the reference file names (annotators/midas/dpt_hybrid-midas-501f0c75.pt, "
-              "annotators/openpose/body_pose_model.pth, ...; docs/compatibility.md §10); none are bundled.",
-              (".pth", ".safetensors", ".pt")),
+              "Weights of ControlNet preprocessors that run a network (depth, openpose, segmentation, ...), one "
+              "folder per annotator under the reference file names (annotators/midas/dpt_hybrid-midas-501f0c75.pt, "
+              "annotators/openpose/body_pose_model.pth, annotators/upernet/config.json + pytorch_model.bin, ...; "
+              "docs/compatibility.md §10); none are bundled.",
+              (".pth", ".safetensors", ".pt", ".bin")),
     ModelKind("text_encoder", "text_encoder", "text encoders",
               "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them (Flux.1, SD 3.5), "
               "chosen in the top bar's VAE / Text Encoder list; the T5 tokenizer files go into t5_tokenizer/ here.",

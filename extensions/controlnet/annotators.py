@@ -1,10 +1,10 @@
 """Preprocessors that run a network of their own ("annotators"), and the cache of their loaded models.
 
 The networks are the published ones, from the ``controlnet_aux`` package (the annotators sd-webui-controlnet
-ships, packaged) and, for Depth Anything v2, from ``transformers``. Nothing is downloaded: each annotator reads
-its weights from ``models/ControlNet/annotators/<folder>/`` under the file names the reference
-implementations use, through the app's one weights reader (``read_weights``: safetensors, or a pickle read
-with ``weights_only``), never through the packages' own ``torch.load`` / ``from_pretrained`` downloads.
+ships, packaged) and, for Depth Anything v2 and the UperNet segmenter, from ``transformers``. Nothing is
+downloaded: each annotator reads its weights from ``models/ControlNet/annotators/<folder>/`` under the file
+names the reference implementations use, through the app's one weights reader (``read_weights``: safetensors,
+or a pickle read with ``weights_only``), never through the packages' own ``torch.load`` / ``from_pretrained`` downloads.
 
 A missing file makes the module unavailable with a message naming the file and where it goes; the other
 modules keep working. Loaded detectors are kept in a small LRU cache and, under ``--medvram`` / ``--lowvram``,
@@ -200,6 +200,76 @@ def _load_depth_anything(folder: Path) -> Any:
     return _DepthAnything(_fit(model, _state(folder / "model.safetensors"), folder / "model.safetensors"))
 
 
+#: The ADE20K palette: the RGB colour of each of the 150 classes, in class order (``wall``, ``building``,
+#: ``sky``, ...), as mmsegmentation's ADE20KDataset and sd-webui-controlnet's segmentation maps colour them,
+#: and as the ControlNet seg models were trained on. Some classes share a colour (as in the original).
+ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),
+    (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200),
+    (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220),
+    (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10),
+    (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255),
+    (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245),
+    (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0),
+    (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0),
+    (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82),
+    (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0),
+    (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0), (8, 184, 170),
+    (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112),
+    (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0),
+    (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0),
+    (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255),
+    (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
+    (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)
+
+#: The files of the UperNet segmenter: the Hugging Face folder ``openmmlab/upernet-convnext-small`` publishes.
+UPERNET_FILES = ("config.json", "pytorch_model.bin")
+
+
+class _UperNet:
+    """ADE20K segmentation through transformers' UperNetForSemanticSegmentation (ConvNeXt backbone): each
+    pixel's most likely class, coloured with :data:`ADE20K_PALETTE`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def to(self, device: torch.device) -> _UperNet:
+        self.model.to(device)
+        return self
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        size = (max(32, round(w / 32) * 32), max(32, round(h / 32) * 32))  # ConvNeXt strides down by 32
+        pixels = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        pixels = (pixels - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device)
+            logits = self.model(pixel_values=tensor).logits[0]
+        classes = logits.argmax(dim=0).cpu().numpy().astype(np.int64)
+        classes = cv2.resize(classes.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        palette = np.array(ADE20K_PALETTE, dtype=np.uint8)
+        return np.ascontiguousarray(palette[np.minimum(classes, len(palette) - 1)])
+
+
+def _load_upernet(folder: Path) -> Any:
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    config = UperNetConfig(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    if config.num_labels != len(ADE20K_PALETTE):
+        path = folder / "config.json"
+        raise ModelFileError(path, f"{path}: a segmenter of {config.num_labels} classes; seg_ufade20k needs the "
+                                   f"{len(ADE20K_PALETTE)} ADE20K ones")
+    path = folder / "pytorch_model.bin"
+    return _UperNet(_fit(UperNetForSemanticSegmentation(config), _state(path), path))
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -230,6 +300,10 @@ def _aux(invert: bool = False, **options: Any) -> Callable[..., np.ndarray]:
 
 def _depth_anything(rgb: np.ndarray, a: float, b: float, detector: Any) -> np.ndarray:
     return _gray3(detector(rgb))
+
+
+def _segment(rgb: np.ndarray, a: float, b: float, detector: Any) -> np.ndarray:
+    return detector(rgb)
 
 
 _OPENPOSE_FILES = {"body": "body_pose_model.pth", "hand": "hand_pose_model.pth", "face": "facenet.pth"}
@@ -298,9 +372,10 @@ NETWORK_PREPROCESSORS: tuple[Preprocessor, ...] = (
     Preprocessor("lineart_anime", _aux(invert=True),
                  annotator=Annotator("lineart_anime", ("netG.pth",), _load_lineart_anime)),
     Preprocessor("normal_bae", _aux(), annotator=Annotator("normal_bae", ("scannet.pt",), _load_normal_bae)),
+    Preprocessor("seg_ufade20k", _segment, annotator=Annotator("upernet", UPERNET_FILES, _load_upernet)),
 )
 #: Network preprocessors sd-webui-controlnet has that are not run here (listed as unavailable).
-NOT_IMPLEMENTED = ("depth_zoe", "depth_leres", "dw_openpose_full", "mlsd", "seg_ofade20k", "seg_ufade20k")
+NOT_IMPLEMENTED = ("depth_zoe", "depth_leres", "dw_openpose_full", "mlsd", "seg_ofade20k")
 
 
 # --------------------------------------------------------------------------- the cache

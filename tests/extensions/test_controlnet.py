@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,28 @@ def test_detected_map_follows_the_images_in_the_gallery_unless_the_option_is_off
     quiet = cn_engine.generate(txt2img(alwayson_scripts={"controlnet": [canny]}),
                                options=Options(control_net_no_detectmap=True))
     assert quiet.extra_images == [] and len(quiet.images) == 1
+
+
+def test_a_seg_ufade20k_unit_runs_with_upernet_weights_and_names_them_without(cn_engine):
+    from tests.fixtures.tiny_annotators import write_annotators
+
+    annotators = importlib.import_module(f"{PACKAGE}.annotators")
+    folder = cn_engine.paths.model_dirs("controlnet_annotator")[0]
+    seg = unit(module="seg_ufade20k", processor_res=64)
+    with pytest.raises(ScriptError, match=r"needs annotator weights in .*upernet: config.json, pytorch_model.bin"):
+        cn_engine.scripts.parse({"controlnet": [seg]})
+    write_annotators(folder, ["upernet"])
+    try:
+        controlled, result = generate(cn_engine, [seg])
+        unsegmented, _ = generate(cn_engine, [unit(processor_res=64)])
+    finally:
+        shutil.rmtree(folder / "upernet")
+    assert np.abs(controlled - generate(cn_engine)[0]).mean() > 1.0  # the unit steered the job
+    assert not np.array_equal(controlled, unsegmented)  # with the map, not the photo (tiny net: a small change)
+    detected = np.asarray(result.extra_images[0])
+    assert detected.shape == (64, 64, 3)
+    assert {tuple(int(v) for v in c) for c in detected.reshape(-1, 3)} <= set(annotators.ADE20K_PALETTE)
+    assert parse_infotext(result.infotexts[0])["ControlNet 0"].startswith(f"Module: seg_ufade20k, Model: {SINGLE} [")
 
 
 def test_img2img_inpaint_and_hires_pass_get_the_control(cn_engine):

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from extensions.controlnet import preprocessors
-from extensions.controlnet.annotators import NETWORK_PREPROCESSORS, AnnotatorCache
+from extensions.controlnet.annotators import ADE20K_PALETTE, NETWORK_PREPROCESSORS, AnnotatorCache
 from extensions.controlnet.models import ControlNetLibrary
 from extensions.controlnet.routes import add_routes
 from tests.fixtures.api_helpers import b64_png, decode_png
@@ -57,6 +57,47 @@ def test_each_network_module_loads_offline_and_maps_at_the_input_size(cache, mod
         assert pose["canvas_width"] == 107 and pose["canvas_height"] == 64 and isinstance(pose["people"], list)
     elif module not in ("softedge_pidisafe",):  # a real picture, not a constant (pidisafe quantises to steps)
         assert pixels.std() > 0
+
+
+def test_the_ade20k_palette_is_mmsegs():
+    assert len(ADE20K_PALETTE) == 150 and all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in ADE20K_PALETTE)
+    assert ADE20K_PALETTE[:5] == ((120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3))
+    assert ADE20K_PALETTE[2] == (6, 230, 230)  # sky
+    assert ADE20K_PALETTE[12] == (150, 5, 61)  # person
+    assert ADE20K_PALETTE[-2:] == ((102, 255, 0), (92, 0, 255))  # clock, flag
+    assert len(set(ADE20K_PALETTE)) == 149 and ADE20K_PALETTE[6] == ADE20K_PALETTE[48]  # road, skyscraper (mmseg)
+
+
+def test_seg_ufade20k_colours_each_pixel_by_the_upernets_class(cache, annotator_root):
+    from transformers import UperNetForSemanticSegmentation
+
+    image = photo(96, 64)  # multiples of 32 at the processor resolution 64: no resizing, pixel for pixel
+    detected = np.asarray(preprocessors.detect(preprocessors.lookup("seg_ufade20k"), image, 64, annotators=cache))
+    assert detected.shape == (64, 96, 3)
+    colours = {tuple(int(v) for v in c) for c in detected.reshape(-1, 3)}
+    assert colours <= set(ADE20K_PALETTE) and len(colours) > 1
+    # the same folder through transformers' own loader gives the same classes
+    model = UperNetForSemanticSegmentation.from_pretrained(annotator_root / "upernet", dtype=torch.float32).eval()
+    pixels = (np.asarray(image, np.float32) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    with torch.no_grad():
+        logits = model(pixel_values=torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]).logits
+    expected = np.array(ADE20K_PALETTE, np.uint8)[logits[0].argmax(0).numpy()]
+    assert np.array_equal(detected, expected)
+    # a size the net cannot take (not multiples of 32): classes resized back (nearest), still palette colours
+    odd = np.asarray(preprocessors.detect(preprocessors.lookup("seg_ufade20k"), photo(70, 45), 45, annotators=cache))
+    assert odd.shape == (45, 70, 3)
+    assert {tuple(int(v) for v in c) for c in odd.reshape(-1, 3)} <= set(ADE20K_PALETTE)
+
+
+def test_seg_ufade20k_without_weights_names_its_files(tmp_path):
+    empty = AnnotatorCache(lambda: (tmp_path,), lambda: torch.device("cpu"), lambda: "normal")
+    reason = preprocessors.unavailable_reason("seg_ufade20k", empty)
+    assert reason == f"needs annotator weights in {tmp_path / 'upernet'}: config.json, pytorch_model.bin"
+    detail = preprocessors.module_detail(empty)["seg_ufade20k"]
+    assert detail["weights"] == {"folder": "upernet", "files": ["config.json", "pytorch_model.bin"]}
+    assert [s["name"] for s in detail["sliders"]] == ["Resolution"]
+    with pytest.raises(ValueError, match="module 'seg_ufade20k' is unavailable: needs annotator weights in .*upernet"):
+        preprocessors.detect(preprocessors.lookup("seg_ufade20k"), photo(), 64, annotators=empty)
 
 
 def test_the_loaded_networks_hold_the_files_weights(cache, annotator_root):
