@@ -14,6 +14,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(launch, "ensure_venv", lambda folder, ray=False: made.append((folder, ray) if ray else folder))
     monkeypatch.setattr(launch, "run_tests", lambda flags: 0)
     monkeypatch.delenv(launch.RELAUNCHED, raising=False)
+    monkeypatch.delenv("INSTALL_RAY", raising=False)  # .ci/run sets it; these tests are about the default path
     return made
 
 
