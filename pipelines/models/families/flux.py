@@ -45,6 +45,7 @@ from pipelines.models.checkpoints import (
     _require_complete,
     read_state_dict,
 )
+from pipelines.models.families import split_files
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
@@ -339,31 +340,21 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TOKENIZER_FILES_DIR, local_files_only=True, model_max_length=77)
 
 
-def _missing(component: str, path: Path, search: dict[str, Sequence[Path]]) -> ValueError:
-    what, example, kind = _COMPONENTS[component]
-    folders = ", ".join(str(folder) for folder in search.get(kind, ())) or f"models/{kind}"
-    return ValueError(
-        f"{path} is a Flux.1 model without its {what}: put a file like {example} into {folders} and choose it in "
-        f"the top bar's \"VAE / Text Encoder\" list (request field additional_modules)")
+def _module_parts(module: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, weights) of an additional module file: ``clip_l``, ``t5xxl`` or ``vae``, prefixes removed."""
+    weights = {key: value for part in split_components(read_state_dict(module)).values() for key, value in part.items()}
+    kind = module_kind(list(weights))
+    if kind is None:
+        raise ValueError(f"{module} is none of a Flux.1 model's modules (CLIP-L, T5-XXL text encoder, VAE)")
+    return kind, weights
 
 
 def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
     search = search or {}
-    parts = split_components(read_state_dict(path))
-    sources = dict.fromkeys(parts, path)
-    for module in modules:
-        module_parts = split_components(read_state_dict(module))
-        kind = module_kind([key for part in module_parts.values() for key in part]) if module_parts else None
-        if kind is None:
-            raise ValueError(f"{module} is none of a Flux.1 model's modules (CLIP-L, T5-XXL text encoder, VAE)")
-        parts[kind] = {key: value for part in module_parts.values() for key, value in part.items()}
-        sources[kind] = module
-    if _FLUX_KEY not in parts["transformer"]:
-        raise ValueError(f"{path}: no Flux.1 transformer weights ({_FLUX_KEY})")
-    for component in ("clip_l", "t5xxl", "vae"):
-        if not parts[component]:
-            raise _missing(component, path, search)
+    parts, sources, _ = split_files.read_components(path, modules, split_components, _module_parts)
+    split_files.require_components(parts, path, label="Flux.1", transformer_key=_FLUX_KEY, required=_COMPONENTS,
+                                   search=search)
     transformer = _load_transformer(parts.pop("transformer"), torch_dtype, path)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(_read_json(
@@ -381,11 +372,8 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
 def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
          search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
     """A Flux.1 model from a diffusers folder, one file, or a transformer file plus ``modules``."""
-    path = Path(path)
-    if path.is_dir():
-        pipe = FluxPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        return pipe, ModelFamily("flux", False, "flow", path)
-    return _load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+    return split_files.load_folder_or_file(path, FluxPipeline, "flux", _load_file, torch_dtype=torch_dtype,
+                                           cache_dir=cache_dir, modules=modules, search=search)
 
 
 # --------------------------------------------------------------------------- conditioning

@@ -25,7 +25,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, ModelFamily, _read_json, read_state_dict
-from pipelines.models.families import flux
+from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import get_prompt_schedule
@@ -113,29 +113,14 @@ def _tokenizer(pad: str) -> CLIPTokenizer:
 def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                search: dict[str, Sequence[Path]] | None = None) -> tuple[StableDiffusion3Pipeline, ModelFamily]:
     search = search or {}
-    parts = split_components(read_state_dict(path))
-    sources = dict.fromkeys(parts, path)
-    clips: list[tuple[dict[str, torch.Tensor], Path]] = []
-    for module in modules:
-        kind, weights = _module_parts(Path(module))
-        if kind == "clip":
-            clips.append((weights, Path(module)))
-        else:
-            parts[kind], sources[kind] = weights, Path(module)
+    parts, sources, clips = split_files.read_components(path, modules, split_components, _module_parts)
     # Two CLIP files: the narrower is CLIP-L (768 wide against CLIP-G's 1280).
-    for (weights, module), kind in zip(sorted(clips, key=lambda item: _width(item[0])),
-                                       ("clip_l", "clip_g") if len(clips) > 1 else
-                                       ("clip_g" if parts["clip_l"] else "clip_l",)):
+    for (_, weights, module), kind in zip(sorted(clips, key=lambda item: _width(item[1])),
+                                          ("clip_l", "clip_g") if len(clips) > 1 else
+                                          ("clip_g" if parts["clip_l"] else "clip_l",)):
         parts[kind], sources[kind] = weights, module
-    if _SD3_KEY not in parts["transformer"]:
-        raise ValueError(f"{path}: no SD 3.5 transformer weights ({_SD3_KEY})")
-    for component in ("clip_l", "clip_g", "vae"):
-        if not parts[component]:
-            what, example, kind = _MESSAGES[component]
-            folders = ", ".join(str(folder) for folder in search.get(kind, ())) or f"models/{kind}"
-            raise ValueError(f"{path} is an SD 3.5 model without its {what}: put a file like {example} into "
-                             f"{folders} and choose it in the top bar's \"VAE / Text Encoder\" list "
-                             "(request field additional_modules)")
+    split_files.require_components(parts, path, label="SD 3.5", article="an", transformer_key=_SD3_KEY,
+                                   required=_MESSAGES, search=search)
     has_t5 = bool(parts["t5xxl"])
     pipe = StableDiffusion3Pipeline(
         transformer=_load_transformer(parts["transformer"], torch_dtype, path),
@@ -155,11 +140,9 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
 def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
          search: dict[str, Sequence[Path]] | None = None) -> tuple[StableDiffusion3Pipeline, ModelFamily]:
     """An SD 3.5 model from a diffusers folder, one file, or a transformer file plus ``modules``."""
-    path = Path(path)
-    if path.is_dir():
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        return pipe, ModelFamily("sd3", False, "flow", path)
-    return _load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+    return split_files.load_folder_or_file(path, StableDiffusion3Pipeline, "sd3", _load_file,
+                                           torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules,
+                                           search=search)
 
 
 def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, request) -> tuple[Conditioning,
