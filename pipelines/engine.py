@@ -86,8 +86,10 @@ class Engine:
         self.scripts = ScriptRegistry()
         #: Scripts of the Script dropdown (X/Y/Z plot, prompt matrix, ...).
         self.selectable_scripts = SelectableScriptRegistry()
-        # One job on the GPU at a time, whoever sends it (UI, API, a script).
-        self._gpu = threading.Lock()
+        #: One job on this process's device at a time, whoever sends it (UI, API, a script): generation, a
+        #: training run, an evaluation's upscaling and measuring take it. Reentrant: a training run holding it
+        #: makes its sample images through :meth:`generate`.
+        self.device_lock = threading.RLock()
         #: Where ordinary jobs run instead of this process's device (an engine pool); None: here.
         self.executor: JobExecutor | None = None
 
@@ -222,7 +224,7 @@ class Engine:
             return script.run(plain, args, jobs, control)
         if self.executor is not None and not local:
             return self.executor.run(plan, control, options)
-        with self._gpu:
+        with self.device_lock:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
                 model = self.models.get(request.checkpoint, request.vae, request.additional_modules)
