@@ -3,14 +3,20 @@ generation runs beside them, and a shutdown (``AppContext.close``) stops them an
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from tests.engine.test_training import settings, write_dataset
 from tests.helpers import txt2img
+from tests.ui.helpers import free_port
 from webui.api.routes_train import training_runs
 from webui.context import AppContext
 from webui.flags import Flags
@@ -27,6 +33,9 @@ def ctx(tiny_models, tmp_path):
     engine = make_engine(own_models_dir(tiny_models, tmp_path / "models"), data)
     write_dataset(data / "pictures")
     return AppContext(Flags(nowebui=True, data_dir=str(data)), engine, data / "config.json")
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(condition, seconds: float = 180.0) -> None:
@@ -88,3 +97,33 @@ def test_shutdown_stops_the_runs_and_a_generation_waits_for_the_device(ctx):
     assert generated and generated[0].images
     assert lock.acquire(blocking=False)
     lock.release()
+
+
+def test_ctrl_c_during_a_training_run_stops_it_and_the_process_exits_cleanly(tiny_models, tmp_path):
+    """The real ``launch.py``: a run started through the API, then Ctrl-C. The run stops at its next step with
+    its resumable save, and the process exits with 0 (a run still on the device at exit would abort it)."""
+    from tests.engine.test_finetune import own_models_dir
+
+    models, data, log, port = own_models_dir(tiny_models, tmp_path / "models"), tmp_path / "data", \
+        tmp_path / "server.log", free_port()
+    write_dataset(data / "pictures")
+    command = [sys.executable, str(ROOT / "launch.py"), "--skip-install", "--nowebui", "--use-cpu", "all",
+               "--models-dir", str(models), "--data-dir", str(data), "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: process.poll() is None and "ready in" in log.read_text(errors="replace"), 240)
+        url = f"http://127.0.0.1:{port}/sdapi/v1/train"
+        with httpx.Client(trust_env=False, timeout=60) as client:
+            body = settings("ctrl-c", dataset="pictures", steps=100_000).model_dump(mode="json")
+            run = client.post(url, json=body).json()["id"]
+            wait_until(lambda: client.get(f"{url}/{run}").json()["step"] >= 1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, log.read_text(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text(errors="replace")
+    assert "terminate called" not in text and "did not stop" not in text, text
+    assert (models / "Lora" / "ctrl-c.safetensors").is_file()
