@@ -5,6 +5,8 @@ each file's family, and a LoRA of the other family is skipped with the usual mes
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -111,6 +113,12 @@ def _merged_pipeline(family: str, path, tokenizer_dir, weight: float):
     return pipe
 
 
+@functools.cache
+def _plain_images(family: str, tokenizer_dir) -> list:
+    """The plain diffusers pipeline's image (the same in every test)."""
+    return _run(family, _plain_pipeline(family, tokenizer_dir))
+
+
 def _max_diff(ours, theirs) -> int:
     return max(int(np.abs(pixels(a) - pixels(b)).max()) for a, b in zip(ours, theirs, strict=True))
 
@@ -123,7 +131,7 @@ def test_lora_equals_its_weights_merged_into_diffusers(setup, name):
     assert not result.warnings
     assert name in parse_infotext(result.infotexts[0])["Lora hashes"]
     expected = _run(family, _merged_pipeline(family, loras[name], tokenizer_dir, WEIGHT))
-    plain = _run(family, _plain_pipeline(family, tokenizer_dir))
+    plain = _plain_images(family, tokenizer_dir)
     assert _max_diff(result.images, expected) <= 1
     assert _max_diff(result.images, plain) > 8  # the LoRA does change the image
     after = engine.generate(_request(family)).images
@@ -154,4 +162,4 @@ def test_lora_of_the_other_family_is_skipped(setup, family, other):
     (line,) = result.warnings
     assert other in line and "skipped" in line and f"does not fit the {family} model" in line
     assert "Lora hashes" not in parse_infotext(result.infotexts[0])
-    assert _max_diff(result.images, _run(family, _plain_pipeline(family, tokenizer_dir))) <= 1
+    assert _max_diff(result.images, _plain_images(family, tokenizer_dir)) <= 1
