@@ -163,3 +163,17 @@ def test_lora_of_the_other_family_is_skipped(setup, family, other):
     assert other in line and "skipped" in line and f"does not fit the {family} model" in line
     assert "Lora hashes" not in parse_infotext(result.infotexts[0])
     assert _max_diff(result.images, _plain_images(family, tokenizer_dir)) <= 1
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_t5_modules_of_a_kohya_lora_are_left_out_with_a_log_line(family, caplog):
+    from pipelines.models.families import sd3
+
+    lora_keys = flux.lora_keys if family == "flux" else sd3.lora_keys
+    state = tiny_flow_loras.kohya_lora(family, 60)
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"  # kohya's name of a T5 module (train_t5xxl)
+    with_t5 = {**state, f"{t5}.lora_down.weight": torch.ones(4, 32), f"{t5}.lora_up.weight": torch.ones(32, 4),
+               f"{t5}.alpha": torch.tensor(2.0)}
+    converted = lora_keys(with_t5)
+    assert converted.keys() == lora_keys(state).keys() and not any("lora_te3" in key for key in converted)
+    assert "left out" in caplog.text and t5 in caplog.text
