@@ -36,6 +36,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from pipelines.job_control import JobStopped
+from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import (
     CONFIGS_DIR,
     TOKENIZER_FILES_DIR,
@@ -501,6 +502,66 @@ def _report(on_step: Callable[[int, torch.Tensor], None], step: int, latents: to
         raise
 
 
+# --------------------------------------------------------------------------- LoRA files in the original layout
+
+#: Original single-block ``linear1`` rows: q, k, v (the width each) and the MLP input (4 widths), 7 widths in all.
+_LINEAR1_WIDTHS = 7
+
+
+def _linear1_rows(rows: int) -> list[int]:
+    width = rows // _LINEAR1_WIDTHS
+    return [width, width, width, rows - 3 * width]
+
+
+def _original_lora_modules() -> dict[str, dict[str, lora_layouts.Target]]:
+    """Original module names (``.`` as ``_``) -> targets, for the top level and per double / single block (the
+    block's diffusers prefix is added when a name is looked up)."""
+    modules = {
+        "top": {old.replace(".", "_"): lora_layouts.Target((f"transformer.{new}",)) for old, new in _TOP_KEYS.items()},
+        "double": {old.replace(".", "_"): lora_layouts.Target((new,)) for old, new in _DOUBLE_KEYS.items()
+                   if not old.endswith(".scale")},
+        "single": {old.replace(".", "_"): lora_layouts.Target((new,)) for old, new in _SINGLE_KEYS.items()
+                   if not old.endswith(".scale")},
+    }
+    modules["top"]["final_layer_adaLN_modulation_1"] = lora_layouts.Target(("transformer.norm_out.linear",),
+                                                                         swap=True)
+    modules["double"]["img_attn_qkv"] = lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v"))
+    modules["double"]["txt_attn_qkv"] = lora_layouts.Target(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+    modules["single"]["linear1"] = lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                                                       rows=_linear1_rows)
+    return modules
+
+
+_LORA_MODULES = _original_lora_modules()
+_LORA_TRANSFORMER_PREFIXES = ("lora_unet_", "model.diffusion_model.", "diffusion_model.", "")
+_LORA_TEXT_ENCODERS = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder",
+                       "text_encoders.clip_l.transformer.": "text_encoder"}
+_LORA_T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+
+
+def _lora_target(stem: str) -> lora_layouts.Target | None:
+    """The diffusers module(s) of one LoRA module named after the original layout (kohya, ComfyUI, BFL)."""
+    encoder = lora_layouts.clip_target(stem, _LORA_TEXT_ENCODERS)
+    if encoder is not None:
+        return encoder
+    name = lora_layouts.underscored(stem, _LORA_TRANSFORMER_PREFIXES)
+    block = re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", name or "")
+    if block is None:
+        return _LORA_MODULES["top"].get(name or "")
+    target = _LORA_MODULES[block[1]].get(block[3])
+    blocks = "transformer_blocks" if block[1] == "double" else "single_transformer_blocks"
+    return None if target is None else target.within(f"transformer.{blocks}.{block[2]}.")
+
+
+def lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Flux.1 LoRA in the layout diffusers' loader reads: kohya sd-scripts (``lora_unet_double_blocks_0_img_attn_qkv``
+    ..., ``lora_te1_`` for CLIP-L) and ComfyUI / BFL keys (``diffusion_model.double_blocks.0...``, ``lora_up`` /
+    ``lora_down`` or ``lora_A`` / ``lora_B``) converted for any width (diffusers' own converter assumes the 3072-wide
+    model); T5 modules are left out (the pipeline loads no LoRA into T5). Other layouts (diffusers / peft,
+    ai-toolkit, XLabs) are returned as they are, for diffusers to read."""
+    return lora_layouts.to_peft(state_dict, _lora_target, ignored=_LORA_T5_PREFIXES)
+
+
 def infotext_fields(request, model) -> dict[str, object]:
     """Forge's "Distilled CFG Scale" for dev (schnell has no guidance embedder)."""
     if model.pipe.transformer.config.guidance_embeds:
@@ -520,6 +581,7 @@ FAMILY = Family(
     samplers=("Euler",),
     schedules=("Simple",),
     defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
+    lora_keys=lora_keys,
     infotext_fields=infotext_fields,
     unet=False,
 )

@@ -15,6 +15,7 @@ by step, giving the same pixels with the same generators.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, ModelFamily, _read_json, read_state_dict
 from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
@@ -209,6 +211,67 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     return latents
 
 
+# --------------------------------------------------------------------------- LoRA files in the original layout
+
+
+def _context_pre_only(rows: int, columns: int) -> bool:
+    # The last block's context modulation gives (shift, scale) only: diffusers keeps it as (scale, shift).
+    return rows == 2 * columns
+
+
+#: Original joint-block module names (``.`` as ``_``, after ``joint_blocks_<i>_``) -> diffusers modules in the block.
+_LORA_BLOCK_MODULES = {
+    "x_block_attn_qkv": lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v")),
+    "x_block_attn_proj": lora_layouts.Target(("attn.to_out.0",)),
+    "x_block_attn2_qkv": lora_layouts.Target(("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+    "x_block_attn2_proj": lora_layouts.Target(("attn2.to_out.0",)),
+    "x_block_mlp_fc1": lora_layouts.Target(("ff.net.0.proj",)),
+    "x_block_mlp_fc2": lora_layouts.Target(("ff.net.2",)),
+    "x_block_adaLN_modulation_1": lora_layouts.Target(("norm1.linear",)),
+    "context_block_attn_qkv": lora_layouts.Target(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    "context_block_attn_proj": lora_layouts.Target(("attn.to_add_out",)),
+    "context_block_mlp_fc1": lora_layouts.Target(("ff_context.net.0.proj",)),
+    "context_block_mlp_fc2": lora_layouts.Target(("ff_context.net.2",)),
+    "context_block_adaLN_modulation_1": lora_layouts.Target(("norm1_context.linear",), swap=_context_pre_only),
+}
+#: The modules outside the joint blocks (kohya's optional "emb_dims" ones).
+_LORA_TOP_MODULES = {
+    "context_embedder": lora_layouts.Target(("transformer.context_embedder",)),
+    "t_embedder_mlp_0": lora_layouts.Target(("transformer.time_text_embed.timestep_embedder.linear_1",)),
+    "t_embedder_mlp_2": lora_layouts.Target(("transformer.time_text_embed.timestep_embedder.linear_2",)),
+    "y_embedder_mlp_0": lora_layouts.Target(("transformer.time_text_embed.text_embedder.linear_1",)),
+    "y_embedder_mlp_2": lora_layouts.Target(("transformer.time_text_embed.text_embedder.linear_2",)),
+    "x_embedder_proj": lora_layouts.Target(("transformer.pos_embed.proj",)),
+    "final_layer_linear": lora_layouts.Target(("transformer.proj_out",)),
+    "final_layer_adaLN_modulation_1": lora_layouts.Target(("transformer.norm_out.linear",), swap=True),
+}
+_LORA_TRANSFORMER_PREFIXES = ("lora_unet_", "model.diffusion_model.", "diffusion_model.", "")
+_LORA_TEXT_ENCODERS = {"lora_te1_": "text_encoder", "text_encoders.clip_l.transformer.": "text_encoder",
+                       "lora_te2_": "text_encoder_2", "text_encoders.clip_g.transformer.": "text_encoder_2"}
+_LORA_T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+
+
+def _lora_target(stem: str) -> lora_layouts.Target | None:
+    """The diffusers module(s) of one LoRA module named after the original MMDiT layout (kohya, ComfyUI)."""
+    encoder = lora_layouts.clip_target(stem, _LORA_TEXT_ENCODERS)
+    if encoder is not None:
+        return encoder
+    name = lora_layouts.underscored(stem, _LORA_TRANSFORMER_PREFIXES) or ""
+    block = re.fullmatch(r"joint_blocks_(\d+)_(.+)", name)
+    if block is None:
+        return _LORA_TOP_MODULES.get(name)
+    target = _LORA_BLOCK_MODULES.get(block[2])
+    return None if target is None else target.within(f"transformer.transformer_blocks.{block[1]}.")
+
+
+def lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD 3.5 LoRA in the layout diffusers' loader reads: kohya sd-scripts keys (``lora_unet_joint_blocks_0_x_block_
+    attn_qkv`` ..., ``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G) and ComfyUI ones (``diffusion_model.joint_blocks.0...``)
+    converted, which diffusers does not read; T5 modules are left out (the pipeline loads no LoRA into T5). Other
+    layouts (diffusers / peft) are returned as they are."""
+    return lora_layouts.to_peft(state_dict, _lora_target, ignored=_LORA_T5_PREFIXES)
+
+
 FAMILY = Family(
     name="sd3",
     label="SD 3.5",
@@ -221,5 +284,6 @@ FAMILY = Family(
     samplers=("Euler",),
     schedules=("Simple",),
     defaults={"sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 4.5},
+    lora_keys=lora_keys,
     unet=False,
 )
