@@ -457,6 +457,8 @@ def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: Load
         extra["TI hashes"] = conditioning.ti_hashes
     if ctx.options.eta_noise_seed_delta:
         extra["ENSD"] = ctx.options.eta_noise_seed_delta
+    if model.fp8:
+        extra["FP8 weight"] = ctx.options.fp8_storage
     if restores_faces(request, ctx.options):
         extra["Face restoration"] = ctx.options.face_restoration_model
     return extra
