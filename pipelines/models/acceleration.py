@@ -16,8 +16,12 @@ embeddings in the compute dtype).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ def fp8_wanted(choice: str, family: str, device: torch.device) -> bool:
     return wanted
 
 
-def store_fp8(denoiser: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+def store_fp8(denoiser: ModelMixin, compute_dtype: torch.dtype) -> None:
     """Keep ``denoiser``'s Linear / Conv weights in float8 e4m3fn, upcast to ``compute_dtype`` per layer as it
     runs. Not reversible in place (the rounding is lossy): the model is loaded again to undo it.
 
