@@ -48,6 +48,7 @@ from pipelines.models.checkpoints import (
 )
 from pipelines.models.families import split_files
 from pipelines.models.families.base import Family
+from pipelines.models.weights import read_safetensors_header
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
 
@@ -562,6 +563,26 @@ def lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return lora_layouts.to_peft(state_dict, _lora_target, ignored=_LORA_T5_PREFIXES)
 
 
+#: Sampling steps of schnell, the timestep-distilled variant (Black Forest Labs recommend 1 to 4).
+SCHNELL_STEPS = 4
+
+
+def is_schnell(path: Path) -> bool:
+    """True for a Flux.1 model without a guidance embedder (schnell), read from a single file's header or a
+    diffusers folder's transformer config."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "transformer" / "config.json"
+        return config.is_file() and not _read_json(config).get("guidance_embeds", False)
+    _, keys = read_safetensors_header(path)
+    return not any(key.endswith("guidance_in.in_layer.weight") for key in keys)
+
+
+def variant_defaults(path: Path) -> dict[str, object]:
+    """schnell's few steps; dev keeps the family's defaults."""
+    return {"steps": SCHNELL_STEPS} if is_schnell(path) else {}
+
+
 def infotext_fields(request, model) -> dict[str, object]:
     """Forge's "Distilled CFG Scale" for dev (schnell has no guidance embedder)."""
     if model.pipe.transformer.config.guidance_embeds:
@@ -582,6 +603,8 @@ FAMILY = Family(
     schedules=("Simple",),
     defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
     lora_keys=lora_keys,
+    variant_defaults=variant_defaults,
+    negative_prompt_note="Flux.1 reads the negative prompt only with CFG scale above 1 (real CFG, twice the time)",
     infotext_fields=infotext_fields,
     unet=False,
 )

@@ -8,12 +8,16 @@ Layouts, all offline: a diffusers folder (``StableDiffusion3Pipeline``); one fil
 diffusers does (T5's share of the context is zeros). Component configs are read off the weights over the shipped
 configs in ``pipelines/models/configs/sd3/``; the transformer key conversion is diffusers' own.
 
+Prompts: the CLIP part takes our prompt language as SDXL's encoders do (emphasis, BREAK, chunks past 75 tokens,
+clip skip); T5 reads the plain text. A plain prompt of up to 75 tokens gives diffusers' conditioning exactly.
+
 Sampling is ``StableDiffusion3Pipeline``'s loop (flow-matching Euler, real CFG with the negative prompt) run step
 by step, giving the same pixels with the same generators.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -29,8 +33,7 @@ from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, ModelFamily, _read_json, read_state_dict
 from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
-from pipelines.prompts.encoding import Conditioning, StepConditioning
-from pipelines.prompts.parser import get_prompt_schedule
+from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
 
 CONFIG_DIR = CONFIGS_DIR / "sd3"
 #: T5 tokens per prompt, as diffusers' StableDiffusion3Pipeline uses by default.
@@ -149,38 +152,50 @@ def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequ
 
 def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, request) -> tuple[Conditioning,
                                                                                                     list[str]]:
-    """Per-step conditioning (CLIP-L + CLIP-G + T5 context, the two pooled outputs); prompt editing works,
-    emphasis and BREAK do not (a warning says so)."""
+    """Per-step conditioning as ``StableDiffusion3Pipeline`` builds it (CLIP-L and CLIP-G penultimate states side
+    by side, padded to T5's width, then T5's tokens; the two pooled outputs), with our prompt language on the
+    CLIP part: emphasis, BREAK, prompts beyond 75 tokens (more CLIP chunks), clip skip; prompt editing everywhere.
+    T5 reads the plain text (a warning says so when a prompt has weights or BREAK)."""
     pipe = model.pipe
+    clip = build_conditioning(PromptEncoder.from_pipeline(pipe), prompts, negative_prompts, steps,
+                              request.clip_skip)
     device = pipe.transformer.device
-    prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
-    negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
     warnings: list[str] = []
-    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    t5: dict[str, torch.Tensor] = {}
 
-    def encoding(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if text not in encoded:
+    def t5_embeds(text: str) -> torch.Tensor:
+        if text not in t5:
             plain, changed = flux._plain_text(text)
-            if changed and not warnings:
-                warnings.append("SD 3.5: emphasis weights and BREAK are ignored; prompt editing works")
-            embeds, _, pooled, _ = pipe.encode_prompt(plain, plain, plain, device=device,
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
-            encoded[text] = (embeds, pooled)
-        return encoded[text]
+            if changed and pipe.text_encoder_3 is not None and not warnings:
+                warnings.append("SD 3.5: emphasis and BREAK shape the CLIP-L / CLIP-G part of the prompt; T5 reads "
+                                "the plain text")
+            t5[text] = _t5_embeds(pipe, plain, device)
+        return t5[text]
 
-    starts: list[int] = []
-    segments: list[StepConditioning] = []
-    changes = sorted({0} | {end for schedule in prompt_schedules + negative_schedules for end, _ in schedule[:-1]})
-    for start in changes:
-        cond = [encoding(flux._text_at(schedule, start + 1)) for schedule in prompt_schedules]
-        uncond = [encoding(flux._text_at(schedule, start + 1)) for schedule in negative_schedules]
-        starts.append(start)
-        segments.append(StepConditioning(
-            cond=torch.cat([embeds for embeds, _ in cond]), uncond=torch.cat([embeds for embeds, _ in uncond]),
-            pooled=torch.cat([pooled for _, pooled in cond]),
-            uncond_pooled=torch.cat([pooled for _, pooled in uncond])))
-    return Conditioning(starts, segments, prompt_schedules, negative_schedules, []), warnings
+    segments = []
+    for start, segment in zip(clip.starts, clip.segments, strict=True):
+        cond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1)) for schedule in clip.prompt_schedules])
+        uncond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1))
+                               for schedule in clip.negative_schedules])
+        segments.append(dataclasses.replace(segment, cond=_joint_context(segment.cond, cond_t5),
+                                            uncond=_joint_context(segment.uncond, uncond_t5)))
+    return dataclasses.replace(clip, segments=segments), warnings
+
+
+def _t5_embeds(pipe: StableDiffusion3Pipeline, text: str, device: torch.device) -> torch.Tensor:
+    """T5's last hidden states for ``text`` (1, 256, 4096), or zeros of that shape without T5 (as diffusers)."""
+    if pipe.text_encoder_3 is None:
+        return torch.zeros(1, MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim, device=device,
+                           dtype=pipe.text_encoder.dtype)
+    ids = pipe.tokenizer_3(text, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids
+    return pipe.text_encoder_3(ids.to(device))[0]
+
+
+def _joint_context(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
+    """The MMDiT's context: the CLIP tokens zero-padded to T5's width, then T5's tokens."""
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip.to(t5.dtype), t5], dim=-2)
 
 
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
