@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from pipelines.job_control import JobStopped
@@ -48,6 +47,7 @@ from pipelines.models.checkpoints import (
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
+from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
 
 CONFIG_DIR = CONFIGS_DIR / "flux"
 #: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
@@ -471,13 +471,10 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     b, _, h, w = noise.shape
     latents = pack(noise.to(device=device, dtype=dtype))
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    config = scheduler.config
     steps = request.steps
-    mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    scheduler.set_begin_index(0)
+    scheduler, timesteps = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
+                                          shift=request.shift, image_seq_len=latents.shape[1], steps=steps,
+                                          device=device, sigmas=np.linspace(1.0, 1 / steps, steps))
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], request.distilled_cfg_scale, device=device, dtype=torch.float32).expand(b)
@@ -529,8 +526,9 @@ FAMILY = Family(
     load=load,
     encode=encode,
     sample=sample,
-    samplers=("Euler",),
-    schedules=("Simple",),
+    samplers=FLOW_SAMPLER_NAMES,
+    schedules=FLOW_SCHEDULES,
+    fitting_schedule=fitting_flow_schedule,
     defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
     infotext_fields=infotext_fields,
     unet=False,
