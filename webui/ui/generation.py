@@ -152,10 +152,11 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
 
 def _wire_family_controls(ctx: AppContext, topbar: TopBar, controls: GenerationControls) -> None:
     """Choosing a checkpoint of a family with its own defaults (Flux.1: Euler, Simple, CFG scale 1) sets them in
-    the tab, and shows the controls only that family uses (Distilled CFG Scale)."""
-    targets = [controls.fields[name] for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
-               if name in controls.fields]
-    if len(targets) < 4:
+    the tab, and shows the controls only that family uses (Distilled CFG Scale; Shift for the flow-matching,
+    non-UNet families)."""
+    names = ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale", "shift")
+    targets = [controls.fields[name] for name in names if name in controls.fields]
+    if len(targets) < len(names):
         return
 
     def follow(title: str | None) -> list:
@@ -163,7 +164,8 @@ def _wire_family_controls(ctx: AppContext, topbar: TopBar, controls: GenerationC
         defaults = family.defaults if family is not None else {}
         updates = [gr.update(value=defaults[name]) if name in defaults else gr.update()
                    for name in ("sampler_name", "scheduler", "cfg_scale")]
-        return [*updates, gr.update(visible=family is not None and family.infotext_fields is not None)]
+        return [*updates, gr.update(visible=family is not None and family.infotext_fields is not None),
+                gr.update(visible=family is not None and not family.unet)]
 
     topbar.checkpoint.change(follow, inputs=[topbar.checkpoint], outputs=targets, show_progress="hidden",
                              queue=False)
