@@ -301,7 +301,10 @@ def infotext_params_from_fields(fields: Mapping[str, object]) -> dict[str, objec
             params[entry.key] = f"{_as_int(width)}x{_as_int(height)}"
         else:
             params[entry.key] = fields[entry.fields[0]]
-    for number, module in enumerate(fields.get("additional_modules") or (), start=1):
+    modules = fields.get("additional_modules") or []
+    if not isinstance(modules, list):
+        raise TypeError(f"additional_modules: expected a list of module names, got {type(modules).__name__}")
+    for number, module in enumerate(modules, start=1):
         params[f"{_MODULE_KEY} {number}"] = module  # Forge's: each module's file name without extension
     extra = fields.get("extra") or {}
     if not isinstance(extra, Mapping):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -83,7 +84,7 @@ def _config(sampler: FlowSampler, schedule: str, base_config: Mapping[str, Any],
 
 def flow_scheduler(sampler_name: str, schedule: str, base_config: Mapping[str, Any], *, shift: float | None,
                    image_seq_len: int, steps: int, device: torch.device | str,
-                   sigmas: Sequence[float] | None = None) -> tuple[Any, torch.Tensor]:
+                   sigmas: Sequence[float] | np.ndarray | None = None) -> tuple[Any, torch.Tensor]:
     """A fresh scheduler for ``sampler_name`` and ``schedule`` with its timesteps set for ``steps`` steps.
 
     ``base_config`` is the model's scheduler config; ``shift`` (None or 0: the model's own) overrides its shift;

@@ -14,11 +14,11 @@ Every component's config is read off its weights (layer counts, widths, heads) o
 ``pipelines/models/configs/flux/``; dev and schnell differ by the guidance embedder (dev has one). Weights stored
 as fp8 (e4m3fn / e5m2) or bf16 are cast to the engine's dtype on the CPU while loading.
 
-Sampling is diffusers' ``FluxPipeline`` loop (packed 2x2 latents, flow-matching Euler, resolution-dependent
-shift for dev) run step by step so that interrupt, progress and prompt editing work; with the same generators
-it gives the same pixels as ``FluxPipeline``. Dev's distilled guidance is the request's ``distilled_cfg_scale``
-(infotext "Distilled CFG Scale"); real CFG with the negative prompt runs only when ``cfg_scale`` > 1 (the family's
-default is 1).
+Sampling is diffusers' ``FluxPipeline`` loop (packed 2x2 latents, resolution-dependent shift for dev unless the
+request sets ``shift``; the samplers of ``pipelines/sampling/flow_schedulers.py``) run step by step so that
+interrupt, progress and prompt editing work; with the same generators it gives the same pixels as ``FluxPipeline``.
+Dev's distilled guidance is the request's ``distilled_cfg_scale`` (infotext "Distilled CFG Scale"); real CFG with
+the negative prompt runs only when ``cfg_scale`` > 1 (the family's default is 1).
 """
 
 from __future__ import annotations

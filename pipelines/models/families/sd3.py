@@ -8,8 +8,9 @@ Layouts, all offline: a diffusers folder (``StableDiffusion3Pipeline``); one fil
 diffusers does (T5's share of the context is zeros). Component configs are read off the weights over the shipped
 configs in ``pipelines/models/configs/sd3/``; the transformer key conversion is diffusers' own.
 
-Sampling is ``StableDiffusion3Pipeline``'s loop (flow-matching Euler, real CFG with the negative prompt) run step
-by step, giving the same pixels with the same generators.
+Sampling is ``StableDiffusion3Pipeline``'s loop (the flow-matching samplers of
+``pipelines/sampling/flow_schedulers.py``, real CFG with the negative prompt) run step by step, giving the same
+pixels with the same generators.
 """
 
 from __future__ import annotations
