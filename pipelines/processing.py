@@ -204,6 +204,8 @@ def infotext_params(request: GenerationRequest, model: LoadedModel, prompt: str,
         "clip_skip": request.clip_skip,
         "tiling": request.tiling,
         "rng": "CPU",
+        "shift": None if model.spec.unet else request.shift,  # the flow-matching families' Shift
+        "additional_modules": [module.model_name for module in model.modules],
     }
     if model.spec.infotext_fields is not None:
         fields.update(model.spec.infotext_fields(request, model))
@@ -361,16 +363,17 @@ class RefinerSwitches:
         return refiner
 
 
-def _runnable_schedules(request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
-    """``request`` with each schedule type its sampler cannot run replaced by the one it runs (so the infotext
-    records what was used), and the warnings saying so."""
+def _runnable_schedules(request: GenerationRequest, fitting: Callable[[str, str], tuple[str, str | None]]
+                        = fitting_schedule) -> tuple[GenerationRequest, list[str]]:
+    """``request`` with each schedule type its sampler cannot run (by the rule ``fitting``) replaced by the one it
+    runs (so the infotext records what was used), and the warnings saying so."""
     update, warnings = {}, []
-    scheduler, warning = fitting_schedule(request.sampler_name, request.scheduler)
+    scheduler, warning = fitting(request.sampler_name, request.scheduler)
     if warning:
         update["scheduler"], warnings = scheduler, [warning]
     if request.enable_hr and (request.hr_sampler_name or request.hr_scheduler):
-        hr_scheduler, warning = fitting_schedule(request.hr_sampler_name or request.sampler_name,
-                                                 request.hr_scheduler or request.scheduler)
+        hr_scheduler, warning = fitting(request.hr_sampler_name or request.sampler_name,
+                                        request.hr_scheduler or request.scheduler)
         if warning:
             update["hr_scheduler"] = hr_scheduler
             warnings.append(f"Hires pass: {warning}")
@@ -406,7 +409,7 @@ def check_inputs(request: GenerationRequest, ctx: JobContext) -> tuple[Generatio
     samplers can run, the hires checkpoint by its name (as "Model" records the first one); and the warnings
     about what changed."""
     request, family_warnings = _family_inputs(request, ctx.model)
-    request, warnings = _runnable_schedules(request)
+    request, warnings = _runnable_schedules(request, ctx.model.spec.fitting_schedule or fitting_schedule)
     warnings = family_warnings + warnings
     if request.enable_hr:
         hires = ctx.hires_checkpoint

@@ -64,6 +64,9 @@ class GenerationRequest(BaseModel):
     distilled_cfg_scale: float = Field(
         3.5, ge=0.0, le=30.0, description="Flux.1 dev: the guidance its transformer was distilled with (Forge's "
         "Distilled CFG Scale); real CFG runs only when cfg_scale is above 1. Other families ignore it.")
+    shift: float | None = Field(
+        None, ge=0.0, le=100.0, description="Flux.1 and SD 3.5: the flow-matching timestep shift (infotext Shift); "
+        "None or 0: the model's own (SD 3.5: 3, Flux.1 dev: by image size, schnell: 1). Other families ignore it.")
     width: int = _size_field("Image width in pixels, a multiple of 8.")
     height: int = _size_field("Image height in pixels, a multiple of 8.")
     batch_size: int = Field(1, ge=1, le=64, description="Images per forward pass.")
@@ -126,6 +129,12 @@ class GenerationRequest(BaseModel):
         if not math.isfinite(value):
             raise ValueError(f"{info.field_name} must be a finite number")
         return value
+
+    @field_validator("shift")
+    @classmethod
+    def _own_shift(cls, value: float | None) -> float | None:
+        # 0 (the UI slider's left end) is the model's own shift, as None.
+        return value or None
 
     @field_validator("refiner_checkpoint", mode="before")
     @classmethod

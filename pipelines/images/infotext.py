@@ -240,6 +240,8 @@ _TABLE: tuple[_Entry, ...] = (
     _Entry("CFG scale", ("cfg_scale",), float),
     # Forge's key for Flux.1 dev's guidance; written only for a family that uses it (the field is None otherwise).
     _Entry("Distilled CFG Scale", ("distilled_cfg_scale",), float),
+    # Forge's key for the flow-matching shift; written only when a job sets one (None: the model's own).
+    _Entry("Shift", ("shift",), float),
     _Entry("Seed", ("seed",), int),
     _Entry("Size", ("width", "height"), _SIZE),
     _Entry("Model hash", ("sd_model_hash",), str, _when("sd_model_hash", bool)),
@@ -273,6 +275,8 @@ _TABLE: tuple[_Entry, ...] = (
            lambda f: bool(f.get("refiner_checkpoint")) and f.get("refiner_switch_at") is not None),
 )
 
+_MODULE_KEY = "Module"
+_MODULE_RE = re.compile(rf"{_MODULE_KEY} (\d+)")
 _HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
 _KEY_OF_PROMPT = {"Prompt": "prompt", "Negative prompt": "negative_prompt"}
 
@@ -283,7 +287,8 @@ def infotext_params_from_fields(fields: Mapping[str, object]) -> dict[str, objec
     Field names are the A1111 API names (steps, sampler_name, width, ...). Keys are written only
     when they carry information: width/height become "Size: WxH", variation keys need
     subseed_strength > 0, "Clip skip" needs clip_skip > 1, "RNG" is written unless "GPU", hires keys
-    need enable_hr. Fields the table does not know are ignored, except ``extra``: a dict of
+    need enable_hr; ``additional_modules`` become "Module 1", "Module 2", ... Fields the table does not know are
+    ignored, except ``extra``: a dict of
     infotext key -> value appended as is. prompt and negative_prompt go to build_infotext directly.
     """
     params: dict[str, object] = {}
@@ -296,6 +301,11 @@ def infotext_params_from_fields(fields: Mapping[str, object]) -> dict[str, objec
             params[entry.key] = f"{_as_int(width)}x{_as_int(height)}"
         else:
             params[entry.key] = fields[entry.fields[0]]
+    modules = fields.get("additional_modules") or []
+    if not isinstance(modules, list):
+        raise TypeError(f"additional_modules: expected a list of module names, got {type(modules).__name__}")
+    for number, module in enumerate(modules, start=1):
+        params[f"{_MODULE_KEY} {number}"] = module  # Forge's: each module's file name without extension
     extra = fields.get("extra") or {}
     if not isinstance(extra, Mapping):
         raise TypeError(f"extra: expected a mapping of infotext key -> value, got {type(extra).__name__}")
@@ -324,9 +334,9 @@ def request_fields_from_infotext(parsed: Mapping[str, object]) -> dict[str, obje
 
     Every key the table knows becomes its field(s), typed (steps int, cfg_scale float, ...); keys
     whose absence has a meaning give that value (no variation keys: subseed_strength 0, no "Tiling":
-    False, no hires keys: enable_hr False). Keys the table does not know are kept under their
-    infotext names in ``fields["extra"]`` (present only when not empty). Raises ValueError naming the
-    key when a value has the wrong type (e.g. "Steps: many").
+    False, no hires keys: enable_hr False); "Module N" keys become ``additional_modules`` in order. Keys
+    the table does not know are kept under their infotext names in ``fields["extra"]`` (present only
+    when not empty). Raises ValueError naming the key when a value has the wrong type (e.g. "Steps: many").
     """
     fields: dict[str, object] = {}
     known = set(_KEY_OF_PROMPT)
@@ -348,6 +358,10 @@ def request_fields_from_infotext(parsed: Mapping[str, object]) -> dict[str, obje
             fields[entry.fields[1]] = _as_int(parsed[f"{entry.key}-2"])
         else:
             fields[entry.fields[0]] = _coerce(entry, entry.key, parsed[entry.key])
+    modules = sorted((int(found.group(1)), key) for key in parsed if (found := _MODULE_RE.fullmatch(key)))
+    if modules:
+        fields["additional_modules"] = [str(parsed[key]) for _, key in modules]
+        known.update(key for _, key in modules)
     fields["enable_hr"] = any(key in parsed for key in _HIRES_KEYS)
     if fields["enable_hr"]:
         fields.setdefault("hr_second_pass_steps", 0)

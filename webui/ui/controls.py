@@ -85,6 +85,9 @@ def build_sampling_controls(ctx: AppContext, tab: str, defaults: UiDefaults,
     keep("distilled_cfg_scale", "Distilled CFG Scale", f.slider(
         model, "distilled_cfg_scale", "Distilled CFG Scale", step=0.1, value=start("Distilled CFG Scale", None),
         elem_id=f"{tab}_distilled_cfg_scale", visible=False))
+    # Forge's Shift of the flow-matching families (0: the model's own); shown while the checkpoint is one of them.
+    keep("shift", "Shift", f.slider(model, "shift", "Shift", step=0.05, maximum=10.0, value=start("Shift", 0.0),
+                                    elem_id=f"{tab}_shift", visible=False))
     with gr.Row():
         keep("seed", "Seed", f.number(model, "seed", "Seed", value=start("Seed", None), elem_id=f"{tab}_seed",
                                       scale=6))

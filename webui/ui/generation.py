@@ -152,11 +152,11 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
 
 def _wire_family_controls(ctx: AppContext, topbar: TopBar, area: PromptArea, controls: GenerationControls) -> None:
     """Choosing a checkpoint of a family with its own defaults (Flux.1: Euler, Simple, CFG scale 1; schnell: 4
-    steps) sets them in the tab, shows the controls only that family uses (Distilled CFG Scale), and notes in the
-    negative prompt box when the family reads it only sometimes. Steps a family set go back to the tab's default
-    when a checkpoint without such a default is chosen."""
+    steps) sets them in the tab, shows the controls only that family uses (Distilled CFG Scale; Shift for the
+    flow-matching, non-UNet families), and notes in the negative prompt box when the family reads it only
+    sometimes. Steps a family set go back to the tab's default when a checkpoint without such a default is chosen."""
     names = ("sampler_name", "scheduler", "cfg_scale")
-    if not all(name in controls.fields for name in (*names, "steps", "distilled_cfg_scale")):
+    if not all(name in controls.fields for name in (*names, "steps", "distilled_cfg_scale", "shift")):
         return
     steps = controls.fields["steps"]
     tab_steps = steps.value
@@ -173,9 +173,10 @@ def _wire_family_controls(ctx: AppContext, topbar: TopBar, area: PromptArea, con
         note = family.negative_prompt_note if family is not None else None
         return [*updates, steps_update, "steps" in defaults,
                 gr.update(visible=family is not None and family.infotext_fields is not None),
+                gr.update(visible=family is not None and not family.unet),
                 gr.update(placeholder=note or NEGATIVE_PLACEHOLDER)]
 
     targets = [*(controls.fields[name] for name in names), steps, steps_from_family,
-               controls.fields["distilled_cfg_scale"], area.negative_prompt]
+               controls.fields["distilled_cfg_scale"], controls.fields["shift"], area.negative_prompt]
     topbar.checkpoint.change(follow, inputs=[topbar.checkpoint, steps_from_family], outputs=targets,
                              show_progress="hidden", queue=False)

@@ -34,6 +34,8 @@ class PasteTarget:
     checkpoint: gr.Dropdown | None = None
     #: The extensions' controls with the infotext key (or function of the parsed infotext) that fills each.
     scripts: list[tuple[gr.components.Component, PasteSource]] = field(default_factory=list)
+    #: The top bar's "VAE / Text Encoder" list, filled from Forge's "Module N" keys.
+    modules: gr.Dropdown | None = None
 
     @classmethod
     def of(cls, topbar: TopBar, area: PromptArea, controls: GenerationControls,
@@ -41,11 +43,11 @@ class PasteTarget:
            extensions: ExtensionControls | None = None) -> PasteTarget:
         fields = {"prompt": area.prompt, "negative_prompt": area.negative_prompt, "clip_skip": topbar.clip_skip,
                   **controls.fields, **(extra or {})}
-        return cls(fields, topbar.checkpoint, extensions.paste_fields if extensions else [])
+        return cls(fields, topbar.checkpoint, extensions.paste_fields if extensions else [], topbar.modules)
 
     @property
     def outputs(self) -> list[gr.components.Component]:
-        ours = [*self.fields.values(), self.checkpoint]
+        ours = [*self.fields.values(), self.checkpoint, *([self.modules] if self.modules is not None else [])]
         return ours + [c for c, _ in self.scripts if all(c is not o for o in ours)]
 
 
@@ -97,6 +99,20 @@ def find_model(ctx: AppContext, fields: dict[str, Any]) -> tuple[ModelFile | Non
         return None, f"The image was made with checkpoint {named}, which is not in your models folder; " \
                      "the current checkpoint is kept."
     return None, None
+
+
+def find_modules(ctx: AppContext, names: list[str]) -> tuple[list[str], str | None]:
+    """The "VAE / Text Encoder" choices (file names) of an infotext's "Module N" names, and a warning naming
+    those that are not here (left out)."""
+    found, missing = [], []
+    for name in names:
+        try:
+            found.append(ctx.engine.registry.find_module(name).name)
+        except LookupError:
+            missing.append(name)
+    warning = (f"The image was made with the modules {', '.join(missing)}, which are not in your text_encoder / "
+               "VAE folders; they were left out.") if missing else None
+    return found, warning
 
 
 def _hires_choices(ctx: AppContext, fields: dict[str, Any]) -> None:
@@ -171,5 +187,10 @@ def paste_updates(ctx: AppContext, text: str, target: PasteTarget) -> dict[gr.co
         updates[target.checkpoint] = gr.update(value=model.title)
     if warning:
         gr.Warning(warning)
+    if "additional_modules" in fields and target.modules is not None:
+        modules, warning = find_modules(ctx, fields["additional_modules"])
+        updates[target.modules] = gr.update(value=modules)
+        if warning:
+            gr.Warning(warning)
     updates.update(script_updates(params, target.scripts))
     return updates

@@ -46,6 +46,9 @@ class Family:
     samplers: tuple[str, ...] = ()
     #: Schedule types it runs (empty: all); the first is used for any other.
     schedules: tuple[str, ...] = ()
+    #: ``fitting_schedule(sampler_name, schedule) -> (schedule, warning)``: the schedule type each of its samplers
+    #: runs (flow-matching families); None: the sampler table's (``samplers.fitting_schedule``).
+    fitting_schedule: Callable[[str, str], tuple[str, str | None]] | None = None
     #: Request fields (API names) and the values this family uses when a request leaves them unset.
     defaults: Mapping[str, object] = field(default_factory=dict)
     #: ``variant_defaults(path) -> {field: value}``: one model file's defaults beyond :attr:`defaults`, read

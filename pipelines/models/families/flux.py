@@ -14,11 +14,11 @@ Every component's config is read off its weights (layer counts, widths, heads) o
 ``pipelines/models/configs/flux/``; dev and schnell differ by the guidance embedder (dev has one). Weights stored
 as fp8 (e4m3fn / e5m2) or bf16 are cast to the engine's dtype on the CPU while loading.
 
-Sampling is diffusers' ``FluxPipeline`` loop (packed 2x2 latents, flow-matching Euler, resolution-dependent
-shift for dev) run step by step so that interrupt, progress and prompt editing work; with the same generators
-it gives the same pixels as ``FluxPipeline``. Dev's distilled guidance is the request's ``distilled_cfg_scale``
-(infotext "Distilled CFG Scale"); real CFG with the negative prompt runs only when ``cfg_scale`` > 1 (the family's
-default is 1).
+Sampling is diffusers' ``FluxPipeline`` loop (packed 2x2 latents, resolution-dependent shift for dev unless the
+request sets ``shift``; the samplers of ``pipelines/sampling/flow_schedulers.py``) run step by step so that
+interrupt, progress and prompt editing work; with the same generators it gives the same pixels as ``FluxPipeline``.
+Dev's distilled guidance is the request's ``distilled_cfg_scale`` (infotext "Distilled CFG Scale"); real CFG with
+the negative prompt runs only when ``cfg_scale`` > 1 (the family's default is 1).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from pipelines.job_control import JobStopped
@@ -51,6 +50,7 @@ from pipelines.models.families.base import Family
 from pipelines.models.weights import read_safetensors_header
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
+from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
 
 CONFIG_DIR = CONFIGS_DIR / "flux"
 #: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
@@ -461,13 +461,10 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     b, _, h, w = noise.shape
     latents = pack(noise.to(device=device, dtype=dtype))
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    config = scheduler.config
     steps = request.steps
-    mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    scheduler.set_begin_index(0)
+    scheduler, timesteps = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
+                                          shift=request.shift, image_seq_len=latents.shape[1], steps=steps,
+                                          device=device, sigmas=np.linspace(1.0, 1 / steps, steps))
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], request.distilled_cfg_scale, device=device, dtype=torch.float32).expand(b)
@@ -599,8 +596,9 @@ FAMILY = Family(
     load=load,
     encode=encode,
     sample=sample,
-    samplers=("Euler",),
-    schedules=("Simple",),
+    samplers=FLOW_SAMPLER_NAMES,
+    schedules=FLOW_SCHEDULES,
+    fitting_schedule=fitting_flow_schedule,
     defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
     lora_keys=lora_keys,
     variant_defaults=variant_defaults,

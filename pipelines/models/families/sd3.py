@@ -11,8 +11,9 @@ configs in ``pipelines/models/configs/sd3/``; the transformer key conversion is 
 Prompts: the CLIP part takes our prompt language as SDXL's encoders do (emphasis, BREAK, chunks past 75 tokens,
 clip skip); T5 reads the plain text. A plain prompt of up to 75 tokens gives diffusers' conditioning exactly.
 
-Sampling is ``StableDiffusion3Pipeline``'s loop (flow-matching Euler, real CFG with the negative prompt) run step
-by step, giving the same pixels with the same generators.
+Sampling is ``StableDiffusion3Pipeline``'s loop (the flow-matching samplers of
+``pipelines/sampling/flow_schedulers.py``, real CFG with the negative prompt) run step by step, giving the same
+pixels with the same generators.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, Model
 from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
+from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
 
 CONFIG_DIR = CONFIGS_DIR / "sd3"
 #: T5 tokens per prompt, as diffusers' StableDiffusion3Pipeline uses by default.
@@ -204,9 +206,9 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     transformer = model.pipe.transformer
     device, dtype = transformer.device, transformer.dtype
     latents = noise.to(device=device, dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(request.steps, device=device)
-    scheduler.set_begin_index(0)
+    tokens = latents.shape[-2] * latents.shape[-1] // transformer.config.patch_size ** 2
+    scheduler, _ = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
+                                  shift=request.shift, image_seq_len=tokens, steps=request.steps, device=device)
     use_cfg = request.cfg_scale > 1.0
     for i, t in enumerate(scheduler.timesteps):
         flux._report(on_step, i, latents)
@@ -296,8 +298,9 @@ FAMILY = Family(
     load=load,
     encode=encode,
     sample=sample,
-    samplers=("Euler",),
-    schedules=("Simple",),
+    samplers=FLOW_SAMPLER_NAMES,
+    schedules=FLOW_SCHEDULES,
+    fitting_schedule=fitting_flow_schedule,
     defaults={"sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 4.5},
     lora_keys=lora_keys,
     unet=False,
