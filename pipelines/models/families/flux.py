@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,10 @@ from pipelines.models.checkpoints import (
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
+from pipelines.sampling.flow_img2img import FlowStart
+
+if TYPE_CHECKING:
+    from pipelines.sampling.img2img import SourceLatents
 
 CONFIG_DIR = CONFIGS_DIR / "flux"
 #: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
@@ -463,21 +467,31 @@ def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return latents.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
-           on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps; returns (B, 16, h, w)."""
-    transformer = model.pipe.transformer
-    device, dtype = transformer.device, transformer.dtype
-    b, _, h, w = noise.shape
-    latents = pack(noise.to(device=device, dtype=dtype))
-    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+def _scheduler(model, steps: int, image_seq_len: int, device) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
+    """The flow-matching Euler scheduler and its ``steps`` timesteps, shifted for ``image_seq_len`` packed tokens
+    as ``FluxPipeline`` does."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     config = scheduler.config
-    steps = request.steps
-    mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     scheduler.set_begin_index(0)
+    return scheduler, timesteps
+
+
+def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
+           on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
+    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps; returns (B, 16, h, w).
+    With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run,
+    from the source noised to the first of them (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
+    transformer = model.pipe.transformer
+    device, dtype = transformer.device, transformer.dtype
+    b, _, h, w = noise.shape
+    noise = noise.to(device=device, dtype=dtype)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+    scheduler, timesteps = _scheduler(model, request.steps, (h // 2) * (w // 2), device)
+    start = FlowStart(scheduler, timesteps, noise, source, request.denoising_strength)
+    latents = pack(start.latents)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], request.distilled_cfg_scale, device=device, dtype=torch.float32).expand(b)
@@ -491,7 +505,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
                            pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
                            txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(start.timesteps):
         _report(on_step, i, unpack(latents, h, w))
         cond = conditioning.at_step(i)
         timestep = t.expand(b).to(latents.dtype)
@@ -500,6 +514,8 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
             negative = predict(cond.uncond, cond.uncond_pooled, timestep)
             prediction = negative + request.cfg_scale * (prediction - negative)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        if start.inpaint:
+            latents = pack(start.keep_unmasked(unpack(latents, h, w), i))
     return unpack(latents, h, w)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -29,6 +30,10 @@ from pipelines.models.families import flux
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import get_prompt_schedule
+from pipelines.sampling.flow_img2img import FlowStart
+
+if TYPE_CHECKING:
+    from pipelines.sampling.img2img import SourceLatents
 
 CONFIG_DIR = CONFIGS_DIR / "sd3"
 #: T5 tokens per prompt, as diffusers' StableDiffusion3Pipeline uses by default.
@@ -198,17 +203,27 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     return Conditioning(starts, segments, prompt_schedules, negative_schedules, []), warnings
 
 
+def _scheduler(model, steps: int, device) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
+    """The flow-matching Euler scheduler (the model's fixed shift) and its ``steps`` timesteps."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_begin_index(0)
+    return scheduler, scheduler.timesteps
+
+
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
-           on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps with real CFG."""
+           on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
+    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps with real CFG. With
+    ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run
+    (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
     device, dtype = transformer.device, transformer.dtype
-    latents = noise.to(device=device, dtype=dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(request.steps, device=device)
-    scheduler.set_begin_index(0)
+    noise = noise.to(device=device, dtype=dtype)
+    scheduler, timesteps = _scheduler(model, request.steps, device)
+    start = FlowStart(scheduler, timesteps, noise, source, request.denoising_strength)
+    latents = start.latents
     use_cfg = request.cfg_scale > 1.0
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(start.timesteps):
         flux._report(on_step, i, latents)
         cond = conditioning.at_step(i)
         if cond.pooled is None or cond.uncond_pooled is None:
@@ -222,7 +237,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
         if use_cfg:
             uncond, text = prediction.chunk(2)
             prediction = uncond + request.cfg_scale * (text - uncond)
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        latents = start.keep_unmasked(scheduler.step(prediction, t, latents, return_dict=False)[0], i)
     return latents
 
 
