@@ -8,6 +8,9 @@ With a hires checkpoint (``hr_checkpoint_name``) the second pass runs on that mo
 decodes, the hires model's VAE encodes, and the hires prompts are encoded by the hires model's text
 encoders. Latent modes pass latents over unchanged only between models that share a latent space (SD 1.x
 and 2.x); between SDXL and SD 1.x/2.x they resize the decoded pixels instead (see :func:`upscale_first_pass`).
+
+Flux.1 and SD 3.5 run the second pass in their own loop as their img2img (:func:`_family_hires_pass`,
+:mod:`pipelines.sampling.flow_img2img`), on the hires prompts their own text encoders encode.
 """
 
 from __future__ import annotations

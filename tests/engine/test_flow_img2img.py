@@ -6,8 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, StableDiffusion3Img2ImgPipeline
-from diffusers import StableDiffusion3InpaintPipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+)
 
 from pipelines.images.infotext import parse_infotext
 from pipelines.job_control import JobControl
@@ -19,7 +23,7 @@ from tests.fixtures.tiny_sd3 import tiny_sd3_pipeline, write_tiny_sd3
 from tests.helpers import pixels
 
 PROMPT = "a photo of a cat"
-#: (checkpoint, diffusers pipeline on the tiny models, its call arguments beyond the common ones) per family.
+#: (checkpoint, the diffusers call arguments beyond the common ones) per family.
 FAMILIES = {
     "flux": ("tiny-flux-dev-diffusers", {"guidance_scale": 3.5}),
     "sd3": ("tiny-sd35-diffusers", {"guidance_scale": 4.5, "negative_prompt": ["blurry"] * 2}),
