@@ -189,3 +189,13 @@ def test_hires_size_not_a_multiple_of_16_is_refused(engine):
         engine.plan(GenerationRequest(prompt=PROMPT, width=64, height=64, checkpoint=FAMILIES["flux"][0],
                                       enable_hr=True, hr_scale=1.4))  # 88x88
     assert error.value.field == "hr_scale"
+
+
+def test_hires_pass_on_a_checkpoint_of_the_other_family(engine):
+    request = GenerationRequest(prompt=PROMPT, seed=3, steps=2, width=64, height=64, checkpoint=FAMILIES["flux"][0],
+                                save_images=False, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                                denoising_strength=0.5, hr_checkpoint_name=FAMILIES["sd3"][0])
+    result = engine.generate(request)
+    same = engine.generate(request.model_copy(update={"hr_checkpoint_name": None}))
+    assert result.images[0].size == (96, 96) and _max_diff(result.images, same.images) > 0
+    assert parse_infotext(result.infotexts[0])["Hires checkpoint"] == "tiny-sd35-diffusers"
