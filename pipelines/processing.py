@@ -719,6 +719,7 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
         latents = stop.latents if stop.latents is not None else start.latents
         if stop.model is not None:
             model = stop.model
+    # 8. decode
     return _decode_batch(model, latents, upscaled, start.source, scripts, stopped)
 
 
@@ -743,9 +744,9 @@ def _sample_family_batch(request: GenerationRequest, ctx: JobContext, model: Loa
                          scripts: ScriptRun, held: ExitStack,
                          before_hires: Callable[[list[Image.Image]], None] | None = None
                          ) -> tuple[list[Image.Image], JobStopped | None]:
-    """Stages 5-8 for a family with its own sampling loop: CPU noise per image (img2img: drawn after encoding
-    the source, whose mask blends by latent block so that a hard mask is the pipelines' own), its loop, the hires
-    pass, decode."""
+    """Stages 5-8 for a family with its own sampling loop: CPU noise per image (img2img: drawn after encoding the
+    source; the mask comes to latent size by 8x8 block averages, for a hard mask diffusers' own), its loop, the
+    hires pass, decode."""
     sample = model.spec.sample
     if sample is None:
         raise RuntimeError(f"{model.spec.label} has no sampling loop of its own")
