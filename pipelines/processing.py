@@ -40,6 +40,7 @@ from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_condit
 from pipelines.prompts.parser import ExtraNetworkTag, extract_extra_networks
 from pipelines.prompts.styles import StyleDatabase
 from pipelines.request import GenerationRequest, Img2ImgRequest
+from pipelines.sampling import flow_img2img
 from pipelines.sampling import latents as latent_ops
 from pipelines.sampling.denoise import (
     DenoiseInputs,
@@ -53,6 +54,7 @@ from pipelines.sampling.hires import HiresInputs, encode_hires_prompts, hires_st
 from pipelines.sampling.img2img import (
     Img2ImgSource,
     blank_inpaint_conditioning,
+    encode_source,
     finish_inpaint,
     img2img_infotext_params,
     img2img_latents,
@@ -392,6 +394,10 @@ def _family_inputs(request: GenerationRequest, model: LoadedModel) -> tuple[Gene
         update["sampler_name"] = family.samplers[0]
         warnings.append(f"{family.label} models run {', '.join(family.samplers)}; {sampler} was replaced by "
                         f"{family.samplers[0]}")
+    if family.samplers and request.enable_hr and request.hr_sampler_name not in (None, "", *family.samplers):
+        update["hr_sampler_name"] = family.samplers[0]
+        warnings.append(f"Hires pass: {family.label} models run {', '.join(family.samplers)}; "
+                        f"{request.hr_sampler_name} was replaced by {family.samplers[0]}")
     schedule = update.get("scheduler", request.scheduler)
     if family.schedules and schedule not in (*family.schedules, "Automatic"):
         warnings.append(f"{family.label} models run the schedule types {', '.join(family.schedules)}; {schedule} "
@@ -427,10 +433,14 @@ def encode_job_prompts(request: GenerationRequest, ctx: JobContext, model: Loade
         with torch.inference_mode():
             conditioning, warnings = model.spec.encode(model, prompts.encode_prompts[: request.batch_size],
                                                        prompts.encode_negative_prompts[: request.batch_size],
-                                                       _real_steps(request), request)
+                                                       _real_steps(request, model), request)
         if notes is not None:
             notes.extend(warnings)
-        return conditioning, None
+        hr_conditioning = None
+        if request.enable_hr and not _switches_model(request, ctx):
+            hr_conditioning = encode_hires_prompts(request, model, prompts.encode_prompts,
+                                                   prompts.encode_negative_prompts, ctx.embeddings)
+        return conditioning, hr_conditioning
     encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=ctx.embeddings)
     with torch.inference_mode():
         conditioning = build_conditioning(encoder, prompts.encode_prompts[: request.batch_size],
@@ -523,7 +533,7 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
     seeds, prompts and infotexts, as A1111 does; like A1111 they are saved only when the
     ``save_incomplete_images`` option is on."""
     model, control = ctx.model, ctx.control
-    control.start(request.n_iter, _real_steps(request))
+    control.start(request.n_iter, _real_steps(request, model))
     try:
         with _Tiling(model, request.tiling):
             for batch_no in range(request.n_iter):
@@ -549,7 +559,7 @@ def _run_batches(request: GenerationRequest, ctx: JobContext, plan: SeedPlan, pr
                     result.skipped_batches.append(batch_no)
     except JobInterrupted:
         result.interrupted = True
-    control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request))
+    control.update(job_no=request.n_iter if not result.interrupted else None, step=_real_steps(request, model))
 
 
 def restores_faces(request: GenerationRequest, options: Options) -> bool:
@@ -618,9 +628,12 @@ def save_sample(request: GenerationRequest, ctx: JobContext, model: LoadedModel,
                       quality=options.jpeg_quality, lossless=options.webp_lossless)
 
 
-def _real_steps(request: GenerationRequest) -> int:
-    """Sampling steps each batch really runs: img2img runs about denoising_strength x steps."""
+def _real_steps(request: GenerationRequest, model: LoadedModel | None = None) -> int:
+    """Sampling steps each batch really runs: img2img runs about denoising_strength x steps (rounded down on the
+    UNet path, rounded as diffusers' flow pipelines do on a family's own loop)."""
     if isinstance(request, Img2ImgRequest):
+        if model is not None and model.spec.sample is not None:
+            return max(flow_img2img.real_steps(request.steps, request.denoising_strength), 1)
         return max(min(int(request.steps * request.denoising_strength), request.steps), 1)
     return request.steps
 
@@ -687,8 +700,9 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
     conditioning, hr_conditioning = conditionings
     seeds, subseeds = plan.seeds[span], plan.subseeds[span]
     generators = generators_for(seeds)
-    if model.spec.sample is not None:  # a family with its own sampling loop (Flux.1)
-        return _sample_family_batch(request, ctx, model, seeds, subseeds, generators, conditioning, scripts)
+    if model.spec.sample is not None:  # a family with its own sampling loop (Flux.1, SD 3.5)
+        return _sample_family_batch(request, ctx, model, span, seeds, subseeds, generators, conditionings, prompts,
+                                    scripts, held, before_hires)
     scheduler = build_scheduler(request.sampler_name, request.scheduler, model.scheduler_config, seeds=seeds,
                                 sdxl=model.is_sdxl)
 
@@ -710,37 +724,67 @@ def _sample_batch(request: GenerationRequest, ctx: JobContext, model: LoadedMode
         latents = stop.latents if stop.latents is not None else start.latents
         if stop.model is not None:
             model = stop.model
+    # 8. decode
+    return _decode_batch(model, latents, upscaled, start.source, scripts, stopped)
+
+
+def _decode_batch(model: LoadedModel, latents: torch.Tensor, upscaled: list[Image.Image] | None,
+                  source: Img2ImgSource | None, scripts: ScriptRun, stopped: JobStopped | None
+                  ) -> tuple[list[Image.Image], JobStopped | None]:
+    """Stage 8: the batch's images (decoded, inpaint pasted back; or an upscale-only hires fix's upscaled
+    pixels), handed to the scripts' ``after_batch``."""
     if upscaled is not None:  # hires upscale only: the upscaler's pixels are the result
         scripts.after_batch(upscaled)
         return upscaled, None
-
-    # 8. decode
     images = decode_images(model, latents)
-    if start.source is not None:
-        images = finish_inpaint(images, start.source)
+    if source is not None:
+        images = finish_inpaint(images, source)
     scripts.after_batch(images)
     return images, stopped
 
 
-def _sample_family_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, seeds: list[int],
-                         subseeds: list[int], generators: list[torch.Generator], conditioning: Conditioning,
-                         scripts: ScriptRun) -> tuple[list[Image.Image], JobStopped | None]:
-    """Stages 5, 6 and 8 for a family with its own sampling loop: CPU noise per image, its loop, decode."""
+def _sample_family_batch(request: GenerationRequest, ctx: JobContext, model: LoadedModel, span: slice,
+                         seeds: list[int], subseeds: list[int], generators: list[torch.Generator],
+                         conditionings: tuple[Conditioning, Conditioning | None], prompts: PreparedPrompts,
+                         scripts: ScriptRun, held: ExitStack,
+                         before_hires: Callable[[list[Image.Image]], None] | None = None
+                         ) -> tuple[list[Image.Image], JobStopped | None]:
+    """Stages 5-8 for a family with its own sampling loop: CPU noise per image (img2img: drawn after encoding the
+    source; the mask comes to latent size by 8x8 block averages, for a hard mask diffusers' own), its loop, the
+    hires pass, decode."""
     sample = model.spec.sample
     if sample is None:
         raise RuntimeError(f"{model.spec.label} has no sampling loop of its own")
+    conditioning, hr_conditioning = conditionings
     h, w = model.latent_size(request.width, request.height)
-    noise = initial_noise(request, seeds, subseeds, generators, (model.vae.config.latent_channels, h, w), model)
-    ctx.control.update(steps=request.steps)
+
+    def make_noise() -> torch.Tensor:
+        return initial_noise(request, seeds, subseeds, generators, (model.vae.config.latent_channels, h, w), model)
+
+    # 5. latents: noise, or the encoded source images and then the noise
+    source = start = None
+    if isinstance(request, Img2ImgRequest):
+        source = prepare_img2img_source(request, span.start, len(seeds))
+        start = encode_source(request, model, source, make_noise, generators, ctx.device,
+                              mask_resample=Image.Resampling.BOX)
+        noise = start.noise
+    else:
+        noise = make_noise()
+    ctx.control.update(steps=max(_real_steps(request, model), 1))
     reporter = StepReporter(ctx.control, model, ctx.options.show_progress_type, on_step=scripts.on_step)
     stopped: JobStopped | None = None
+    upscaled = None
     try:
-        latents = sample(model, noise, conditioning, request, reporter.step)
+        # 6. the family's loop, 7. hires pass
+        latents = sample(model, noise, conditioning, request, reporter.step, start)
+        latents, model, upscaled = _hires_stage(request, ctx, model, latents, source, hr_conditioning, generators,
+                                                subseeds, prompts, scripts, held, reporter, before_hires)
     except JobStopped as stop:
         stopped, latents = stop, stop.latents if stop.latents is not None else noise
-    images = decode_images(model, latents.to(ctx.device))
-    scripts.after_batch(images)
-    return images, stopped
+        if stop.model is not None:
+            model = stop.model
+    # 8. decode
+    return _decode_batch(model, latents.to(ctx.device), upscaled, source, scripts, stopped)
 
 
 def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: LoadedModel, scheduler,
@@ -775,14 +819,27 @@ def _denoise_and_hires(request: GenerationRequest, ctx: JobContext, model: Loade
         if refiner is not None and refiner.model is not None:
             model = refiner.model  # the refiner took over: its VAE decodes (or the hires pass starts from it)
 
+    return _hires_stage(request, ctx, model, latents, start.source, hr_conditioning, generators, subseeds, prompts,
+                        scripts, held, reporter, before_hires, refiner)
+
+
+def _hires_stage(request: GenerationRequest, ctx: JobContext, model: LoadedModel, latents: torch.Tensor,
+                 source: Img2ImgSource | None, hr_conditioning: Conditioning | None,
+                 generators: list[torch.Generator], subseeds: list[int], prompts: PreparedPrompts, scripts: ScriptRun,
+                 held: ExitStack, reporter: StepReporter,
+                 before_hires: Callable[[list[Image.Image]], None] | None = None,
+                 refiner: RefinerSwitches | None = None
+                 ) -> tuple[torch.Tensor, LoadedModel, list[Image.Image] | None]:
+    """Stage 7 after the first pass: the first pass saved when asked, then the hires pass; as
+    :func:`_denoise_and_hires` returns and raises."""
     if before_hires is not None and request.enable_hr:  # the save_images_before_highres_fix option
         images = decode_images(model, latents)
-        before_hires(finish_inpaint(images, start.source) if start.source is not None else images)
+        before_hires(finish_inpaint(images, source) if source is not None else images)
     try:
         # 7. hires pass (on the hires checkpoint, if the request names one)
         latents, model, upscaled = _hires(request, ctx, model, latents, hr_conditioning, generators, subseeds,
                                           prompts, scripts, held, reporter, refiner)
-        control.check()
+        ctx.control.check()
     except JobStopped as stop:
         if stop.latents is None:  # stopped between steps (upscaling, switching models): the latents at hand
             stop.latents, stop.model = latents, model

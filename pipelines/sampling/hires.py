@@ -8,6 +8,9 @@ With a hires checkpoint (``hr_checkpoint_name``) the second pass runs on that mo
 decodes, the hires model's VAE encodes, and the hires prompts are encoded by the hires model's text
 encoders. Latent modes pass latents over unchanged only between models that share a latent space (SD 1.x
 and 2.x); between SDXL and SD 1.x/2.x they resize the decoded pixels instead (see :func:`upscale_first_pass`).
+
+Flux.1 and SD 3.5 run the second pass in their own loop as their img2img (:func:`_family_hires_pass`,
+:mod:`pipelines.sampling.flow_img2img`), on the hires prompts their own text encoders encode.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from pipelines.prompts.embeddings import EmbeddingDatabase
 from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
 from pipelines.prompts.parser import extract_extra_networks
 from pipelines.request import LATENT_UPSCALE_MODES, GenerationRequest
+from pipelines.sampling import flow_img2img
 from pipelines.sampling import latents as latent_ops
 from pipelines.sampling.denoise import DenoiseInputs, ModelSwitch, denoise, img2img_timesteps
-from pipelines.sampling.img2img import blank_inpaint_conditioning
+from pipelines.sampling.img2img import SourceLatents, blank_inpaint_conditioning
 from pipelines.sampling.previews import StepReporter
 from pipelines.sampling.refiner import add_time_ids as sdxl_time_ids
 from pipelines.sampling.samplers import build_scheduler
@@ -137,6 +141,8 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
     width, height = request.hires_size
     factor = model.vae_scale_factor
     size = (height // factor, width // factor)
+    if model.spec.sample is not None:
+        return _family_hires_pass(request, model, init, conditioning, make_noise((init.shape[1], *size)), on_step)
     dtype = model.unet.dtype
     init = init.to(device=device, dtype=dtype)
     schedule, _ = hires_steps(request)
@@ -160,6 +166,22 @@ def hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tenso
         step_cache_interval=step_cache_interval, switch=switch), on_step)
 
 
+def _family_hires_pass(request: GenerationRequest, model: LoadedModel, init: torch.Tensor, conditioning,
+                       noise: torch.Tensor, on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """The hires pass of a family with its own loop (Flux.1, SD 3.5): its img2img from ``init`` at the hires size,
+    on a schedule long enough that ``denoising_strength`` leaves the hires pass's real steps."""
+    width, height = request.hires_size
+    sample = model.spec.sample
+    if sample is None:
+        raise RuntimeError(f"{model.spec.label} has no sampling loop of its own")
+    steps = flow_img2img.schedule_for(hires_steps(request)[1], request.denoising_strength)
+    second = request.model_copy(update={
+        "steps": steps, "width": width, "height": height,
+        "sampler_name": request.hr_sampler_name or request.sampler_name,
+        "scheduler": request.hr_scheduler or request.scheduler})
+    return sample(model, noise, conditioning, second, on_step, SourceLatents(init, init, noise))
+
+
 def switches_model(request: GenerationRequest, first: ModelFile, hires: ModelFile | None) -> bool:
     """Whether the hires pass redraws on another checkpoint (``hires``) than the first pass's (``first``)."""
     return request.enable_hr and hires is not None and hires.title != first.title and not upscale_only(request)
@@ -169,9 +191,13 @@ def encode_hires_prompts(request: GenerationRequest, model: LoadedModel, encode_
                          encode_negative_prompts: list[str], embeddings: EmbeddingDatabase | None) -> Conditioning:
     """The hires pass's conditioning (hr_prompt / hr_negative_prompt, else the job's prompts as the encoder
     sees them) by ``model``'s text encoders."""
-    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
     hr_prompts = [extract_extra_networks(request.hr_prompt)[0] or p for p in encode_prompts]
     hr_negatives = [extract_extra_networks(request.hr_negative_prompt)[0] or n for n in encode_negative_prompts]
+    if model.spec.encode is not None:  # a family with its own text encoders (Flux.1, SD 3.5)
+        with torch.inference_mode():
+            return model.spec.encode(model, hr_prompts[: request.batch_size], hr_negatives[: request.batch_size],
+                                     max(hires_steps(request)[1], 1), request)[0]
+    encoder = PromptEncoder.from_pipeline(model.pipe, embeddings=embeddings)
     with torch.inference_mode():
         return build_conditioning(encoder, hr_prompts[: request.batch_size], hr_negatives[: request.batch_size],
                                   max(hires_steps(request)[1], 1), request.clip_skip)

@@ -63,45 +63,72 @@ def masked_content(source: Img2ImgSource, fill: int) -> list[Image.Image]:
     return [imageops.fill_masked(im, source.mask) for im in source.images]
 
 
-def latent_mask(mask: Image.Image, shape: tuple[int, int], device, dtype) -> torch.Tensor:
+def latent_mask(mask: Image.Image, shape: tuple[int, int], device, dtype,
+                resample: Image.Resampling = Image.Resampling.BILINEAR) -> torch.Tensor:
     """The mask at latent size as (1, 1, h, w) in 0..1."""
-    small = mask.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    small = mask.resize((shape[1], shape[0]), resample)
     array = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
     return array[None, None].to(device=device, dtype=dtype)
 
 
-def img2img_latents(request: Img2ImgRequest, model: LoadedModel, source: Img2ImgSource, scheduler,
-                    make_noise: Callable[[], torch.Tensor], generators: list[torch.Generator], device):
-    """Encode the init images, apply masked content, and noise them to the strength's first timestep.
+@dataclass
+class SourceLatents:
+    """An img2img / inpaint batch's source in latent space, before any noise is added."""
+
+    image_latents: torch.Tensor  # the encoded source images (masked content "fill" painted in)
+    init: torch.Tensor  # what is noised: image_latents with "latent noise" / "latent nothing" in the mask
+    noise: torch.Tensor  # the batch's noise, drawn after the encoding
+    mask: torch.Tensor | None = None  # (B, 1, h, w) in 0..1, 1 = redraw; None: plain img2img
+
+
+def encode_source(request: Img2ImgRequest, model: LoadedModel, source: Img2ImgSource,
+                  make_noise: Callable[[], torch.Tensor], generators: list[torch.Generator], device,
+                  mask_resample: Image.Resampling = Image.Resampling.BILINEAR) -> SourceLatents:
+    """Encode the init images and apply the masked content.
 
     Each image's generator first samples the VAE's latent distribution, then draws the noise (the order
-    diffusers' img2img uses, so the same seeds give the same images). Returns (latents, timesteps,
-    real steps, inpaint inputs or None).
+    diffusers' img2img pipelines use, so the same seeds give the same images). ``mask_resample`` brings the
+    mask to latent size.
     """
     dtype = model.unet.dtype
     images = masked_content(source, request.inpainting_fill)
     pixels = latent_ops.pil_to_tensor(images)
     image_latents = latent_ops.encode(model.vae, pixels, generators).to(device=device, dtype=dtype)
-    timesteps, real_steps = img2img_timesteps(scheduler, request.steps, request.denoising_strength, device)
     noise = make_noise().to(device=device, dtype=dtype)
-    init, inpaint = image_latents, None
-    if source.mask is not None:
-        h, w = image_latents.shape[-2:]
-        mask = latent_mask(source.mask, (h, w), device, dtype).expand(len(images), 1, h, w)
-        if request.inpainting_fill == 2:  # latent noise
-            init = init * (1 - mask) + noise * mask
-        elif request.inpainting_fill == 3:  # latent nothing
-            init = init * (1 - mask)
-        masked = None
+    if source.mask is None:
+        return SourceLatents(image_latents, image_latents, noise)
+    h, w = image_latents.shape[-2:]
+    mask = latent_mask(source.mask, (h, w), device, dtype, mask_resample).expand(len(images), 1, h, w)
+    init = image_latents
+    if request.inpainting_fill == 2:  # latent noise
+        init = init * (1 - mask) + noise * mask
+    elif request.inpainting_fill == 3:  # latent nothing
+        init = init * (1 - mask)
+    return SourceLatents(image_latents, init, noise, mask)
+
+
+def img2img_latents(request: Img2ImgRequest, model: LoadedModel, source: Img2ImgSource, scheduler,
+                    make_noise: Callable[[], torch.Tensor], generators: list[torch.Generator], device):
+    """Encode the init images, apply masked content, and noise them to the strength's first timestep
+    (:func:`encode_source`). Returns (latents, timesteps, real steps, inpaint inputs or None).
+    """
+    dtype = model.unet.dtype
+    start = encode_source(request, model, source, make_noise, generators, device)
+    timesteps, real_steps = img2img_timesteps(scheduler, request.steps, request.denoising_strength, device)
+    inpaint = None
+    if start.mask is not None and source.mask is not None:
+        mask, masked = start.mask, None
         if model.is_inpainting:
             # The inpainting UNet sees a hard mask and the picture with the redraw area blanked, as in training.
             mask = (mask >= 0.5).to(dtype)
-            keep = torch.from_numpy(np.asarray(source.mask) < 128)[None, None].to(pixels.dtype)
+            keep = torch.from_numpy(np.asarray(source.mask) < 128)[None, None].to(torch.float32)
             seeds = [int(g.initial_seed()) for g in generators]
             masked = latent_ops.encode(model.vae, latent_ops.pil_to_tensor(source.images) * keep,
                                        generators_for(seeds)).to(device=device, dtype=dtype)
-        inpaint = InpaintLatents(mask=mask, image_latents=image_latents, noise=noise, masked_image_latents=masked)
-    latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(len(images))) if len(timesteps) else init
+        inpaint = InpaintLatents(mask=mask, image_latents=start.image_latents, noise=start.noise,
+                                 masked_image_latents=masked)
+    latents = scheduler.add_noise(start.init, start.noise, timesteps[:1].repeat(len(start.init))) \
+        if len(timesteps) else start.init
     return latents, timesteps, real_steps, inpaint
 
 

@@ -67,3 +67,20 @@ def test_unknown_module_is_a_422_under_its_option(server):
     answer = requests.post(f"{api.url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT)
     assert answer.status_code == 422, answer.text
     assert answer.json()["detail"][0]["loc"] == ["body", "override_settings", "forge_additional_modules"]
+
+
+def test_img2img_and_inpaint_with_a_flux_model_return_images(server):
+    from tests.fixtures.api_helpers import b64_png, decode_png
+    from tests.fixtures.pictures import half_mask, picture
+
+    api, _ = server
+    body = {**BODY, "override_settings": {"sd_model_checkpoint": "tiny-flux-dev-diffusers"},
+            "init_images": [b64_png(picture())], "denoising_strength": 0.6, "batch_size": 2}
+    answer = requests.post(f"{api.url}/sdapi/v1/img2img", json=body, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    images = [decode_png(data) for data in answer.json()["images"]]
+    assert len(images) == 2 and all(image.size == (64, 64) for image in images)
+    inpaint = {**body, "mask": b64_png(half_mask()), "mask_blur": 0, "batch_size": 1}
+    answer = requests.post(f"{api.url}/sdapi/v1/img2img", json=inpaint, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    assert "Masked content: original" in answer.json()["info"]  # the infotext of an inpaint job

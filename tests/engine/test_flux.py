@@ -148,12 +148,9 @@ def test_unknown_module_is_refused_naming_the_field(flux_engine):
     assert error.value.field == "additional_modules" and "clip_l.safetensors" in str(error.value)
 
 
-def test_modes_not_yet_available_are_refused_when_planned(flux_engine):
+def test_size_not_a_multiple_of_16_is_refused(flux_engine):
     from pipelines.plan import RequestError
 
-    with pytest.raises(RequestError, match="enable_hr: Hires. fix is not available for Flux.1") as error:
-        flux_engine.plan(_request(checkpoint="tiny-flux-dev", enable_hr=True))
-    assert error.value.field == "enable_hr"
     with pytest.raises(RequestError, match="width must be a multiple of 16") as error:
         flux_engine.generate(_request(checkpoint="tiny-flux-dev", width=72))
     assert error.value.field == "width"

@@ -62,17 +62,20 @@ def family_of_path(path: Path) -> Family | None:
 
 
 def unsupported(request, family: Family) -> tuple[str, str] | None:
-    """(field, message) when ``family`` cannot run ``request`` yet (a mode or size its own loop does not do);
-    None when it can."""
+    """(field, message) when ``family`` cannot run ``request`` (a size its own loop does not take); None when it
+    can. A family with its own loop works on 2x2 patches of 8x latents: sizes are multiples of 16."""
     if family.sample is None:
         return None
-    if getattr(request, "mode", "txt2img") == "img2img":
-        return "mode", f"img2img and inpaint are not available for {family.label} models yet; use txt2img"
-    if request.enable_hr:
-        return "enable_hr", f"Hires. fix is not available for {family.label} models yet"
     for name in ("width", "height"):
         if getattr(request, name) % 16:
             return name, f"{name} must be a multiple of 16 for {family.label} models, got {getattr(request, name)}"
+    if request.enable_hr and any(side % 16 for side in request.hires_size):
+        width, height = request.hires_size
+        name = "hr_scale"
+        if request.hr_resize_x or request.hr_resize_y:
+            name = "hr_resize_x" if (width % 16 and request.hr_resize_x) or not request.hr_resize_y else "hr_resize_y"
+        return name, (f"the Hires. fix size ({width}x{height}) must be a multiple of 16 for {family.label} models; "
+                      f"choose another {name}")
     return None
 
 

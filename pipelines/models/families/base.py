@@ -40,7 +40,9 @@ class Family:
     #: ``encode(model, prompts, negative_prompts, steps, request) -> (conditioning, warnings)``; None: CLIP
     #: prompt weighting (``prompts/encoding.py``).
     encode: Callable[..., tuple[Any, list[str]]] | None = None
-    #: ``sample(model, latents, conditioning, request, generators, on_step) -> latents``; None: the UNet loop.
+    #: ``sample(model, noise, conditioning, request, on_step, source=None) -> latents``; ``source``
+    #: (:class:`~pipelines.sampling.img2img.SourceLatents`) starts img2img, inpaint and the hires pass from
+    #: an image (see :mod:`pipelines.sampling.flow_img2img`); None: the UNet loop.
     sample: Callable[..., Any] | None = None
     #: Sampler names of the sampler table this family runs; empty: all of them.
     samplers: tuple[str, ...] = ()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,7 +50,11 @@ from pipelines.models.families.base import Family
 from pipelines.models.weights import read_safetensors_header
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
+from pipelines.sampling.flow_img2img import FlowStart
 from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
+
+if TYPE_CHECKING:
+    from pipelines.sampling.img2img import SourceLatents
 
 CONFIG_DIR = CONFIGS_DIR / "flux"
 #: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
@@ -454,17 +458,22 @@ def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
-           on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps; returns (B, 16, h, w)."""
+           on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
+    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` steps of the request's flow-matching sampler; returns
+    (B, 16, h, w).
+    With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run,
+    from the source noised to the first of them (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
     device, dtype = transformer.device, transformer.dtype
     b, _, h, w = noise.shape
-    latents = pack(noise.to(device=device, dtype=dtype))
+    noise = noise.to(device=device, dtype=dtype)
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
     steps = request.steps
     scheduler, timesteps = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
-                                          shift=request.shift, image_seq_len=latents.shape[1], steps=steps,
+                                          shift=request.shift, image_seq_len=(h // 2) * (w // 2), steps=steps,
                                           device=device, sigmas=np.linspace(1.0, 1 / steps, steps))
+    start = FlowStart(scheduler, timesteps, noise, source, request.denoising_strength)
+    latents = pack(start.latents)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], request.distilled_cfg_scale, device=device, dtype=torch.float32).expand(b)
@@ -478,7 +487,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
                            pooled_projections=pooled.to(device, dtype), encoder_hidden_states=embeds.to(device, dtype),
                            txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(start.timesteps):
         _report(on_step, i, unpack(latents, h, w))
         cond = conditioning.at_step(i)
         timestep = t.expand(b).to(latents.dtype)
@@ -487,6 +496,8 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
             negative = predict(cond.uncond, cond.uncond_pooled, timestep)
             prediction = negative + request.cfg_scale * (prediction - negative)
         latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        if start.inpaint:
+            latents = pack(start.keep_unmasked(unpack(latents, h, w), i))
     return unpack(latents, h, w)
 
 

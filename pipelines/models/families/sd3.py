@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -35,7 +36,11 @@ from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, Model
 from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
 from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
+from pipelines.sampling.flow_img2img import FlowStart
 from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
+
+if TYPE_CHECKING:
+    from pipelines.sampling.img2img import SourceLatents
 
 CONFIG_DIR = CONFIGS_DIR / "sd3"
 #: T5 tokens per prompt, as diffusers' StableDiffusion3Pipeline uses by default.
@@ -201,16 +206,22 @@ def _joint_context(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
 
 
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
-           on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps with real CFG."""
+           on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
+    """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` steps of the request's flow-matching sampler with real
+    CFG. With
+    ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run
+    (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
     device, dtype = transformer.device, transformer.dtype
-    latents = noise.to(device=device, dtype=dtype)
-    tokens = latents.shape[-2] * latents.shape[-1] // transformer.config.patch_size ** 2
-    scheduler, _ = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
-                                  shift=request.shift, image_seq_len=tokens, steps=request.steps, device=device)
+    noise = noise.to(device=device, dtype=dtype)
+    tokens = noise.shape[-2] * noise.shape[-1] // transformer.config.patch_size ** 2
+    scheduler, timesteps = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
+                                          shift=request.shift, image_seq_len=tokens, steps=request.steps,
+                                          device=device)
+    start = FlowStart(scheduler, timesteps, noise, source, request.denoising_strength)
+    latents = start.latents
     use_cfg = request.cfg_scale > 1.0
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(start.timesteps):
         flux._report(on_step, i, latents)
         cond = conditioning.at_step(i)
         if cond.pooled is None or cond.uncond_pooled is None:
@@ -224,7 +235,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
         if use_cfg:
             uncond, text = prediction.chunk(2)
             prediction = uncond + request.cfg_scale * (text - uncond)
-        latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        latents = start.keep_unmasked(scheduler.step(prediction, t, latents, return_dict=False)[0], i)
     return latents
 
 
