@@ -146,8 +146,8 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
         text_encoder_2=flux.load_clip(parts["clip_g"], torch_dtype, sources["clip_g"], cls=CLIPTextModelWithProjection,
                                       base=CONFIG_DIR / "clip_g_config.json", component="clip_g"),
         tokenizer_2=_tokenizer("!"),
-        text_encoder_3=flux.load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]) if has_t5 else None,
-        tokenizer_3=flux.t5_tokenizer(search.get("text_encoder", ())) if has_t5 else None,
+        text_encoder_3=(t5 := flux.load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"])) if has_t5 else None,
+        tokenizer_3=flux.t5_tokenizer(search.get("text_encoder", ()), t5, sources["t5xxl"]) if has_t5 else None,
     )
     return pipe, ModelFamily("sd3", False, "flow", CONFIG_DIR)
 
