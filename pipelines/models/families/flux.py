@@ -416,7 +416,7 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     """Per-step conditioning: T5 hidden states as ``cond``, CLIP's pooled output as ``pooled``; prompt editing
     works. Emphasis weights and BREAK do nothing for these encoders (a warning says so)."""
     pipe = model.pipe
-    device = pipe.transformer.device
+    device = pipe._execution_device  # under --medvram / --lowvram the offload hooks' device, not the weights'
     real_cfg = request.cfg_scale > 1.0
     prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
     negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
@@ -477,7 +477,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
            on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
     """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps; returns (B, 16, h, w)."""
     transformer = model.pipe.transformer
-    device, dtype = transformer.device, transformer.dtype
+    device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     b, _, h, w = noise.shape
     latents = pack(noise.to(device=device, dtype=dtype))
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)

@@ -167,7 +167,7 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     """Per-step conditioning (CLIP-L + CLIP-G + T5 context, the two pooled outputs); prompt editing works,
     emphasis and BREAK do not (a warning says so)."""
     pipe = model.pipe
-    device = pipe.transformer.device
+    device = pipe._execution_device  # under --medvram / --lowvram the offload hooks' device, not the weights'
     prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
     negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
     warnings: list[str] = []
@@ -202,7 +202,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
            on_step: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
     """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` flow-matching Euler steps with real CFG."""
     transformer = model.pipe.transformer
-    device, dtype = transformer.device, transformer.dtype
+    device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     latents = noise.to(device=device, dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     scheduler.set_timesteps(request.steps, device=device)
