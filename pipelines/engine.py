@@ -71,9 +71,9 @@ class Engine:
         self.paths = settings.paths
         #: Where a folder a user names (``outdir_*`` options, the Extras tab's input folder) must lie.
         self.roots = self.paths.allowed_roots()
-        self.options = options or Options(sd_checkpoint_cache=settings.checkpoint_cache)
         self.registry = ModelRegistry(self.paths)
         self.models = ModelManager(settings, self.registry)
+        self.options = options or Options(sd_checkpoint_cache=settings.checkpoint_cache)
         self.styles = StyleDatabase(self.paths.styles_file)
         self.embeddings = EmbeddingDatabase(self.paths.embeddings_dir)
         device = self.models.device
@@ -86,8 +86,10 @@ class Engine:
         self.scripts = ScriptRegistry()
         #: Scripts of the Script dropdown (X/Y/Z plot, prompt matrix, ...).
         self.selectable_scripts = SelectableScriptRegistry()
-        # One job on the GPU at a time, whoever sends it (UI, API, a script).
-        self._gpu = threading.Lock()
+        #: One job on this process's device at a time, whoever sends it (UI, API, a script): generation, a
+        #: training run, an evaluation's upscaling and measuring take it. Reentrant: a training run holding it
+        #: makes its sample images through :meth:`generate`.
+        self.device_lock = threading.RLock()
         #: Where ordinary jobs run instead of this process's device (an engine pool); None: here.
         self.executor: JobExecutor | None = None
 
@@ -99,6 +101,8 @@ class Engine:
     @options.setter
     def options(self, value: Options) -> None:
         self._options = value.bound_to(self.roots)
+        # Models a UI or API call loads outside a job (top bar, /options) are stored as the option says.
+        self.models.fp8_storage = value.fp8_storage
 
     def check_output_dirs(self, request: GenerationRequest, options: Options) -> None:
         """Before any model work: :class:`RequestError` naming the ``outdir_*`` option when a folder the job
@@ -222,10 +226,11 @@ class Engine:
             return script.run(plain, args, jobs, control)
         if self.executor is not None and not local:
             return self.executor.run(plan, control, options)
-        with self._gpu:
+        with self.device_lock:
             self.embeddings.refresh()  # picks up files added since the last job (a stat per file)
             try:
-                model = self.models.get(request.checkpoint, request.vae, request.additional_modules)
+                model = self.models.get(request.checkpoint, request.vae, request.additional_modules,
+                                        fp8_storage=options.fp8_storage)
                 notice = acceleration.prepare(model, options.unet_compile, acceleration.job_shapes(request, model),
                                               self.models.device.device)
                 ctx = JobContext(model=model, options=options, outputs_dir=self.paths.outputs_dir,
@@ -235,7 +240,8 @@ class Engine:
                                  scripts=list(plan.scripts), notice=notice or "",
                                  hires_checkpoint=plan.hires_checkpoint, refiner=plan.refiner,
                                  load_model=lambda title: self.models.get(title, request.vae,
-                                                                          request.additional_modules))
+                                                                          request.additional_modules,
+                                                                          fp8_storage=options.fp8_storage))
                 return run_job(request, ctx)
             except Exception as error:
                 if not is_out_of_memory(error):

@@ -381,7 +381,7 @@ def _family_inputs(request: GenerationRequest, model: LoadedModel) -> tuple[Gene
     """The request as the model's family runs it: its defaults for fields the caller left unset, its samplers
     and schedule types; a mode it cannot run yet is refused naming the field."""
     family = model.spec
-    update: dict[str, object] = {name: value for name, value in family.defaults.items()
+    update: dict[str, object] = {name: value for name, value in family.defaults_for(model.file.path).items()
                                  if name not in request.model_fields_set}
     warnings = []
     sampler = update.get("sampler_name", request.sampler_name)
@@ -457,6 +457,8 @@ def job_infotext_params(request: GenerationRequest, ctx: JobContext, model: Load
         extra["TI hashes"] = conditioning.ti_hashes
     if ctx.options.eta_noise_seed_delta:
         extra["ENSD"] = ctx.options.eta_noise_seed_delta
+    if model.fp8:
+        extra["FP8 weight"] = ctx.options.fp8_storage
     if restores_faces(request, ctx.options):
         extra["Face restoration"] = ctx.options.face_restoration_model
     return extra

@@ -11,7 +11,9 @@ import dataclasses
 import logging
 import re
 import threading
+import time
 from pathlib import Path
+from typing import Protocol
 
 from pipelines.engine import Engine
 from pipelines.models.manager import LoadedModel
@@ -26,6 +28,18 @@ from webui.pool import EnginePool, ModelInfo
 
 log = logging.getLogger("webui")
 _TITLE_HASH = re.compile(r" \[[0-9a-f]{8,64}\]$")
+#: How long a shutdown waits, at most, for the training and evaluation runs it stopped to end.
+SHUTDOWN_WAIT_S = 60.0
+
+
+class BackgroundRuns(Protocol):
+    """Runs that work in threads of their own (training runs, evaluation jobs), stopped on shutdown."""
+
+    def stop_all(self) -> None:
+        """Ask every run to stop; returns at once."""
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every run's thread to end; True when all have."""
 
 
 def _file_name(title: str) -> str:
@@ -102,6 +116,7 @@ class AppContext:
             self.queue = JobQueue(max_waiting=flags.queue_size)
         self.options_path = options_path
         self._lock = threading.Lock()
+        self._background: list[BackgroundRuns] = []
 
     @classmethod
     def create(cls, flags: Flags) -> AppContext:
@@ -137,8 +152,19 @@ class AppContext:
             return self.pool.model_of(result)
         return self.engine.models.current
 
-    def close(self) -> None:
-        """Stop the engine pool's replicas (nothing to do without one)."""
+    def add_background_runs(self, runs: BackgroundRuns) -> None:
+        """Have :meth:`close` stop ``runs`` (the training runs, the evaluation jobs) and wait for them."""
+        self._background.append(runs)
+
+    def close(self, timeout: float = SHUTDOWN_WAIT_S) -> None:
+        """Ask every training and evaluation run to stop, wait for them (``timeout`` seconds at most in all),
+        then stop the engine pool's replicas. A run still on the device when the process exits would abort it."""
+        for runs in self._background:
+            runs.stop_all()
+        deadline = time.monotonic() + timeout
+        for runs in self._background:
+            if not runs.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("a training or evaluation run did not stop within %.0f s of the shutdown", timeout)
         if self.pool is not None:
             self.pool.close()
 

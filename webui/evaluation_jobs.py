@@ -106,7 +106,6 @@ class EvaluationJob:
 
     id: str
     spec: EvaluationSpec
-    source: str
     control: JobControl = field(default_factory=JobControl)
     state: str = "queued"
     ticket: Ticket | None = None
@@ -167,14 +166,14 @@ class EvaluationJobs:
         self._jobs: dict[str, EvaluationJob] = {}
         self._ids = itertools.count(1)
 
-    def start(self, spec: EvaluationSpec, source: str = "api") -> EvaluationJob:
+    def start(self, spec: EvaluationSpec) -> EvaluationJob:
         """Check ``spec`` (RequestError naming the field), queue it and return the job at once."""
         spec = checked_spec(self._ctx, spec)
         number = next(self._ids)
         job_id = f"eval-{number}"
         if not spec.name:  # two runs started in the same second get folders of their own
             spec = spec.model_copy(update={"name": f"{datetime.now():%Y%m%d-%H%M%S}-{number}"})
-        job = EvaluationJob(job_id, spec, source)
+        job = EvaluationJob(job_id, spec)
         with self._lock:
             self._jobs[job_id] = job
             finished = [key for key, old in self._jobs.items() if old.finished.is_set()]
@@ -195,7 +194,7 @@ class EvaluationJobs:
 
         description = f"evaluation: {len(job.spec.candidates)} candidate(s)"
         try:
-            job.result = ctx.queue.run(run, source=job.source, description=description, control=job.control,
+            job.result = ctx.queue.run(run, source="evaluation", description=description, control=job.control,
                                        on_ticket=on_ticket)
             job.state = "interrupted" if job.result.interrupted else "done"
         except JobCancelled:
@@ -216,6 +215,20 @@ class EvaluationJobs:
         job.control.interrupt()
         if job.ticket is not None:
             self._ctx.queue.cancel(job.ticket)
+
+    def stop_all(self) -> None:
+        """Interrupt every job (on shutdown)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            self.interrupt(job)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds in all for every job to finish; True when every one has."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return all(job.finished.wait(max(0.0, deadline - time.monotonic())) for job in jobs)
 
 
 #: The states of a training run whose saves can be evaluated.
@@ -242,9 +255,9 @@ def training_run_spec(ctx: AppContext, run: TrainingRun) -> EvaluationSpec:
     return training_evaluation(run.settings, saves, ctx.engine.paths.model_dirs("lora"), dataset=dataset)
 
 
-def evaluate_training_run(ctx: AppContext, run: TrainingRun, source: str = "ui") -> EvaluationJob:
+def evaluate_training_run(ctx: AppContext, run: TrainingRun) -> EvaluationJob:
     """Queue "Evaluate this run" for ``run``; RunNotFinished, or RequestError naming the field."""
-    return evaluation_jobs(ctx).start(training_run_spec(ctx, run), source=source)
+    return evaluation_jobs(ctx).start(training_run_spec(ctx, run))
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[AppContext, EvaluationJobs] = weakref.WeakKeyDictionary()
@@ -257,4 +270,5 @@ def evaluation_jobs(ctx: AppContext) -> EvaluationJobs:
         jobs = _REGISTRIES.get(ctx)
         if jobs is None:
             jobs = _REGISTRIES[ctx] = EvaluationJobs(ctx)
+            ctx.add_background_runs(jobs)
         return jobs

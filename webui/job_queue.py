@@ -48,7 +48,7 @@ class Ticket:
     """A job waiting in, or running from, the queue."""
 
     id: int
-    source: str  # "ui" or "api"
+    source: str  # "ui", "api", "train" or "evaluation"
     description: str
     control: JobControl
     queued_at: float = field(default_factory=time.time)

@@ -1,7 +1,9 @@
 """Built-in extension: LoRA (``<lora:name:weight>`` in prompts), its browser, API routes and paste hook.
 
 Files in ``models/Lora`` and ``--lora-dir``: kohya / A1111, LyCORIS (LoCon) and diffusers / peft formats,
-for SD 1.x, SD 2.x and SDXL, as far as diffusers reads them. See ``network.py`` for the tag syntax.
+for SD 1.x, SD 2.x and SDXL, as far as diffusers reads them; for Flux.1 and SD 3.5 also kohya sd-scripts, ComfyUI,
+ai-toolkit and XLabs files (the family's ``lora_keys`` hook converts what diffusers does not read). See
+``network.py`` for the tag syntax.
 """
 
 from __future__ import annotations

@@ -27,8 +27,12 @@ EXTENSIONS = (".safetensors", ".pt")
 #: Parsed state dicts kept in memory, by total tensor bytes (the LoRAs of a job are never evicted mid-job).
 STATE_CACHE_BYTES = 2 << 30
 
-_BASE_MODELS = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sd_v2_768_v": "SD 2.x 768-v", "sdxl_base_v1-0": "SDXL"}
-_ARCHITECTURES = {"stable-diffusion-v1": "SD 1.x", "stable-diffusion-v2": "SD 2.x", "stable-diffusion-xl": "SDXL"}
+_BASE_MODELS = {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x", "sd_v2_768_v": "SD 2.x 768-v", "sdxl_base_v1-0": "SDXL",
+                "flux1": "Flux.1"}
+_ARCHITECTURES = {"stable-diffusion-v1": "SD 1.x", "stable-diffusion-v2": "SD 2.x", "stable-diffusion-xl": "SDXL",
+                  "stable-diffusion-3": "SD 3.5", "flux-1": "Flux.1"}
+#: Module names only a Flux.1 LoRA has: original blocks (kohya, ComfyUI, XLabs), diffusers' single blocks.
+_FLUX_NAMES = ("double_blocks", "single_blocks", "single_transformer_blocks")
 
 
 class LoraTagError(ValueError, LookupError):
@@ -62,7 +66,8 @@ class LoraFile:
 
     @property
     def base_model(self) -> str | None:
-        """"SD 1.x", "SD 2.x" or "SDXL" from the metadata or, failing that, from the key names; None if unknown."""
+        """"SD 1.x", "SD 2.x", "SDXL", "SD 3.5" or "Flux.1" from the metadata or, failing that, from the key names;
+        None if unknown."""
         base = self.metadata.get("ss_base_model_version")
         if isinstance(base, str) and base in _BASE_MODELS:
             return _BASE_MODELS[base]
@@ -70,9 +75,7 @@ class LoraFile:
         for prefix, label in _ARCHITECTURES.items():
             if architecture.startswith(prefix):
                 return label
-        if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in self.keys):
-            return "SDXL"
-        return None
+        return _base_model_of_keys(self.keys)
 
     @property
     def resolution(self) -> str | None:
@@ -85,6 +88,19 @@ class LoraFile:
         if len(numbers) == 2:
             return numbers[0] if numbers[0] == numbers[1] else f"{numbers[0]}x{numbers[1]}"
         return None
+
+
+def _base_model_of_keys(keys: Sequence[str]) -> str | None:
+    """The model family key names tell: Flux.1 and SD 3.5 by their transformer's modules (original or diffusers
+    names), SDXL by its second text encoder; None for SD 1.x / 2.x, which share their key names."""
+    if any(name in key for key in keys for name in _FLUX_NAMES):
+        return "Flux.1"
+    # A diffusers-layout transformer LoRA without Flux.1's single blocks is for SD 3.5's joint blocks.
+    if any("joint_blocks" in key or key.startswith("transformer.transformer_blocks.") for key in keys):
+        return "SD 3.5"
+    if any(key.startswith(("lora_te2_", "text_encoder_2.")) for key in keys):
+        return "SDXL"
+    return None
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:

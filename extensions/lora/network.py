@@ -3,8 +3,10 @@
 ``<lora:name>`` = weight 1; ``<lora:name:w>`` = w for the text encoder(s) and the UNet;
 ``<lora:name:te:unet>`` (or ``te=...``/``unet=...``) weighs them apart. Weight 0 turns a part off, negative
 weights work. diffusers' ``load_lora_weights`` reads kohya / A1111, LyCORIS (LoCon) and diffusers / peft key
-formats; ``set_adapters`` gives each part its weight. Deactivating deletes our adapters and, when no adapter
-is left, takes the LoRA layers out of the modules, so the model is exactly what it was before the job.
+formats, after the model family's ``lora_keys`` hook converted the layouts it does not read (Flux.1 and SD 3.5
+files from kohya sd-scripts or ComfyUI); ``set_adapters`` gives each part its weight. Deactivating deletes our
+adapters and, when no adapter is left, takes the LoRA layers out of the modules, so the model is exactly what it
+was before the job.
 """
 
 from __future__ import annotations
@@ -170,7 +172,11 @@ class LoraNetwork:
         family = getattr(getattr(model, "family", None), "name", "this")
         problem = (f"<lora:{use.mentioned}>: skipped, {use.file.path.name} does not fit the {family} model "
                    "(a LoRA for another base model?)")
+        # A family whose LoRAs are published in other key layouts (Flux.1, SD 3.5) converts them first.
+        convert = getattr(getattr(model, "spec", None), "lora_keys", None)
         try:
+            if convert is not None:
+                weights = convert(weights)
             with _quiet_adapter_loading():
                 pipe.load_lora_weights(weights, adapter_name=adapter)
         except (ValueError, KeyError, RuntimeError, IndexError) as error:

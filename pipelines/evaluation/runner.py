@@ -230,7 +230,8 @@ def run_evaluation(engine: Any, spec: EvaluationSpec, control: JobControl | None
         control.series_position(done, f"Evaluation: generating {candidate.name}, prompt {pi + 1}, seed {seed}")
         if spec.mode == "upscale":
             try:
-                image, infotext = _upscaled(engine, spec, candidate, prompts[pi], control)
+                with engine.device_lock:
+                    image, infotext = _upscaled(engine, spec, candidate, prompts[pi], control)
             except JobInterrupted:
                 interrupted = True
                 break
@@ -254,7 +255,8 @@ def run_evaluation(engine: Any, spec: EvaluationSpec, control: JobControl | None
     (folder / RUN_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if interrupted:
         return EvaluationResult(folder, None, interrupted=True, generation_seconds=generation_seconds)
-    result = score_run(folder, engine.paths, control, device=_device(engine))
+    with engine.device_lock:  # the metrics' networks run on the engine's device, never beside a generation
+        result = score_run(folder, engine.paths, control, device=_device(engine))
     result.generation_seconds = generation_seconds
     return result
 

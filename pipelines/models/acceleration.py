@@ -7,13 +7,21 @@ PyTorch's scaled-dot-product attention (flash / memory-efficient kernels).
 Opt-in (:func:`prepare`): ``torch.compile`` of the UNet with static shapes, which gives the fastest kernels
 but compiles once per (batch, size). Compiled graphs are kept per shape, so going back to a size used
 before does not compile again; the job's progress text says when a new size is being compiled.
+
+Opt-in, for memory (:func:`store_fp8`, the ``fp8_storage`` option): the denoiser's weights kept in float8 and
+cast layer by layer to the compute dtype while it runs (diffusers' layerwise casting, which leaves norms and
+embeddings in the compute dtype).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,36 @@ def apply_defaults(device: torch.device) -> None:
     """Process-wide settings that make sampling faster without changing the image beyond fp16 noise."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+#: The ``fp8_storage`` option's values (A1111's "FP8 weight").
+FP8_STORAGE_CHOICES = ("Disable", "Enable for SDXL", "Enable")
+
+
+def fp8_wanted(choice: str, family: str, device: torch.device) -> bool:
+    """Whether a model of ``family`` keeps its denoiser in fp8 under the ``fp8_storage`` option ``choice``.
+    Apple's MPS has no float8 type: there the option does nothing (with a warning)."""
+    if choice not in FP8_STORAGE_CHOICES:
+        raise ValueError(f"fp8_storage: {choice!r} is not one of {', '.join(FP8_STORAGE_CHOICES)}")
+    wanted = choice == "Enable" or (choice == "Enable for SDXL" and family == "sdxl")
+    if wanted and device.type == "mps":
+        log.warning("FP8 weight is on, but Apple MPS has no float8 type: the weights stay as they are")
+        return False
+    return wanted
+
+
+def store_fp8(denoiser: ModelMixin, compute_dtype: torch.dtype) -> None:
+    """Keep ``denoiser``'s Linear / Conv weights in float8 e4m3fn, upcast to ``compute_dtype`` per layer as it
+    runs. Not reversible in place (the rounding is lossy): the model is loaded again to undo it.
+
+    Each layer so stored also gets a ``compute_dtype`` attribute, the mark that peft reads for layers stored in
+    one dtype and run in another: a LoRA loaded later then keeps its own weights in the compute dtype instead of
+    being rounded to float8 with the layer's."""
+    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    for module in denoiser.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype == torch.float8_e4m3fn:
+            setattr(module, "compute_dtype", compute_dtype)  # noqa: B010 (a plain attribute, not a parameter)
 
 
 def compile_supported(device: torch.device) -> bool:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelines.models import families
-from pipelines.models.acceleration import apply_defaults
+from pipelines.models.acceleration import apply_defaults, fp8_wanted, store_fp8
 from pipelines.models.catalog import ModelFile, ModelRegistry
 from pipelines.models.checkpoints import ModelFamily, load_vae
 from pipelines.models.devices import DeviceConfig, device_config, free_memory, is_out_of_memory
@@ -56,6 +56,8 @@ class LoadedModel:
 
     #: The separate module files (text encoders, VAE) the checkpoint was loaded with (Forge's "VAE / Text Encoder").
     modules: tuple[ModelFile, ...] = ()
+    #: True when the denoiser's weights are stored in float8 (the ``fp8_storage`` option).
+    fp8: bool = False
 
     @property
     def spec(self) -> families.Family:
@@ -104,6 +106,8 @@ class ModelManager:
         self._vaes: dict[Path, torch.nn.Module] = {}
         self._lock = threading.RLock()
         self._active: str | None = None
+        #: The ``fp8_storage`` option used when a caller of :meth:`get` passes none (the engine keeps it current).
+        self.fp8_storage = "Disable"
 
     @property
     def current(self) -> LoadedModel | None:
@@ -134,22 +138,31 @@ class ModelManager:
         """The model file a request means; LookupError names what is available."""
         return self.registry.find_checkpoint(checkpoint or self.default_query())
 
-    def get(self, checkpoint: str | None = None, vae: str = "Automatic", modules: Sequence[str] = ()) -> LoadedModel:
+    def get(self, checkpoint: str | None = None, vae: str = "Automatic", modules: Sequence[str] = (),
+            fp8_storage: str | None = None) -> LoadedModel:
         """The loaded model for ``checkpoint`` with ``vae`` attached, on the device; loads it if needed.
 
         ``modules`` name separate text encoder / VAE files (``models/text_encoder``, ``models/VAE``) that complete
-        a checkpoint stored without them. A file that cannot be used raises :class:`ModelFileError` naming it
-        and why, with ``field`` ``checkpoint``, ``vae`` or ``additional_modules``; the models loaded before stay
-        usable."""
+        a checkpoint stored without them. ``fp8_storage`` (the option; None: :attr:`fp8_storage`) decides whether
+        the denoiser is kept in float8; a loaded model stored the other way is loaded again. A file that cannot
+        be used raises :class:`ModelFileError` naming it and why, with ``field`` ``checkpoint``, ``vae`` or
+        ``additional_modules``; the models loaded before stay usable."""
         file = self.resolve(checkpoint)
         vae_file = None if vae in ("Automatic", "", None, "None") else self.registry.find_vae(vae)
         module_files = tuple(self.registry.find_module(name) for name in modules)
         key = file.title if not module_files else " + ".join([file.title, *(m.title for m in module_files)])
+        choice = self.fp8_storage if fp8_storage is None else fp8_storage
         with self._lock:
             model = self._loaded.get(key)
+            if model is not None and model.fp8 != fp8_wanted(choice, model.family.name, self.device.device):
+                self._drop(key)
+                model = None
             if model is None:
                 with model_file_field("checkpoint"), _unusable_file(file.path):
                     model = self._load(file, module_files, key)
+                    if fp8_wanted(choice, model.family.name, self.device.device):
+                        store_fp8(model.unet, self.device.dtype)
+                        model.fp8 = True
             self._loaded.move_to_end(key)
             if self._active != key:
                 self._activate(model)
@@ -202,16 +215,20 @@ class ModelManager:
 
     def _make_room(self) -> None:
         while len(self._loaded) >= self.cache_size:
-            title, old = self._loaded.popitem(last=False)
-            log.info("Unloading %s", title)
-            if self._active == title:
-                self._active = None
-            if self.device.is_accelerator and old.pipe.device.type != "cpu":
-                # A running job may still hold it (the base while its refiner or hires checkpoint loads): off the
-                # device now, so that only the model being loaded takes device memory.
-                old.pipe.to("cpu")
-            del old
-            free_memory()
+            self._drop(next(iter(self._loaded)))
+
+    def _drop(self, key: str) -> None:
+        """Forget the loaded model under ``key``, freeing its device memory."""
+        old = self._loaded.pop(key)
+        log.info("Unloading %s", key)
+        if self._active == key:
+            self._active = None
+        if self.device.is_accelerator and old.pipe.device.type != "cpu":
+            # A running job may still hold it (the base while its refiner or hires checkpoint loads): off the
+            # device now, so that only the model being loaded takes device memory.
+            old.pipe.to("cpu")
+        del old
+        free_memory()
 
     def _activate(self, model: LoadedModel) -> None:
         # Park the others in RAM so that only one model takes device memory.

@@ -172,7 +172,7 @@ def tokenize_prompt(tokenizer, text: str, embeddings: _EmbeddingIndex | None = N
 
 
 class PromptEncoder:
-    """Encodes prompts with one or two CLIP text encoders (SD 1.x / SD 2.x, or SDXL).
+    """Encodes prompts with one or two CLIP text encoders (SD 1.x / SD 2.x, or SDXL and SD 3.5's CLIP part).
 
     ``penultimate`` selects SDXL's convention: clip skip 1 is the penultimate hidden state, with
     no final layer norm, and the pooled output of the last encoder (the one with a projection)
@@ -208,7 +208,7 @@ class PromptEncoder:
 
     @classmethod
     def from_pipeline(cls, pipe, embeddings: EmbeddingDatabase | None = None) -> PromptEncoder:
-        """Build from a loaded diffusers pipeline (SD 1.x, SD 2.x, SDXL base or refiner)."""
+        """Build from a loaded diffusers pipeline (SD 1.x, SD 2.x, SDXL base or refiner, SD 3.5's CLIP-L + G)."""
         is_sdxl = hasattr(pipe, "text_encoder_2")
         pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None), "clip_l")]
         if is_sdxl:
@@ -262,14 +262,16 @@ class PromptEncoder:
         """Encode an already chunked prompt; all chunks go through each encoder in one batch."""
         if not 1 <= clip_skip <= self.max_clip_skip():
             raise ValueError(f"clip_skip must be between 1 and {self.max_clip_skip()}, got {clip_skip}")
-        outputs, pooled = [], None
+        outputs, pooled = [], []
         for tokenizer, encoder, key in zip(self.tokenizers, self.text_encoders, self.embedding_keys, strict=True):
             hidden, encoder_pooled = self._run_encoder(tokenizer, encoder, key, prompt.chunks, clip_skip)
             outputs.append(_apply_emphasis(hidden, prompt.chunks))
             if encoder_pooled is not None:
-                pooled = encoder_pooled[:1]  # A1111 takes the pooled output of the first chunk
+                pooled.append(encoder_pooled[:1])  # A1111 takes the pooled output of the first chunk
         embeds = torch.cat(outputs, dim=-1)  # (chunks, 77, D)
-        return embeds.reshape(1, -1, embeds.shape[-1]), pooled
+        # The projected pooled outputs side by side: CLIP-G's alone for SDXL (its CLIP-L has no projection),
+        # CLIP-L's then CLIP-G's for SD 3.5.
+        return embeds.reshape(1, -1, embeds.shape[-1]), torch.cat(pooled, dim=-1) if pooled else None
 
     def _run_encoder(self, tokenizer, encoder, key: str, chunks: list[PromptChunk], clip_skip: int):
         device = get_module_execution_device(encoder)

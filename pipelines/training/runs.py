@@ -1,10 +1,13 @@
 """Training runs as jobs: each run is started in a background thread through a job runner (the app's queue),
-and can be watched (step, it/s, ETA, losses, samples) and stopped by its id."""
+and can be watched (step, it/s, ETA, losses, samples) and stopped by its id. When the app shuts down, every run
+is asked to stop (:meth:`TrainingRuns.stop_all`) and waited for (:meth:`TrainingRuns.wait`), so that no run is
+still on the device when the process exits."""
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,9 @@ class TrainingRuns:
         run = TrainingRun(f"train-{next(self._ids)}", settings)
 
         def job(control: JobControl) -> None:
+            if control.interrupted:  # stopped while it waited for its turn: nothing to train or save
+                run.status = "stopped"
+                return
             run.status = "running"
 
             def on_step(state: TrainingState) -> None:
@@ -75,6 +81,20 @@ class TrainingRuns:
     def all(self) -> list[TrainingRun]:
         with self._lock:
             return list(self._runs.values())
+
+    def stop_all(self) -> None:
+        """Ask every run to stop: a running one saves its resumable state at the step reached and ends, a
+        waiting one ends when its turn comes without training."""
+        for run in self.all():
+            run.stop()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds in all for the runs' threads to end; True when every one has."""
+        deadline = time.monotonic() + timeout
+        for run in self.all():
+            if run.thread is not None:
+                run.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(run.thread is not None and run.thread.is_alive() for run in self.all())
 
 
 def _bind(control: JobControl, run: TrainingRun) -> JobControl:

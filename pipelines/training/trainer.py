@@ -161,16 +161,19 @@ class _Run:
         self.batches_per_epoch = self._epoch_batches(0).__len__()
         total = s.steps or s.epochs * math.ceil(self.batches_per_epoch / s.gradient_accumulation)
         self.state.total_steps = total
-        model = self.engine.models.get(s.checkpoint)
-        self.model = model
-        self.method: _Method = _FineTune(self) if s.method == "fine-tune" else _Lora(self)
-        self.method.check()
-        device = next(model.unet.parameters()).device
-        self.device = device
-        if s.optimizer == "AdamW8bit" and device.type != "cuda":
-            raise ValueError("optimizer: AdamW8bit needs a CUDA device; allowed here: AdamW")
-        with self._prepared(model) as params:
-            return self._train(model, params, total)
+        # The model is changed (trainable layers, gradients) until the run ends: no generation may use it or
+        # the device meanwhile, so the whole run holds the engine's device lock.
+        with self.engine.device_lock:
+            model = self.engine.models.get(s.checkpoint)
+            self.model = model
+            self.method: _Method = _FineTune(self) if s.method == "fine-tune" else _Lora(self)
+            self.method.check()
+            device = next(model.unet.parameters()).device
+            self.device = device
+            if s.optimizer == "AdamW8bit" and device.type != "cuda":
+                raise ValueError("optimizer: AdamW8bit needs a CUDA device; allowed here: AdamW")
+            with self._prepared(model) as params:
+                return self._train(model, params, total)
 
     @contextmanager
     def _prepared(self, model: LoadedModel) -> Iterator[list[dict[str, Any]]]:

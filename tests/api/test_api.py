@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
-from tests.fixtures.api_helpers import ApiServer, b64_image, b64_png, decode_png
+from tests.fixtures.api_helpers import ApiServer, b64_image, b64_png, decode_png, server_fixtures
 from tests.fixtures.pictures import half_mask, picture
 from tests.helpers import SD15, SD15_DIFFUSERS, SD21, payload
 
@@ -46,21 +46,7 @@ def api_engine(engine_factory):
     return engine_factory(checkpoint_cache=4)
 
 
-@pytest.fixture(scope="module")
-def server(api_engine):
-    server = ApiServer(api_engine, api_engine.paths.data_dir).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def url(server):
-    return server.url + "/sdapi/v1"
-
-
-@pytest.fixture()
-def client(server):
-    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
+server, url, client = server_fixtures()
 
 
 def post(url: str, route: str, body: dict, **kw) -> requests.Response:

@@ -15,11 +15,10 @@ import time
 
 import pytest
 import requests
-import webuiapi
 
 from pipelines.images.infotext import parse_infotext
 from pipelines.images.saving import read_infotext
-from tests.fixtures.api_helpers import ApiServer
+from tests.fixtures.api_helpers import server_fixtures
 from tests.helpers import SD15, payload
 
 TIMEOUT = 120
@@ -30,21 +29,7 @@ def api_engine(engine_factory):
     return engine_factory()
 
 
-@pytest.fixture(scope="module")
-def server(api_engine):
-    server = ApiServer(api_engine, api_engine.paths.data_dir).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def url(server):
-    return server.url + "/sdapi/v1"
-
-
-@pytest.fixture()
-def client(server):
-    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
+server, url, client = server_fixtures()
 
 
 def post(url: str, route: str, body: dict) -> requests.Response:

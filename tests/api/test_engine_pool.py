@@ -36,7 +36,7 @@ from tests.api.test_api import (  # noqa: E402,F401  (run again here, on the poo
     test_webuiapi_img2img_inpaint_keeps_the_unmasked_half,
     test_webuiapi_txt2img_returns_images_with_infotext_and_full_info,
 )
-from tests.fixtures.api_helpers import ApiServer, decode_png  # noqa: E402
+from tests.fixtures.api_helpers import ApiServer, decode_png, server_fixtures  # noqa: E402
 from tests.helpers import SD15, SD21, SDXL, txt2img  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -227,23 +227,7 @@ def api_engine(engine_factory, replicas):
     return engine
 
 
-@pytest.fixture(scope="module")
-def server(api_engine):
-    server = ApiServer(api_engine, api_engine.paths.data_dir, pool=api_engine.executor).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def url(server):
-    return server.url + "/sdapi/v1"
-
-
-@pytest.fixture()
-def client(server):
-    import webuiapi
-
-    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
+server, url, client = server_fixtures(pool=True)
 
 
 def test_the_queue_line_names_the_replica_and_two_jobs_run_at_once(server, api_engine):

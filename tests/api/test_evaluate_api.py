@@ -5,6 +5,7 @@ fields and folders outside the allowed ones are 422 naming the field; interrupt 
 from __future__ import annotations
 
 import csv
+import threading
 import time
 
 import pytest
@@ -152,3 +153,43 @@ def test_interrupt_stops_a_run(server, route):
     # the queue is free again: another job runs
     follow = requests.post(f"{server.url}/sdapi/v1/evaluate", json=body(metrics=["ssim"]), timeout=TIMEOUT)
     assert wait(server.url, follow.json()["id"])["state"] == "done"
+
+
+def test_the_measuring_holds_the_device_and_the_queue_line_names_the_run(server, monkeypatch):
+    from pipelines.evaluation import runner
+    from webui.ui.jobs import queue_status_html
+
+    lock, seen = server.ctx.engine.device_lock, {}
+
+    def free_for_others() -> None:
+        seen["free"] = lock.acquire(blocking=False)
+        if seen["free"]:
+            lock.release()
+
+    def score_run(*args, **kwargs):
+        probe = threading.Thread(target=free_for_others)
+        probe.start()
+        probe.join()
+        seen["line"] = queue_status_html(server.ctx, [])
+        return original(*args, **kwargs)
+
+    original = runner.score_run
+    monkeypatch.setattr(runner, "score_run", score_run)
+    job_id = requests.post(f"{server.url}/sdapi/v1/evaluate", json=body(metrics=["ssim"]), timeout=TIMEOUT).json()["id"]
+    assert wait(server.url, job_id)["state"] == "done"
+    assert seen["free"] is False  # a generation from another thread would have waited
+    assert "An evaluation run is running" in seen["line"], seen["line"]
+
+
+def test_a_shutdown_interrupts_a_running_evaluation_and_waits_for_it(server):
+    from webui.evaluation_jobs import evaluation_jobs
+
+    many = body(prompt_set="built-in", seeds=[1, 2, 3], metrics=["clip_score"])
+    job_id = requests.post(f"{server.url}/sdapi/v1/evaluate", json=many, timeout=TIMEOUT).json()["id"]
+    job = evaluation_jobs(server.ctx).get(job_id)
+    deadline = time.monotonic() + 120
+    while job.state == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.ctx.close(timeout=120)
+    assert job.finished.is_set() and job.state == "interrupted"

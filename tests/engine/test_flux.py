@@ -209,3 +209,15 @@ def test_t5_reads_plain_text():
     assert flux._plain_text("a photo of a cat") == ("a photo of a cat", False)
     assert flux._plain_text("a (red:1.3) fox BREAK snow") == ("a red fox snow", True)
     assert flux._plain_text(r"a \(b\)") == ("a (b)", False)
+
+
+def test_schnell_runs_its_few_steps_when_the_request_names_none(flux_engine, flux_models):
+    assert flux.is_schnell(flux_models[1]["schnell-unet"]) and not flux.is_schnell(flux_models[1]["dev-single"])
+    assert not flux.is_schnell(flux_models[1]["dev-diffusers"])
+    fields = {"prompt": "a photo of a cat", "seed": 5, "width": 64, "height": 64, "save_images": False}
+    schnell = flux_engine.generate(GenerationRequest(**fields, checkpoint="tiny-flux-schnell",
+                                                     additional_modules=SPLIT_MODULES))
+    assert parse_infotext(schnell.infotexts[0])["Steps"] == flux.SCHNELL_STEPS
+    asked = flux_engine.generate(GenerationRequest(**fields, steps=2, checkpoint="tiny-flux-schnell",
+                                                   additional_modules=SPLIT_MODULES))
+    assert parse_infotext(asked.infotexts[0])["Steps"] == 2  # a request's own steps win

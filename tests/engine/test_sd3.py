@@ -103,3 +103,28 @@ def test_lora_in_peft_format_equals_diffusers(sd3_models, tmp_path_factory):
     assert _max_diff(result.images, theirs) <= 1
     plain = _reference(True, paths["t5_tokenizer"], [9])
     assert _max_diff(result.images, plain) > 0
+
+
+def test_our_prompt_language_shapes_the_clip_part(sd3_engine):
+    from pipelines.models.families import sd3
+
+    def image(prompt: str, **fields):
+        result = sd3_engine.generate(_request(checkpoint="tiny-sd35-diffusers", prompt=prompt, **fields))
+        return result.images, result.warnings
+
+    plain, plain_warnings = image("a photo of a cat")
+    weighted, warnings = image("a photo of a (cat:1.4)")
+    same, _ = image("a photo of a (cat:1.0)")
+    broken, _ = image("a photo BREAK of a cat")
+    assert _max_diff(same, plain) == 0 and not plain_warnings
+    assert _max_diff(weighted, plain) > 0 and _max_diff(broken, plain) > 0
+    assert any("T5 reads the plain text" in warning for warning in warnings)
+    # Past 75 CLIP tokens a second chunk carries the rest (diffusers would cut it off).
+    long = "a photo of a cat, " * 19
+    first, _ = image(long + "red")
+    second, _ = image(long + "blue")
+    assert _max_diff(first, second) > 0
+    model = sd3_engine.models.get("tiny-sd35-diffusers")
+    conditioning, _ = sd3.encode(model, [long + "red"], [""], 3, _request())
+    segment = conditioning.at_step(0)
+    assert segment.cond.shape[1] == 2 * 77 + sd3.MAX_SEQUENCE_LENGTH == segment.uncond.shape[1]

@@ -80,3 +80,28 @@ def fill_number(page, elem_id: str, value: float) -> None:
         if box.input_value() == text:
             break
     expect(box).to_have_value(text)
+
+
+def paint_stroke_and_generate(page, canvas, across: tuple[float, float], settle_ms: int) -> str:
+    """Paint one stroke down ``canvas`` (an img2img mask editor) from 30 % to 70 % of its height, across
+    ``across`` (fractions of its width), press Generate, and return the infotext under the image.
+
+    On a busy machine the editor may still be setting up when the first stroke comes (``settle_ms`` is the wait
+    before each); the app then answers that nothing was painted, as it would a user, and the stroke is drawn again.
+    """
+    for _attempt in range(3):
+        page.wait_for_timeout(settle_ms)
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * across[0], box["y"] + box["height"] * 0.3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * across[1], box["y"] + box["height"] * 0.7, steps=10)
+        page.mouse.up()
+        page.locator("#img2img_generate").click()
+        page.wait_for_function("""() => {
+            const log = document.getElementById('html_log_img2img').innerText;
+            const info = document.getElementById('html_info_img2img').innerText;
+            return log.includes('paint over the part') || info.includes('Mask blur');
+        }""", timeout=90_000)
+        if "Mask blur" in page.locator("#html_info_img2img").inner_text():
+            break
+    return page.locator("#html_info_img2img").inner_text()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines.images.saving import read_infotext
 from pipelines.request import GenerationRequest
-from tests.ui.helpers import fill_number, screenshot, start_ui_server
+from tests.ui.helpers import fill_number, paint_stroke_and_generate, screenshot, start_ui_server
 
 pytestmark = pytest.mark.browser
 
@@ -114,24 +114,7 @@ def test_txt2img_img2img_and_png_info_round_trip(page, ui_server, clip_skip_rest
     page.locator("#img2img_send_to_inpaint").click()
     canvas = page.locator("#img2maskimg canvas").first
     canvas.wait_for()
-    # On a busy machine the editor may still be setting up when the first stroke comes; the app then
-    # answers that no mask was painted (as it would a user), and the stroke is drawn again.
-    for _attempt in range(3):
-        page.wait_for_timeout(500)
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=10)
-        page.mouse.up()
-        page.locator("#img2img_generate").click()
-        page.wait_for_function("""() => {
-            const log = document.getElementById('html_log_img2img').innerText;
-            const info = document.getElementById('html_info_img2img').innerText;
-            return log.includes('paint over the part') || info.includes('Mask blur');
-        }""", timeout=90_000)
-        if "Mask blur" in page.locator("#html_info_img2img").inner_text():
-            break
-    info3 = page.locator("#html_info_img2img").inner_text()
+    info3 = paint_stroke_and_generate(page, canvas, across=(0.5, 0.6), settle_ms=500)
     screenshot(page, "03b-inpaint-drawn")
     assert "Mask blur: 4" in info3, info3
 
@@ -460,7 +443,7 @@ def test_queue_status_shows_an_api_job_while_it_runs(page, ui_server):
     holder.start()
     try:
         page.wait_for_function(
-            f"() => document.querySelector('{QUEUE_STATUS}').innerText.includes('API job running: step 3/20')",
+            f"() => document.querySelector('{QUEUE_STATUS}').innerText.includes('An API job is running: step 3/20')",
             timeout=15_000)
         screenshot(page, "12-api-job-running")
     finally:

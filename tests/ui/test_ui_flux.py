@@ -38,3 +38,15 @@ def test_flux_controls_and_split_files(page):
     page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
     info = generate_and_wait(page, "txt2img")
     assert "Sampler: Euler" in info and "CFG scale: 1" in info
+
+
+def test_schnell_sets_its_few_steps_and_the_negative_prompt_says_when_it_counts(page):
+    steps = page.locator("#txt2img_steps input[type=number]")
+    negative = page.locator("#txt2img_neg_prompt textarea")
+    choose_checkpoint(page, "tiny-flux-schnell.safetensors")
+    page.wait_for_function("() => document.querySelector('#txt2img_steps input[type=number]').value === '4'")
+    assert "only with CFG scale above 1" in negative.get_attribute("placeholder")
+    choose_checkpoint(page, "tiny-flux-dev.safetensors")  # dev has no steps of its own: the tab's default again
+    page.wait_for_function("() => document.querySelector('#txt2img_steps input[type=number]').value === '3'")
+    assert steps.input_value() == "3"
+    assert "only with CFG scale above 1" in negative.get_attribute("placeholder")

@@ -13,7 +13,7 @@ from PIL import Image
 from pipelines.images.ops import resize_image
 from pipelines.images.saving import read_infotext
 from tests.fixtures.pictures import picture
-from tests.ui.helpers import fill_number, screenshot
+from tests.ui.helpers import fill_number, paint_stroke_and_generate, screenshot
 from tests.ui.test_ui import TINY, choose_checkpoint, generate_and_wait
 
 pytestmark = pytest.mark.browser
@@ -67,24 +67,7 @@ def test_inpaint_sketch_paints_the_mask_and_the_colours(page, ui_server, tmp_pat
     canvas = page.locator("#inpaint_sketch canvas").first
     canvas.wait_for()
     fill_number(page, "img2img_mask_blur", 0)
-    # On a busy machine the editor may still be setting up when the first stroke comes; the app then answers
-    # that nothing was painted (as it would a user), and the stroke is drawn again.
-    for _attempt in range(3):
-        page.wait_for_timeout(800)
-        box = canvas.bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.3)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.7, steps=10)
-        page.mouse.up()
-        page.locator("#img2img_generate").click()
-        page.wait_for_function("""() => {
-            const log = document.getElementById('html_log_img2img').innerText;
-            const info = document.getElementById('html_info_img2img').innerText;
-            return log.includes('paint over the part') || info.includes('Mask blur');
-        }""", timeout=90_000)
-        if "Mask blur" in page.locator("#html_info_img2img").inner_text():
-            break
-    info = page.locator("#html_info_img2img").inner_text()
+    info = paint_stroke_and_generate(page, canvas, across=(0.45, 0.55), settle_ms=800)
     screenshot(page, "img2img-inpaint-sketch")
     assert "Mask blur: 0" in info, info
     files = sorted((ui_server.data_dir / "outputs" / "img2img-images").rglob("*.png"), key=lambda p: p.stat().st_mtime)

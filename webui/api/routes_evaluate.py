@@ -75,7 +75,7 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
     @api.post("/sdapi/v1/evaluate", response_model=EvaluateStarted)
     def evaluate(body: EvaluationSpec) -> dict:
         """Queue an evaluation (candidates x prompts x seeds, then the metrics); answers its id at once."""
-        job = jobs.start(body, source="api")
+        job = jobs.start(body)
         return {"id": job.id, "state": job.state}
 
     @api.get("/sdapi/v1/evaluate/{job_id}", response_model=EvaluateStatus, responses=UNKNOWN_JOB)
@@ -100,7 +100,7 @@ def router(ctx: AppContext, route_class: type) -> APIRouter:
         if run is None:
             raise HTTPException(404, f"id: no training run {run_id!r}")
         try:
-            job = evaluate_training_run(ctx, run, source="api")
+            job = evaluate_training_run(ctx, run)
         except RunNotFinished as error:
             raise StateConflict("RunNotFinished", str(error)) from None
         return {"id": job.id, "state": job.state}

@@ -35,6 +35,7 @@ def training_runs(ctx: AppContext) -> TrainingRuns:
     if ctx not in _RUNS:
         _RUNS[ctx] = TrainingRuns(ctx.engine, lambda job, description: ctx.queue.run(
             job, source="train", description=description))
+        ctx.add_background_runs(_RUNS[ctx])
     return _RUNS[ctx]
 
 

@@ -179,7 +179,7 @@ def build_evaluate(ctx: AppContext) -> EvaluateTab:
                                   metrics=wanted or [], reference_dir=(references or "").strip() or None,
                                   sampler_name=sampler_name, steps=int(n_steps or 0), width=int(w or 0),
                                   height=int(h or 0))
-            job = jobs.start(spec, source="ui")
+            job = jobs.start(spec)
         except (ValueError, RequestError) as error:  # ValidationError is a ValueError
             raise gr.Error(describe_error(error)) from None
         yield job.id, progress_html(0.0, "Queued"), gr.skip(), "", gr.skip(), gr.skip()

@@ -18,7 +18,7 @@ from webui.job_queue import JobCancelled
 from webui.ui.controls import GenerationControls
 from webui.ui.jobs import CustomJob, Session, run_job
 from webui.ui.output import OutputPanel, gallery_entries, infotext_html
-from webui.ui.prompts import PromptArea
+from webui.ui.prompts import NEGATIVE_PLACEHOLDER, PromptArea
 from webui.ui.topbar import TopBar, checkpoint_family
 
 #: Builds the tab's request from the common fields and the values of the tab's extra inputs (or a job of the
@@ -142,7 +142,7 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
             raise gr.Error("No image yet: generate one first, then reuse its seed.")
         return seeds[min(session.selected, len(seeds) - 1)]
 
-    _wire_family_controls(ctx, topbar, controls)
+    _wire_family_controls(ctx, topbar, area, controls)
 
     controls.reuse_seed.click(lambda s: reuse(s, s.seeds), inputs=[panel.session],
                               outputs=[controls.fields["seed"]], show_progress="hidden")
@@ -150,20 +150,32 @@ def wire_generation(ctx: AppContext, topbar: TopBar, area: PromptArea, controls:
                                  outputs=[controls.fields["subseed"]], show_progress="hidden")
 
 
-def _wire_family_controls(ctx: AppContext, topbar: TopBar, controls: GenerationControls) -> None:
-    """Choosing a checkpoint of a family with its own defaults (Flux.1: Euler, Simple, CFG scale 1) sets them in
-    the tab, and shows the controls only that family uses (Distilled CFG Scale)."""
-    targets = [controls.fields[name] for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
-               if name in controls.fields]
-    if len(targets) < 4:
+def _wire_family_controls(ctx: AppContext, topbar: TopBar, area: PromptArea, controls: GenerationControls) -> None:
+    """Choosing a checkpoint of a family with its own defaults (Flux.1: Euler, Simple, CFG scale 1; schnell: 4
+    steps) sets them in the tab, shows the controls only that family uses (Distilled CFG Scale), and notes in the
+    negative prompt box when the family reads it only sometimes. Steps a family set go back to the tab's default
+    when a checkpoint without such a default is chosen."""
+    names = ("sampler_name", "scheduler", "cfg_scale")
+    if not all(name in controls.fields for name in (*names, "steps", "distilled_cfg_scale")):
         return
+    steps = controls.fields["steps"]
+    tab_steps = steps.value
+    steps_from_family = gr.State(False)
 
-    def follow(title: str | None) -> list:
+    def follow(title: str | None, family_set_steps: bool) -> list:
         family = checkpoint_family(ctx, title)
-        defaults = family.defaults if family is not None else {}
-        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update()
-                   for name in ("sampler_name", "scheduler", "cfg_scale")]
-        return [*updates, gr.update(visible=family is not None and family.infotext_fields is not None)]
+        defaults = family.defaults_for(ctx.engine.registry.find_checkpoint(title).path) if family else {}
+        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update() for name in names]
+        if "steps" in defaults:
+            steps_update = gr.update(value=defaults["steps"])
+        else:
+            steps_update = gr.update(value=tab_steps) if family_set_steps else gr.update()
+        note = family.negative_prompt_note if family is not None else None
+        return [*updates, steps_update, "steps" in defaults,
+                gr.update(visible=family is not None and family.infotext_fields is not None),
+                gr.update(placeholder=note or NEGATIVE_PLACEHOLDER)]
 
-    topbar.checkpoint.change(follow, inputs=[topbar.checkpoint], outputs=targets, show_progress="hidden",
-                             queue=False)
+    targets = [*(controls.fields[name] for name in names), steps, steps_from_family,
+               controls.fields["distilled_cfg_scale"], area.negative_prompt]
+    topbar.checkpoint.change(follow, inputs=[topbar.checkpoint, steps_from_family], outputs=targets,
+                             show_progress="hidden", queue=False)

@@ -92,6 +92,15 @@ def progress_html(fraction: float, text: str) -> str:
             f'<span class="sdui-progress-text">{html.escape(text)}</span></div>')
 
 
+#: How the queue lines name a running job that is not this browser's, by the source it was queued with.
+JOB_NAMES = {"api": "an API job", "train": "a training run", "evaluation": "an evaluation run"}
+
+
+def job_name(ticket: Ticket) -> str:
+    """"an API job", "a training run", "an evaluation run", or "another job" (another browser's)."""
+    return JOB_NAMES.get(ticket.source, "another job")
+
+
 def queue_status_html(ctx: AppContext, own: Iterable[Session]) -> str:
     """The line above the tabs about the running job when it is not one of ``own`` (an API job, another
     browser's job, with its step and how many wait); empty when nothing runs. Cheap enough for a timer."""
@@ -99,7 +108,8 @@ def queue_status_html(ctx: AppContext, own: Iterable[Session]) -> str:
     if running is None or any(session.ticket is running for session in own):
         return ""
     progress = running.control.progress
-    text = "API job running" if running.source == "api" else "Another job running"
+    name = job_name(running)
+    text = f"{name[0].upper()}{name[1:]} is running"
     if progress.sampling_steps:
         text += f": step {progress.sampling_step}/{progress.sampling_steps}"
         if progress.job_count > 1:
@@ -119,7 +129,7 @@ def _describe(ctx: AppContext, ticket: Ticket | None) -> tuple[float, str, Image
     position = ctx.queue.position(ticket)
     if position > 0:
         running = ctx.queue.running
-        who = f" (an {running.source.upper()} job is running)" if running and running.source != "ui" else ""
+        who = f" ({job_name(running)} is running)" if running and running.source != "ui" else ""
         return 0.0, f"In queue: position {position}{who}", None
     progress = ticket.control.progress
     if not progress.sampling_steps:

@@ -13,6 +13,9 @@ from webui.ui.fields import description
 from webui.ui.tokens import TokenCounter
 from webui.ui.ui_config import UiDefaults
 
+#: The negative prompt box's placeholder (a model family may show a note there instead).
+NEGATIVE_PLACEHOLDER = "Negative prompt (press Ctrl+Enter to generate)"
+
 
 @dataclass
 class PromptArea:
@@ -49,7 +52,7 @@ def build_prompt_area(ctx: AppContext, tab: str, defaults: UiDefaults, counter: 
                 negative = defaults.register(f"{tab}/Negative prompt/value", gr.Textbox(
                     label="Negative prompt", lines=2, max_lines=12, elem_id=f"{tab}_neg_prompt", scale=8,
                     value=defaults.value(f"{tab}/Negative prompt/value", ""),
-                    placeholder="Negative prompt (press Ctrl+Enter to generate)", elem_classes="sdui-prompt"))
+                    placeholder=NEGATIVE_PLACEHOLDER, elem_classes="sdui-prompt"))
                 negative_tokens = gr.HTML(counter.html(""), elem_id=f"{tab}_negative_token_counter",
                                           elem_classes="sdui-token-box", min_width=60, scale=0)
         with gr.Column(scale=2, min_width=240):

@@ -28,7 +28,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Upscaling", ("upscaler_*",)),
     ("Face restoration", ("face_restoration*", "code_former_weight", "save_images_before_face_restoration")),
     ("Live previews", ("show_progress_*",)),
-    ("Models and speed", ("sd_checkpoint_cache", "unet_compile", "step_cache_interval", "default_model_url")),
+    ("Models and speed", ("sd_checkpoint_cache", "unet_compile", "fp8_storage", "step_cache_interval",
+                          "default_model_url")),
     ("User interface", ("default_sampler",)),
 )
 

@@ -166,7 +166,7 @@ def evaluate_run(ctx: AppContext, current: str | None) -> None:
     if run is None:
         raise gr.Error("Evaluate this run: no training run started from this page")
     try:
-        job = evaluate_training_run(ctx, run, source="ui")
+        job = evaluate_training_run(ctx, run)
     except (ValueError, LookupError) as error:
         raise gr.Error(f"Evaluate this run: {error}") from None
     gr.Info(f"Evaluation {job.id} queued: {', '.join(c.name for c in job.spec.candidates)}; results in the "

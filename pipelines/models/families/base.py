@@ -48,11 +48,20 @@ class Family:
     schedules: tuple[str, ...] = ()
     #: Request fields (API names) and the values this family uses when a request leaves them unset.
     defaults: Mapping[str, object] = field(default_factory=dict)
-    #: Whether the negative prompt does anything (it does not without real CFG on a guidance-distilled model).
-    uses_negative_prompt: bool = True
+    #: ``variant_defaults(path) -> {field: value}``: one model file's defaults beyond :attr:`defaults`, read
+    #: cheaply from it (Flux.1 schnell, distilled to few steps: 4 steps); None: :attr:`defaults` for every file.
+    variant_defaults: Callable[[Path], Mapping[str, object]] | None = None
+    #: Shown in the negative prompt box for models that read it only sometimes (Flux.1: with real CFG only);
+    #: None: the family always uses the negative prompt.
+    negative_prompt_note: str | None = None
     #: ``lora_keys(state_dict) -> state_dict`` in the layout diffusers' LoRA loader reads; None: as is.
     lora_keys: Callable[[dict], dict] | None = None
     #: ``infotext_fields(request, model) -> {request field: value}`` written beyond the common ones.
     infotext_fields: Callable[[Any, Any], dict[str, object]] | None = None
     #: True for families whose denoiser is a UNet (ControlNet, step caching, hires' latent checks apply).
     unet: bool = True
+
+    def defaults_for(self, path: Path) -> dict[str, object]:
+        """The request defaults of the model file or folder at ``path``: the family's, then its variant's."""
+        extra = self.variant_defaults(Path(path)) if self.variant_defaults is not None else {}
+        return {**self.defaults, **extra}

@@ -36,6 +36,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from pipelines.job_control import JobStopped
+from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import (
     CONFIGS_DIR,
     TOKENIZER_FILES_DIR,
@@ -45,7 +46,9 @@ from pipelines.models.checkpoints import (
     _require_complete,
     read_state_dict,
 )
+from pipelines.models.families import split_files
 from pipelines.models.families.base import Family
+from pipelines.models.weights import read_safetensors_header
 from pipelines.prompts.encoding import Conditioning, StepConditioning
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
 
@@ -349,31 +352,21 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TOKENIZER_FILES_DIR, local_files_only=True, model_max_length=77)
 
 
-def _missing(component: str, path: Path, search: dict[str, Sequence[Path]]) -> ValueError:
-    what, example, kind = _COMPONENTS[component]
-    folders = ", ".join(str(folder) for folder in search.get(kind, ())) or f"models/{kind}"
-    return ValueError(
-        f"{path} is a Flux.1 model without its {what}: put a file like {example} into {folders} and choose it in "
-        f"the top bar's \"VAE / Text Encoder\" list (request field additional_modules)")
+def _module_parts(module: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, weights) of an additional module file: ``clip_l``, ``t5xxl`` or ``vae``, prefixes removed."""
+    weights = {key: value for part in split_components(read_state_dict(module)).values() for key, value in part.items()}
+    kind = module_kind(list(weights))
+    if kind is None:
+        raise ValueError(f"{module} is none of a Flux.1 model's modules (CLIP-L, T5-XXL text encoder, VAE)")
+    return kind, weights
 
 
 def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
     search = search or {}
-    parts = split_components(read_state_dict(path))
-    sources = dict.fromkeys(parts, path)
-    for module in modules:
-        module_parts = split_components(read_state_dict(module))
-        kind = module_kind([key for part in module_parts.values() for key in part]) if module_parts else None
-        if kind is None:
-            raise ValueError(f"{module} is none of a Flux.1 model's modules (CLIP-L, T5-XXL text encoder, VAE)")
-        parts[kind] = {key: value for part in module_parts.values() for key, value in part.items()}
-        sources[kind] = module
-    if _FLUX_KEY not in parts["transformer"]:
-        raise ValueError(f"{path}: no Flux.1 transformer weights ({_FLUX_KEY})")
-    for component in ("clip_l", "t5xxl", "vae"):
-        if not parts[component]:
-            raise _missing(component, path, search)
+    parts, sources, _ = split_files.read_components(path, modules, split_components, _module_parts)
+    split_files.require_components(parts, path, label="Flux.1", transformer_key=_FLUX_KEY, required=_COMPONENTS,
+                                   search=search)
     transformer = _load_transformer(parts.pop("transformer"), torch_dtype, path)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(_read_json(
@@ -391,11 +384,8 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
 def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
          search: dict[str, Sequence[Path]] | None = None) -> tuple[FluxPipeline, ModelFamily]:
     """A Flux.1 model from a diffusers folder, one file, or a transformer file plus ``modules``."""
-    path = Path(path)
-    if path.is_dir():
-        pipe = FluxPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        return pipe, ModelFamily("flux", False, "flow", path)
-    return _load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+    return split_files.load_folder_or_file(path, FluxPipeline, "flux", _load_file, torch_dtype=torch_dtype,
+                                           cache_dir=cache_dir, modules=modules, search=search)
 
 
 # --------------------------------------------------------------------------- conditioning
@@ -523,6 +513,86 @@ def _report(on_step: Callable[[int, torch.Tensor], None], step: int, latents: to
         raise
 
 
+# --------------------------------------------------------------------------- LoRA files in the original layout
+
+#: Original single-block ``linear1`` rows: q, k, v (the width each) and the MLP input (4 widths), 7 widths in all.
+_LINEAR1_WIDTHS = 7
+
+
+def _linear1_rows(rows: int) -> list[int]:
+    width = rows // _LINEAR1_WIDTHS
+    return [width, width, width, rows - 3 * width]
+
+
+def _original_lora_modules() -> dict[str, dict[str, lora_layouts.Target]]:
+    """Original module names (``.`` as ``_``) -> targets, for the top level and per double / single block (the
+    block's diffusers prefix is added when a name is looked up)."""
+    modules = {
+        "top": {old.replace(".", "_"): lora_layouts.Target((f"transformer.{new}",)) for old, new in _TOP_KEYS.items()},
+        "double": {old.replace(".", "_"): lora_layouts.Target((new,)) for old, new in _DOUBLE_KEYS.items()
+                   if not old.endswith(".scale")},
+        "single": {old.replace(".", "_"): lora_layouts.Target((new,)) for old, new in _SINGLE_KEYS.items()
+                   if not old.endswith(".scale")},
+    }
+    modules["top"]["final_layer_adaLN_modulation_1"] = lora_layouts.Target(("transformer.norm_out.linear",),
+                                                                         swap=True)
+    modules["double"]["img_attn_qkv"] = lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v"))
+    modules["double"]["txt_attn_qkv"] = lora_layouts.Target(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+    modules["single"]["linear1"] = lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                                                       rows=_linear1_rows)
+    return modules
+
+
+_LORA_MODULES = _original_lora_modules()
+_LORA_TRANSFORMER_PREFIXES = ("lora_unet_", "model.diffusion_model.", "diffusion_model.", "")
+_LORA_TEXT_ENCODERS = {"lora_te1_": "text_encoder", "lora_te_": "text_encoder",
+                       "text_encoders.clip_l.transformer.": "text_encoder"}
+_LORA_T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+
+
+def _lora_target(stem: str) -> lora_layouts.Target | None:
+    """The diffusers module(s) of one LoRA module named after the original layout (kohya, ComfyUI, BFL)."""
+    encoder = lora_layouts.clip_target(stem, _LORA_TEXT_ENCODERS)
+    if encoder is not None:
+        return encoder
+    name = lora_layouts.underscored(stem, _LORA_TRANSFORMER_PREFIXES)
+    block = re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", name or "")
+    if block is None:
+        return _LORA_MODULES["top"].get(name or "")
+    target = _LORA_MODULES[block[1]].get(block[3])
+    blocks = "transformer_blocks" if block[1] == "double" else "single_transformer_blocks"
+    return None if target is None else target.within(f"transformer.{blocks}.{block[2]}.")
+
+
+def lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Flux.1 LoRA in the layout diffusers' loader reads: kohya sd-scripts (``lora_unet_double_blocks_0_img_attn_qkv``
+    ..., ``lora_te1_`` for CLIP-L) and ComfyUI / BFL keys (``diffusion_model.double_blocks.0...``, ``lora_up`` /
+    ``lora_down`` or ``lora_A`` / ``lora_B``) converted for any width (diffusers' own converter assumes the 3072-wide
+    model); T5 modules are left out (the pipeline loads no LoRA into T5). Other layouts (diffusers / peft,
+    ai-toolkit, XLabs) are returned as they are, for diffusers to read."""
+    return lora_layouts.to_peft(state_dict, _lora_target, ignored=_LORA_T5_PREFIXES)
+
+
+#: Sampling steps of schnell, the timestep-distilled variant (Black Forest Labs recommend 1 to 4).
+SCHNELL_STEPS = 4
+
+
+def is_schnell(path: Path) -> bool:
+    """True for a Flux.1 model without a guidance embedder (schnell), read from a single file's header or a
+    diffusers folder's transformer config."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "transformer" / "config.json"
+        return config.is_file() and not _read_json(config).get("guidance_embeds", False)
+    _, keys = read_safetensors_header(path)
+    return not any(key.endswith("guidance_in.in_layer.weight") for key in keys)
+
+
+def variant_defaults(path: Path) -> dict[str, object]:
+    """schnell's few steps; dev keeps the family's defaults."""
+    return {"steps": SCHNELL_STEPS} if is_schnell(path) else {}
+
+
 def infotext_fields(request, model) -> dict[str, object]:
     """Forge's "Distilled CFG Scale" for dev (schnell has no guidance embedder)."""
     if model.pipe.transformer.config.guidance_embeds:
@@ -542,6 +612,9 @@ FAMILY = Family(
     samplers=("Euler",),
     schedules=("Simple",),
     defaults={"cfg_scale": 1.0, "sampler_name": "Euler", "scheduler": "Simple"},
+    lora_keys=lora_keys,
+    variant_defaults=variant_defaults,
+    negative_prompt_note="Flux.1 reads the negative prompt only with CFG scale above 1 (real CFG, twice the time)",
     infotext_fields=infotext_fields,
     unet=False,
 )

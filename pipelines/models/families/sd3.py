@@ -8,13 +8,18 @@ Layouts, all offline: a diffusers folder (``StableDiffusion3Pipeline``); one fil
 diffusers does (T5's share of the context is zeros). Component configs are read off the weights over the shipped
 configs in ``pipelines/models/configs/sd3/``; the transformer key conversion is diffusers' own.
 
+Prompts: the CLIP part takes our prompt language as SDXL's encoders do (emphasis, BREAK, chunks past 75 tokens,
+clip skip); T5 reads the plain text. A plain prompt of up to 75 tokens gives diffusers' conditioning exactly.
+
 Sampling is ``StableDiffusion3Pipeline``'s loop (flow-matching Euler, real CFG with the negative prompt) run step
 by step, giving the same pixels with the same generators.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
@@ -24,11 +29,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, ModelFamily, _read_json, read_state_dict
-from pipelines.models.families import flux
+from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
-from pipelines.prompts.encoding import Conditioning, StepConditioning
-from pipelines.prompts.parser import get_prompt_schedule
+from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
 
 CONFIG_DIR = CONFIGS_DIR / "sd3"
 #: T5 tokens per prompt, as diffusers' StableDiffusion3Pipeline uses by default.
@@ -113,29 +118,14 @@ def _tokenizer(pad: str) -> CLIPTokenizer:
 def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                search: dict[str, Sequence[Path]] | None = None) -> tuple[StableDiffusion3Pipeline, ModelFamily]:
     search = search or {}
-    parts = split_components(read_state_dict(path))
-    sources = dict.fromkeys(parts, path)
-    clips: list[tuple[dict[str, torch.Tensor], Path]] = []
-    for module in modules:
-        kind, weights = _module_parts(Path(module))
-        if kind == "clip":
-            clips.append((weights, Path(module)))
-        else:
-            parts[kind], sources[kind] = weights, Path(module)
+    parts, sources, clips = split_files.read_components(path, modules, split_components, _module_parts)
     # Two CLIP files: the narrower is CLIP-L (768 wide against CLIP-G's 1280).
-    for (weights, module), kind in zip(sorted(clips, key=lambda item: _width(item[0])),
-                                       ("clip_l", "clip_g") if len(clips) > 1 else
-                                       ("clip_g" if parts["clip_l"] else "clip_l",)):
+    for (_, weights, module), kind in zip(sorted(clips, key=lambda item: _width(item[1])),
+                                          ("clip_l", "clip_g") if len(clips) > 1 else
+                                          ("clip_g" if parts["clip_l"] else "clip_l",)):
         parts[kind], sources[kind] = weights, module
-    if _SD3_KEY not in parts["transformer"]:
-        raise ValueError(f"{path}: no SD 3.5 transformer weights ({_SD3_KEY})")
-    for component in ("clip_l", "clip_g", "vae"):
-        if not parts[component]:
-            what, example, kind = _MESSAGES[component]
-            folders = ", ".join(str(folder) for folder in search.get(kind, ())) or f"models/{kind}"
-            raise ValueError(f"{path} is an SD 3.5 model without its {what}: put a file like {example} into "
-                             f"{folders} and choose it in the top bar's \"VAE / Text Encoder\" list "
-                             "(request field additional_modules)")
+    split_files.require_components(parts, path, label="SD 3.5", article="an", transformer_key=_SD3_KEY,
+                                   required=_MESSAGES, search=search)
     has_t5 = bool(parts["t5xxl"])
     pipe = StableDiffusion3Pipeline(
         transformer=_load_transformer(parts["transformer"], torch_dtype, path),
@@ -155,47 +145,57 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
 def load(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
          search: dict[str, Sequence[Path]] | None = None) -> tuple[StableDiffusion3Pipeline, ModelFamily]:
     """An SD 3.5 model from a diffusers folder, one file, or a transformer file plus ``modules``."""
-    path = Path(path)
-    if path.is_dir():
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-        return pipe, ModelFamily("sd3", False, "flow", path)
-    return _load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+    return split_files.load_folder_or_file(path, StableDiffusion3Pipeline, "sd3", _load_file,
+                                           torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules,
+                                           search=search)
 
 
 def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, request) -> tuple[Conditioning,
                                                                                                     list[str]]:
-    """Per-step conditioning (CLIP-L + CLIP-G + T5 context, the two pooled outputs); prompt editing works,
-    emphasis and BREAK do not (a warning says so)."""
+    """Per-step conditioning as ``StableDiffusion3Pipeline`` builds it (CLIP-L and CLIP-G penultimate states side
+    by side, padded to T5's width, then T5's tokens; the two pooled outputs), with our prompt language on the
+    CLIP part: emphasis, BREAK, prompts beyond 75 tokens (more CLIP chunks), clip skip; prompt editing everywhere.
+    T5 reads the plain text (a warning says so when a prompt has weights or BREAK)."""
     pipe = model.pipe
+    clip = build_conditioning(PromptEncoder.from_pipeline(pipe), prompts, negative_prompts, steps,
+                              request.clip_skip)
     device = pipe._execution_device  # under --medvram / --lowvram the offload hooks' device, not the weights'
-    prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
-    negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
     warnings: list[str] = []
-    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    t5: dict[str, torch.Tensor] = {}
 
-    def encoding(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if text not in encoded:
+    def t5_embeds(text: str) -> torch.Tensor:
+        if text not in t5:
             plain, changed = flux._plain_text(text)
-            if changed and not warnings:
-                warnings.append("SD 3.5: emphasis weights and BREAK are ignored; prompt editing works")
-            embeds, _, pooled, _ = pipe.encode_prompt(plain, plain, plain, device=device,
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
-            encoded[text] = (embeds, pooled)
-        return encoded[text]
+            if changed and pipe.text_encoder_3 is not None and not warnings:
+                warnings.append("SD 3.5: emphasis and BREAK shape the CLIP-L / CLIP-G part of the prompt; T5 reads "
+                                "the plain text")
+            t5[text] = _t5_embeds(pipe, plain, device)
+        return t5[text]
 
-    starts: list[int] = []
-    segments: list[StepConditioning] = []
-    changes = sorted({0} | {end for schedule in prompt_schedules + negative_schedules for end, _ in schedule[:-1]})
-    for start in changes:
-        cond = [encoding(flux._text_at(schedule, start + 1)) for schedule in prompt_schedules]
-        uncond = [encoding(flux._text_at(schedule, start + 1)) for schedule in negative_schedules]
-        starts.append(start)
-        segments.append(StepConditioning(
-            cond=torch.cat([embeds for embeds, _ in cond]), uncond=torch.cat([embeds for embeds, _ in uncond]),
-            pooled=torch.cat([pooled for _, pooled in cond]),
-            uncond_pooled=torch.cat([pooled for _, pooled in uncond])))
-    return Conditioning(starts, segments, prompt_schedules, negative_schedules, []), warnings
+    segments = []
+    for start, segment in zip(clip.starts, clip.segments, strict=True):
+        cond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1)) for schedule in clip.prompt_schedules])
+        uncond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1))
+                               for schedule in clip.negative_schedules])
+        segments.append(dataclasses.replace(segment, cond=_joint_context(segment.cond, cond_t5),
+                                            uncond=_joint_context(segment.uncond, uncond_t5)))
+    return dataclasses.replace(clip, segments=segments), warnings
+
+
+def _t5_embeds(pipe: StableDiffusion3Pipeline, text: str, device: torch.device) -> torch.Tensor:
+    """T5's last hidden states for ``text`` (1, 256, 4096), or zeros of that shape without T5 (as diffusers)."""
+    if pipe.text_encoder_3 is None:
+        return torch.zeros(1, MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim, device=device,
+                           dtype=pipe.text_encoder.dtype)
+    ids = pipe.tokenizer_3(text, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids
+    return pipe.text_encoder_3(ids.to(device))[0]
+
+
+def _joint_context(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
+    """The MMDiT's context: the CLIP tokens zero-padded to T5's width, then T5's tokens."""
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip.to(t5.dtype), t5], dim=-2)
 
 
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
@@ -226,6 +226,67 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     return latents
 
 
+# --------------------------------------------------------------------------- LoRA files in the original layout
+
+
+def _context_pre_only(rows: int, columns: int) -> bool:
+    # The last block's context modulation gives (shift, scale) only: diffusers keeps it as (scale, shift).
+    return rows == 2 * columns
+
+
+#: Original joint-block module names (``.`` as ``_``, after ``joint_blocks_<i>_``) -> diffusers modules in the block.
+_LORA_BLOCK_MODULES = {
+    "x_block_attn_qkv": lora_layouts.Target(("attn.to_q", "attn.to_k", "attn.to_v")),
+    "x_block_attn_proj": lora_layouts.Target(("attn.to_out.0",)),
+    "x_block_attn2_qkv": lora_layouts.Target(("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+    "x_block_attn2_proj": lora_layouts.Target(("attn2.to_out.0",)),
+    "x_block_mlp_fc1": lora_layouts.Target(("ff.net.0.proj",)),
+    "x_block_mlp_fc2": lora_layouts.Target(("ff.net.2",)),
+    "x_block_adaLN_modulation_1": lora_layouts.Target(("norm1.linear",)),
+    "context_block_attn_qkv": lora_layouts.Target(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    "context_block_attn_proj": lora_layouts.Target(("attn.to_add_out",)),
+    "context_block_mlp_fc1": lora_layouts.Target(("ff_context.net.0.proj",)),
+    "context_block_mlp_fc2": lora_layouts.Target(("ff_context.net.2",)),
+    "context_block_adaLN_modulation_1": lora_layouts.Target(("norm1_context.linear",), swap=_context_pre_only),
+}
+#: The modules outside the joint blocks (kohya's optional "emb_dims" ones).
+_LORA_TOP_MODULES = {
+    "context_embedder": lora_layouts.Target(("transformer.context_embedder",)),
+    "t_embedder_mlp_0": lora_layouts.Target(("transformer.time_text_embed.timestep_embedder.linear_1",)),
+    "t_embedder_mlp_2": lora_layouts.Target(("transformer.time_text_embed.timestep_embedder.linear_2",)),
+    "y_embedder_mlp_0": lora_layouts.Target(("transformer.time_text_embed.text_embedder.linear_1",)),
+    "y_embedder_mlp_2": lora_layouts.Target(("transformer.time_text_embed.text_embedder.linear_2",)),
+    "x_embedder_proj": lora_layouts.Target(("transformer.pos_embed.proj",)),
+    "final_layer_linear": lora_layouts.Target(("transformer.proj_out",)),
+    "final_layer_adaLN_modulation_1": lora_layouts.Target(("transformer.norm_out.linear",), swap=True),
+}
+_LORA_TRANSFORMER_PREFIXES = ("lora_unet_", "model.diffusion_model.", "diffusion_model.", "")
+_LORA_TEXT_ENCODERS = {"lora_te1_": "text_encoder", "text_encoders.clip_l.transformer.": "text_encoder",
+                       "lora_te2_": "text_encoder_2", "text_encoders.clip_g.transformer.": "text_encoder_2"}
+_LORA_T5_PREFIXES = ("lora_te3_", "text_encoders.t5xxl.transformer.")
+
+
+def _lora_target(stem: str) -> lora_layouts.Target | None:
+    """The diffusers module(s) of one LoRA module named after the original MMDiT layout (kohya, ComfyUI)."""
+    encoder = lora_layouts.clip_target(stem, _LORA_TEXT_ENCODERS)
+    if encoder is not None:
+        return encoder
+    name = lora_layouts.underscored(stem, _LORA_TRANSFORMER_PREFIXES) or ""
+    block = re.fullmatch(r"joint_blocks_(\d+)_(.+)", name)
+    if block is None:
+        return _LORA_TOP_MODULES.get(name)
+    target = _LORA_BLOCK_MODULES.get(block[2])
+    return None if target is None else target.within(f"transformer.transformer_blocks.{block[1]}.")
+
+
+def lora_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD 3.5 LoRA in the layout diffusers' loader reads: kohya sd-scripts keys (``lora_unet_joint_blocks_0_x_block_
+    attn_qkv`` ..., ``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G) and ComfyUI ones (``diffusion_model.joint_blocks.0...``)
+    converted, which diffusers does not read; T5 modules are left out (the pipeline loads no LoRA into T5). Other
+    layouts (diffusers / peft) are returned as they are."""
+    return lora_layouts.to_peft(state_dict, _lora_target, ignored=_LORA_T5_PREFIXES)
+
+
 FAMILY = Family(
     name="sd3",
     label="SD 3.5",
@@ -238,5 +299,6 @@ FAMILY = Family(
     samplers=("Euler",),
     schedules=("Simple",),
     defaults={"sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 4.5},
+    lora_keys=lora_keys,
     unet=False,
 )
