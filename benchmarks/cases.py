@@ -220,15 +220,17 @@ def load_switch_case(make_engine, names: list[str]) -> dict:
     return figures
 
 
-def memory_mode_case(make_engine, model_name: str, mode: str, size: int, steps: int, **extra) -> dict:
+def memory_mode_case(make_engine, model_name: str, mode: str, size: int, steps: int, options: dict | None = None,
+                     **extra) -> dict:
     """One txt2img in a fresh engine with ``mode`` (normal / medvram / lowvram): peak GPU memory and time.
-    ``extra``: more request fields."""
+    ``options``: option overrides (``fp8_storage``); ``extra``: more request fields."""
     engine = make_engine(memory_mode=mode)
     device = engine.models.device.device
+    overrides = engine.options.with_overrides(options or {})
     request = request_for(model_name, size, steps, **extra)
-    engine.generate(request_for(model_name, size, 2, **extra))
+    engine.generate(request_for(model_name, size, 2, **extra), options=overrides)
     reset_peak(device)
-    seconds = timed(lambda: engine.generate(request), device)
+    seconds = timed(lambda: engine.generate(request, options=overrides), device)
     figures = {"case": f"{mode} {size}x{size}", "memory_mode": mode, "steps": steps,
                "seconds_per_image": round(seconds, 3), "peak_gpu_gb": peak_gb(device),
                "cpu_peak_rss_gb": cpu_peak_rss_gb()}

@@ -2,7 +2,7 @@
 
     python -m benchmarks.flow --small                  # CPU: models cut by SMALL_FLOW, 256x256, 4 steps
     python -m benchmarks.flow --out flow.json          # GPU: real-size Flux.1 dev and SD 3.5 Large, 1024x1024, bf16
-    python -m benchmarks.flow --families flux --storages fp8 --modes medvram,lowvram   # a part of it
+    python -m benchmarks.flow --families flux --storages bf16 --modes medvram,lowvram   # a part of it
 
 Each family is built with random weights from the shipped configs (compute cost does not depend on the weight
 values) and saved as one all-in-one file per storage: transformer and text encoders as float8 e4m3fn (``fp8``, as
@@ -14,8 +14,9 @@ used. Cases, per family:
 - txt2img, ours against plain ``FluxPipeline`` / ``StableDiffusion3Pipeline`` on the very same components (same
   scheduler, steps, size, CFG, generators), alternating: ``time_ratio_vs_diffusers`` (lower is better), the
   pixel difference, each side's peak GPU memory;
-- with a GPU, each storage x memory mode (``normal``, ``medvram`` = model CPU offload by component, ``lowvram`` =
-  sequential offload): seconds per image and peak GPU memory of one txt2img in a fresh engine.
+- with a GPU, the transformer kept in fp8 (the ``fp8_storage`` option: float8 e4m3fn, upcast layer by layer) or in
+  bf16, under each memory mode (``normal``, ``medvram`` = model CPU offload by component, text encoders included,
+  ``lowvram`` = sequential offload): seconds per image and peak GPU memory of one txt2img in a fresh engine.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from benchmarks.models import STORAGE_DTYPES, build_random_flow_files, matmul_tf
 
 FAMILIES = ("flux", "sd3")
 MEMORY_MODES = ("normal", "medvram", "lowvram")
+#: The transformer's weights on the device in the memory cases: float8 e4m3fn (the ``fp8_storage`` option, upcast
+#: layer by layer as it runs) or the engine's bf16.
+FP8_STORAGE = {"fp8": "Enable", "bf16": "Disable"}
 #: The CFG each family samples with by default (Flux.1 dev: distilled guidance 3.5 and no real CFG).
 CFG = {"flux": {"cfg_scale": 1.0, "distilled_cfg_scale": 3.5}, "sd3": {"cfg_scale": 4.5}}
 
@@ -78,11 +82,12 @@ def run(small: bool, families: list[str], storages: list[str], modes: list[str],
         figures[f"time_ratio_vs_diffusers_{family}_{size}"] = case["time_ratio_vs_diffusers"]
         engine.models.unload()
         del engine
-        for storage, path in files.items():
+        for weights, option in FP8_STORAGE.items():
             for mode in modes if gpu else ():
-                mode_case = cases.memory_mode_case(make_engine, path.name, mode, size,
-                                                   steps if mode != "lowvram" else max(steps // 4, 2), **CFG[family])
-                mode_case["case"] = f"{family} {storage} {mode_case['case']}"
+                mode_case = cases.memory_mode_case(make_engine, files[storage].name, mode, size,
+                                                   steps if mode != "lowvram" else max(steps // 4, 2),
+                                                   {"fp8_storage": option}, **CFG[family])
+                mode_case["case"] = f"{family} {weights} weights, {mode_case['case']}"
                 _add(figures, mode_case)
         for path in files.values():
             path.unlink()  # real-size files take tens of GB; the next family needs the disk
