@@ -67,6 +67,8 @@ def diffusers_runner(loaded, request):
 
     from pipelines.sampling.samplers import build_scheduler
 
+    if not loaded.spec.unet:
+        return flow_diffusers_runner(loaded, request)
     pipe_class = StableDiffusionXLPipeline if loaded.is_sdxl else StableDiffusionPipeline
     plain = pipe_class(**loaded.pipe.components)
     plain.set_progress_bar_config(disable=True)
@@ -81,11 +83,33 @@ def diffusers_runner(loaded, request):
     return run
 
 
+def flow_diffusers_runner(loaded, request):
+    """``request`` through plain ``FluxPipeline`` / ``StableDiffusion3Pipeline`` on ``loaded``'s very components,
+    with the pipeline's own scheduler (flow-matching Euler, as the families' default). ``request`` must name its
+    CFG scale: the family's default would apply to ours only."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    flux = loaded.family.name == "flux"
+    plain = (FluxPipeline if flux else StableDiffusion3Pipeline)(**loaded.pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    guidance = ({"guidance_scale": request.distilled_cfg_scale, "true_cfg_scale": request.cfg_scale} if flux
+                else {"guidance_scale": request.cfg_scale})
+
+    def run():
+        generators = [torch.Generator("cpu").manual_seed(request.seed + k) for k in range(request.batch_size)]
+        return plain(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                     num_inference_steps=request.steps, width=request.width, height=request.height,
+                     num_images_per_prompt=request.batch_size, generator=generators, **guidance).images
+
+    return run
+
+
 def txt2img_case(engine, model_name: str, size: int, steps: int, batch: int, runs: int,
-                 matmul_tflops: float) -> dict:
-    """Ours against plain diffusers: s/image, it/s, ratio, peak memory, FLOPs and fraction of the matrix rate."""
+                 matmul_tflops: float, **extra) -> dict:
+    """Ours against plain diffusers: s/image, it/s, ratio, peak memory, FLOPs and fraction of the matrix rate
+    (FLOPs for UNet models only). ``extra``: more request fields."""
     device = engine.models.device.device
-    request = request_for(model_name, size, steps, batch)
+    request = request_for(model_name, size, steps, batch, **extra)
     loaded = engine.models.get(model_name)
     theirs = diffusers_runner(loaded, request)
     images = {}
@@ -107,7 +131,7 @@ def txt2img_case(engine, model_name: str, size: int, steps: int, batch: int, run
         our_times.append(timed(ours, device))
         their_times.append(timed(plain, device))
     ours_s, theirs_s = statistics.median(our_times), statistics.median(their_times)
-    flops = step_flops_for(loaded, batch, size, size, cfg=request.cfg_scale > 1)
+    flops = step_flops_for(loaded, batch, size, size, cfg=request.cfg_scale > 1) if loaded.spec.unet else None
     our_rate = steps / ours_s
     return {
         "case": f"{loaded.family.name} {size}x{size} batch {batch}",
@@ -120,8 +144,8 @@ def txt2img_case(engine, model_name: str, size: int, steps: int, batch: int, run
         "image_diff_vs_diffusers": image_diff(images["ours"], images["theirs"]),
         "ours_peak_gpu_gb": ours_peak,
         "diffusers_peak_gpu_gb": their_peak,
-        "tflop_per_step": round(flops / 1e12, 3),
-        "fraction_of_matmul_peak": round(flops * our_rate / (matmul_tflops * 1e12), 4),
+        "tflop_per_step": round(flops / 1e12, 3) if flops else None,
+        "fraction_of_matmul_peak": round(flops * our_rate / (matmul_tflops * 1e12), 4) if flops else None,
     }
 
 
@@ -196,14 +220,17 @@ def load_switch_case(make_engine, names: list[str]) -> dict:
     return figures
 
 
-def memory_mode_case(make_engine, model_name: str, mode: str, size: int, steps: int) -> dict:
-    """One txt2img in a fresh engine with ``mode`` (normal / medvram / lowvram): peak GPU memory and time."""
+def memory_mode_case(make_engine, model_name: str, mode: str, size: int, steps: int, options: dict | None = None,
+                     **extra) -> dict:
+    """One txt2img in a fresh engine with ``mode`` (normal / medvram / lowvram): peak GPU memory and time.
+    ``options``: option overrides (``fp8_storage``); ``extra``: more request fields."""
     engine = make_engine(memory_mode=mode)
     device = engine.models.device.device
-    request = request_for(model_name, size, steps)
-    engine.generate(request_for(model_name, size, 2))
+    overrides = engine.options.with_overrides(options or {})
+    request = request_for(model_name, size, steps, **extra)
+    engine.generate(request_for(model_name, size, 2, **extra), options=overrides)
     reset_peak(device)
-    seconds = timed(lambda: engine.generate(request), device)
+    seconds = timed(lambda: engine.generate(request, options=overrides), device)
     figures = {"case": f"{mode} {size}x{size}", "memory_mode": mode, "steps": steps,
                "seconds_per_image": round(seconds, 3), "peak_gpu_gb": peak_gb(device),
                "cpu_peak_rss_gb": cpu_peak_rss_gb()}

@@ -40,7 +40,8 @@ FAMILY_DIRS = {"sd1": "sd15", "sdxl": "sdxl"}
 LONG_PROMPT = ", ".join(f"(word{i}:1.1) [thing{i}] detail" for i in range(39))  # about 300 tokens
 
 
-def _machine() -> dict:
+def machine_facts() -> dict:
+    """The machine, GPU and torch version the figures were taken with."""
     return {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -60,7 +61,7 @@ def run(quick: bool, model: Path | None, runs: int, steps: int | None, families:
     gpu = torch.cuda.is_available() and not quick
     device = torch.device("cuda" if gpu else "cpu")
     steps = steps or (20 if gpu else 4)
-    figures: dict = {**_machine(), "device": str(device), "steps": steps, "runs": runs, "sampler": "Euler",
+    figures: dict = {**machine_facts(), "device": str(device), "steps": steps, "runs": runs, "sampler": "Euler",
                      "cfg_scale": 7.0}
     dtype = torch.float16 if gpu else torch.float32
     figures["dtype"] = str(dtype).removeprefix("torch.")

@@ -62,6 +62,85 @@ def build_random_sd15(folder: Path, seed: int = 0) -> Path:
     return build_random_model(folder, "sd15", seed)
 
 
+#: ``--small``: the transformer families cut in depth and inner width so that they run on a CPU. The widths the
+#: components exchange (T5 4096, CLIP-L 768, CLIP-G 1280, 16 latent channels) and T5's 32128-row embedding stay
+#: real, so the same loading and conditioning code runs as with the full models.
+SMALL_FLOW = {
+    "flux": {"num_layers": 1, "num_single_layers": 2, "num_attention_heads": 4},
+    "sd3": {"num_layers": 2, "num_attention_heads": 4, "caption_projection_dim": 256},
+    "t5": {"num_layers": 2, "num_heads": 8, "d_ff": 1024},
+    "clip": {"num_hidden_layers": 2},
+    "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1},
+}
+#: How ``--storages`` store the transformer and text encoders in the file (the VAE stays bf16).
+STORAGE_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+
+
+def build_random_flow_files(folder: Path, family: str, storages: tuple[str, ...] = ("fp8", "bf16"), *,
+                            small: bool = False, seed: int = 0, device: str = "cpu") -> dict[str, Path]:
+    """Single files holding a whole random-weight Flux.1 dev (``flux``) or SD 3.5 Large (``sd3``) as the published
+    all-in-one files do (original key names), one per storage of ``STORAGE_DTYPES``, all with the same weights.
+
+    Sizes come from the shipped configs (``SMALL_FLOW`` cuts them with ``small``); weights are drawn on
+    ``device`` in bf16 (the fp32 master copy of a 12 G-parameter transformer would not be needed for timing).
+    """
+    import safetensors.torch
+
+    from tests.fixtures import tiny_flux, tiny_sd3
+    from tests.fixtures.tiny_models import vae_to_original
+
+    models = _random_flow_components(family, small, seed, device)
+    to_original = tiny_flux.transformer_to_original if family == "flux" else tiny_sd3.transformer_to_original
+    t5 = models["t5xxl"].state_dict()
+    t5.pop("encoder.embed_tokens.weight")  # the same tensor as shared.weight, which files keep
+    parts = {"model.diffusion_model.": to_original(models.pop("transformer")),
+             "text_encoders.t5xxl.transformer.": t5,
+             **{f"text_encoders.{name}.transformer.": tiny_sd3.clip_to_file(models[name])
+                for name in ("clip_l", "clip_g") if name in models}}
+    vae_prefix = "vae." if family == "flux" else "first_stage_model."
+    vae = {vae_prefix + key: value.to(torch.bfloat16) for key, value in vae_to_original(models["vae"], "").items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for storage in storages:
+        dtype = STORAGE_DTYPES[storage]
+        state = {prefix + key: (value.to(dtype) if value.is_floating_point() else value).contiguous()
+                 for prefix, part in parts.items() for key, value in part.items()}
+        files[storage] = folder / f"random-{family}-{storage}.safetensors"
+        safetensors.torch.save_file({**state, **vae}, str(files[storage]))
+        del state
+    return files
+
+
+def _random_flow_components(family: str, small: bool, seed: int, device: str) -> dict[str, torch.nn.Module]:
+    """The random-weight components of ``family`` (transformer, clip_l, clip_g for SD 3.5, t5xxl, vae), in bf16."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def config(path: Path, cut: str) -> dict:
+        return {**json.loads(path.read_text()), **(SMALL_FLOW[cut] if small else {})}
+
+    torch.manual_seed(seed)
+    transformer_class = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            models = {
+                "transformer": transformer_class.from_config(config(CONFIGS / family / "transformer_config.json",
+                                                                    family)),
+                "clip_l": CLIPTextModelWithProjection(CLIPTextConfig(**config(CONFIGS / "flux" / "clip_l_config.json",
+                                                                              "clip"))),
+                "t5xxl": T5EncoderModel(T5Config(**config(CONFIGS / "flux" / "t5xxl_config.json", "t5"))),
+                "vae": AutoencoderKL.from_config(config(CONFIGS / family / "vae_config.json", "vae")),
+            }
+            if family == "sd3":
+                models["clip_g"] = CLIPTextModelWithProjection(CLIPTextConfig(**config(
+                    CONFIGS / "sd3" / "clip_g_config.json", "clip")))
+    finally:
+        torch.set_default_dtype(saved)
+    return models
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 8192, repeat: int = 10) -> float:
     """Measured dense matrix-product rate of ``device`` in TFLOP/s (the roofline the UNet is held to)."""
     if device.type != "cuda":

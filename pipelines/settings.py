@@ -76,7 +76,8 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               (".pth", ".safetensors", ".pt", ".bin")),
     ModelKind("text_encoder", "text_encoder", "text encoders",
               "Text encoders (CLIP-L, CLIP-G, T5) for diffusion models stored without them (Flux.1, SD 3.5), "
-              "chosen in the top bar's VAE / Text Encoder list; the T5 tokenizer files go into t5_tokenizer/ here.",
+              "chosen in the top bar's VAE / Text Encoder list; a t5_tokenizer/ folder here replaces the shipped T5 "
+              "tokenizer.",
               (".safetensors",)),
     ModelKind("unet", "unet", "diffusion models",
               "Diffusion-model-only files (a Flux.1 or SD 3.5 transformer without text encoders or VAE), listed "

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from pipelines.sampling.img2img import SourceLatents
 
 CONFIG_DIR = CONFIGS_DIR / "flux"
-#: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: shipped
-#: beside the configs, then ``<models/text_encoder>/t5_tokenizer/``.
+#: Where the T5 tokenizer files (``tokenizer.json`` or ``spiece.model``) are looked for, in this order: the users'
+#: ``<models/text_encoder>/t5_tokenizer/``, then the one shipped beside the configs (google/t5-v1_1-xxl's).
 T5_TOKENIZER_DIR = "t5_tokenizer"
 #: T5 tokens per prompt, as diffusers' FluxPipeline uses by default.
 MAX_SEQUENCE_LENGTH = 512
@@ -332,12 +332,22 @@ def load_vae(weights: dict[str, torch.Tensor], dtype: torch.dtype, path: Path, c
     return vae
 
 
-def t5_tokenizer(search: Sequence[Path]) -> T5TokenizerFast:
-    """The T5 tokenizer from the first folder of ``search`` + ``t5_tokenizer/`` that holds its files."""
-    folders = [CONFIG_DIR / T5_TOKENIZER_DIR, *(Path(folder) / T5_TOKENIZER_DIR for folder in search)]
+def t5_tokenizer(search: Sequence[Path], encoder: T5EncoderModel, weights_file: Path) -> T5TokenizerFast:
+    """The T5 tokenizer for ``encoder`` (loaded from ``weights_file``), from the first folder holding its files:
+    ``t5_tokenizer/`` in each of ``search`` (the user's), then the shipped one. One with more tokens than the
+    encoder's embedding has rows is refused here, naming both, rather than failing later on an index."""
+    folders = [*(Path(folder) / T5_TOKENIZER_DIR for folder in search), CONFIG_DIR / T5_TOKENIZER_DIR]
     for folder in folders:
         if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
-            return T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+            tokenizer = T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+            rows = encoder.get_input_embeddings().num_embeddings
+            if len(tokenizer) > rows:
+                users = ", ".join(str(user) for user in folders[:-1]) or "models/text_encoder/t5_tokenizer"
+                raise ValueError(
+                    f"{weights_file}: the T5 tokenizer in {folder} has {len(tokenizer)} tokens, more than the "
+                    f"{rows} rows of this T5 text encoder's embedding; put the tokenizer files that belong to this "
+                    f"text encoder (tokenizer.json, tokenizer_config.json) into {users}")
+            return tokenizer
     raise ValueError("Flux.1 needs the T5 tokenizer (tokenizer.json and tokenizer_config.json of "
                      f"google/t5-v1_1-xxl) in one of: {', '.join(str(folder) for folder in folders)}")
 
@@ -368,8 +378,8 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
         vae=load_vae(parts["vae"], torch_dtype, sources["vae"], Path(cache_dir)),
         text_encoder=_load_clip(parts["clip_l"], torch_dtype, sources["clip_l"]),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]),
-        tokenizer_2=t5_tokenizer(search.get("text_encoder", ())),
+        text_encoder_2=(t5 := load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"])),
+        tokenizer_2=t5_tokenizer(search.get("text_encoder", ()), t5, sources["t5xxl"]),
         transformer=transformer,
     )
     return pipe, ModelFamily("flux", False, "flow", CONFIG_DIR)
@@ -400,7 +410,7 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     """Per-step conditioning: T5 hidden states as ``cond``, CLIP's pooled output as ``pooled``; prompt editing
     works. Emphasis weights and BREAK do nothing for these encoders (a warning says so)."""
     pipe = model.pipe
-    device = pipe.transformer.device
+    device = pipe._execution_device  # under --medvram / --lowvram the offload hooks' device, not the weights'
     real_cfg = request.cfg_scale > 1.0
     prompt_schedules = [get_prompt_schedule(prompt, steps) for prompt in prompts]
     negative_schedules = [get_prompt_schedule(prompt, steps) for prompt in negative_prompts]
@@ -464,7 +474,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run,
     from the source noised to the first of them (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
-    device, dtype = transformer.device, transformer.dtype
+    device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     b, _, h, w = noise.shape
     noise = noise.to(device=device, dtype=dtype)
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)

@@ -143,8 +143,8 @@ def _load_file(path: Path, *, torch_dtype: torch.dtype, cache_dir: Path, modules
         text_encoder_2=flux.load_clip(parts["clip_g"], torch_dtype, sources["clip_g"], cls=CLIPTextModelWithProjection,
                                       base=CONFIG_DIR / "clip_g_config.json", component="clip_g"),
         tokenizer_2=_tokenizer("!"),
-        text_encoder_3=flux.load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"]) if has_t5 else None,
-        tokenizer_3=flux.t5_tokenizer(search.get("text_encoder", ())) if has_t5 else None,
+        text_encoder_3=(t5 := flux.load_t5(parts["t5xxl"], torch_dtype, sources["t5xxl"])) if has_t5 else None,
+        tokenizer_3=flux.t5_tokenizer(search.get("text_encoder", ()), t5, sources["t5xxl"]) if has_t5 else None,
     )
     return pipe, ModelFamily("sd3", False, "flow", CONFIG_DIR)
 
@@ -166,7 +166,7 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     pipe = model.pipe
     clip = build_conditioning(PromptEncoder.from_pipeline(pipe), prompts, negative_prompts, steps,
                               request.clip_skip)
-    device = pipe.transformer.device
+    device = pipe._execution_device  # under --medvram / --lowvram the offload hooks' device, not the weights'
     warnings: list[str] = []
     t5: dict[str, torch.Tensor] = {}
 
@@ -212,7 +212,7 @@ def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
     ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run
     (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
-    device, dtype = transformer.device, transformer.dtype
+    device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     noise = noise.to(device=device, dtype=dtype)
     tokens = noise.shape[-2] * noise.shape[-1] // transformer.config.patch_size ** 2
     scheduler, timesteps = flow_scheduler(request.sampler_name, request.scheduler, model.scheduler_config,
