@@ -58,7 +58,8 @@ MODEL_KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               "name) for SDXL, as single files or diffusers folders.", (".safetensors", ".pth")),
     ModelKind("lora", "Lora", "LoRA models",
               "LoRA / LoCon networks for `<lora:name:weight>` prompt tags (kohya / A1111 and diffusers / peft "
-              "formats; SD 1.x, 2.x, SDXL).", (".safetensors", ".pt")),
+              "formats; SD 1.x, 2.x, SDXL; Flux.1 and SD 3.5 also from ComfyUI, ai-toolkit, XLabs).",
+              (".safetensors", ".pt")),
     ModelKind("esrgan", "ESRGAN", "ESRGAN upscalers",
               "Image upscalers: ESRGAN, SwinIR and the other architectures spandrel reads.",
               (".pth", ".safetensors")),
