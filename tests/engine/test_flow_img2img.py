@@ -106,6 +106,36 @@ def test_inpaint_equals_plain_diffusers_inside_the_mask_and_keeps_the_rest(engin
     assert parse_infotext(result.infotexts[0])["Masked content"] == "original"
 
 
+
+def test_the_source_is_noised_as_flow_match_euler_noises_it():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(6)
+    torch.manual_seed(0)
+    source, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    start = flow_img2img.FlowStart(scheduler, scheduler.timesteps, noise, None, 1.0)
+    for index in (0, 2, 5):
+        scheduler.set_begin_index(index)
+        expected = scheduler.scale_noise(source, scheduler.timesteps[index:index + 1].repeat(2), noise)
+        assert torch.allclose(start.noised(source, index), expected)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "UniPC"])
+def test_img2img_inpaint_and_hires_run_on_the_multistep_flow_samplers(engine, family, sampler):
+    euler = engine.generate(_img2img(family, denoising_strength=0.7, mask=half_mask(), mask_blur=0)).images
+    result = engine.generate(_img2img(family, sampler_name=sampler, denoising_strength=0.7, mask=half_mask(),
+                                      mask_blur=0))
+    assert parse_infotext(result.infotexts[0])["Sampler"] == sampler and not result.warnings
+    assert _max_diff(result.images, euler) > 0  # the sampler really ran
+    assert _max_diff(result.images, [picture()], np.s_[:, 32:]) == 0  # and inpaint kept the rest
+    hires = engine.generate(GenerationRequest(prompt=PROMPT, seed=5, steps=3, width=64, height=64,
+                                              save_images=False, checkpoint=FAMILIES[family][0],
+                                              sampler_name=sampler, enable_hr=True, hr_scale=1.5,
+                                              hr_upscaler="Latent", denoising_strength=0.6))
+    assert hires.images[0].size == (96, 96) and pixels(hires.images[0]).std() > 1
+
 def test_inpaint_options_change_only_the_masked_part(engine):
     plain = engine.generate(_img2img("flux", mask=half_mask(), mask_blur=0, inpainting_fill=1)).images
     for options in ({"inpainting_fill": 2}, {"inpainting_fill": 3}, {"inpainting_fill": 0},
