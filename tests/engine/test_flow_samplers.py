@@ -21,8 +21,8 @@ import torch
 from pipelines.images.infotext import parse_infotext, request_fields_from_infotext
 from pipelines.models.families import flux, sd3
 from pipelines.request import GenerationRequest
-from tests.fixtures.tiny_flux import tiny_flux_pipeline, write_tiny_flux
-from tests.fixtures.tiny_sd3 import tiny_sd3_pipeline, write_tiny_sd3
+from tests.fixtures.tiny_flux import tiny_flux_pipeline
+from tests.fixtures.tiny_sd3 import tiny_sd3_pipeline
 from tests.helpers import pixels
 
 FLUX_MODULES = ["clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"]
@@ -35,22 +35,6 @@ CLASSES = {
 }
 SCHEDULE_OPTIONS = {"Simple": {}, "Karras": {"use_karras_sigmas": True},
                     "Exponential": {"use_exponential_sigmas": True}, "Beta": {"use_beta_sigmas": True}}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow-models")
-    return root, {"flux": write_tiny_flux(root), "sd3": write_tiny_sd3(root)}
-
-
-@pytest.fixture(scope="module")
-def engine(models, tmp_path_factory):
-    from pipelines.engine import Engine
-    from pipelines.settings import EngineSettings, Paths
-
-    data = tmp_path_factory.mktemp("flow-data")
-    paths = Paths(data_dir=data, models_dir=models[0], outputs_dir=data / "outputs")
-    return Engine(EngineSettings(paths=paths, device="cpu", checkpoint_cache=3))
 
 
 def _request(**fields) -> GenerationRequest:
@@ -101,45 +85,45 @@ CASES = [("Euler", "Simple", None), ("DPM++ 2M", "Simple", None), ("UniPC", "Sim
 
 
 @pytest.mark.parametrize("sampler, schedule, shift", CASES)
-def test_flux_dev_equals_flux_pipeline(engine, models, sampler, schedule, shift):
-    result = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers", sampler_name=sampler, scheduler=schedule,
-                                      shift=shift))
+def test_flux_dev_equals_flux_pipeline(flow_engine, flow_models, sampler, schedule, shift):
+    result = flow_engine.generate(_request(checkpoint="tiny-flux-dev-diffusers", sampler_name=sampler,
+                                           scheduler=schedule, shift=shift))
     assert not result.warnings
-    theirs = _flux_reference(True, models[1]["flux"]["t5_tokenizer"], sampler, schedule, shift)
+    theirs = _flux_reference(True, flow_models[1]["flux"]["t5_tokenizer"], sampler, schedule, shift)
     assert _max_diff(result.images, theirs) <= 1
     parsed = parse_infotext(result.infotexts[0])
     assert (parsed["Sampler"], parsed["Schedule type"], parsed.get("Shift")) == (sampler, schedule, shift)
 
 
 @pytest.mark.parametrize("sampler, shift", [("DPM++ 2M", None), ("UniPC", None), ("Euler", 2.0)])
-def test_flux_schnell_equals_flux_pipeline(engine, models, sampler, shift):
-    result = engine.generate(_request(checkpoint="tiny-flux-schnell", additional_modules=FLUX_MODULES,
-                                      sampler_name=sampler, scheduler="Simple", shift=shift))
-    theirs = _flux_reference(False, models[1]["flux"]["t5_tokenizer"], sampler, "Simple", shift)
+def test_flux_schnell_equals_flux_pipeline(flow_engine, flow_models, sampler, shift):
+    result = flow_engine.generate(_request(checkpoint="tiny-flux-schnell", additional_modules=FLUX_MODULES,
+                                           sampler_name=sampler, scheduler="Simple", shift=shift))
+    theirs = _flux_reference(False, flow_models[1]["flux"]["t5_tokenizer"], sampler, "Simple", shift)
     assert _max_diff(result.images, theirs) <= 1
 
 
 @pytest.mark.parametrize("sampler, schedule, shift", CASES)
-def test_sd3_equals_sd3_pipeline(engine, models, sampler, schedule, shift):
-    result = engine.generate(_request(checkpoint="tiny-sd35-diffusers", sampler_name=sampler, scheduler=schedule,
-                                      shift=shift))
+def test_sd3_equals_sd3_pipeline(flow_engine, flow_models, sampler, schedule, shift):
+    result = flow_engine.generate(_request(checkpoint="tiny-sd35-diffusers", sampler_name=sampler, scheduler=schedule,
+                                           shift=shift))
     assert not result.warnings
-    theirs = _sd3_reference(models[1]["sd3"]["t5_tokenizer"], sampler, schedule, shift)
+    theirs = _sd3_reference(flow_models[1]["sd3"]["t5_tokenizer"], sampler, schedule, shift)
     assert _max_diff(result.images, theirs) <= 1
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny-flux-dev-diffusers", "tiny-sd35-diffusers"])
-def test_samplers_and_shift_change_the_image(engine, checkpoint):
+def test_samplers_and_shift_change_the_image(flow_engine, checkpoint):
     # The comparisons above would pass with one scheduler for all: the samplers and a shift must differ.
-    images = [engine.generate(_request(checkpoint=checkpoint, sampler_name=sampler)).images
+    images = [flow_engine.generate(_request(checkpoint=checkpoint, sampler_name=sampler)).images
               for sampler in CLASSES]
-    shifted = engine.generate(_request(checkpoint=checkpoint, shift=6.0)).images
+    shifted = flow_engine.generate(_request(checkpoint=checkpoint, shift=6.0)).images
     assert all(_max_diff(a, b) > 0 for i, a in enumerate(images) for b in images[i + 1:] + [shifted])
 
 
-def test_shift_and_modules_round_trip_through_the_infotext(engine):
-    result = engine.generate(_request(checkpoint="tiny-flux-schnell", additional_modules=FLUX_MODULES, shift=2.5,
-                                      sampler_name="UniPC"))
+def test_shift_and_modules_round_trip_through_the_infotext(flow_engine):
+    result = flow_engine.generate(_request(checkpoint="tiny-flux-schnell", additional_modules=FLUX_MODULES, shift=2.5,
+                                           sampler_name="UniPC"))
     parsed = parse_infotext(result.infotexts[0])
     assert parsed["Shift"] == 2.5
     assert [parsed[f"Module {n}"] for n in (1, 2, 3)] == ["clip_l", "t5xxl_fp16", "ae"]
@@ -147,9 +131,9 @@ def test_shift_and_modules_round_trip_through_the_infotext(engine):
     assert fields["shift"] == 2.5 and fields["additional_modules"] == ["clip_l", "t5xxl_fp16", "ae"]
     assert "extra" not in fields or not any(key.startswith("Module") for key in fields["extra"])
     known = {name: value for name, value in fields.items() if name in GenerationRequest.model_fields}
-    again = engine.generate(_request(**known, checkpoint=fields["sd_model_name"]))
+    again = flow_engine.generate(_request(**known, checkpoint=fields["sd_model_name"]))
     assert _max_diff(again.images, result.images) == 0
-    plain = engine.generate(_request(checkpoint="tiny-flux-dev-diffusers", shift=0))  # 0: the model's own
+    plain = flow_engine.generate(_request(checkpoint="tiny-flux-dev-diffusers", shift=0))  # 0: the model's own
     assert "Shift" not in parse_infotext(plain.infotexts[0]) and "Module 1" not in plain.infotexts[0]
 
 
@@ -160,14 +144,14 @@ def test_modules_are_read_in_their_numbered_order():
 
 @pytest.mark.parametrize("checkpoint, family", [("tiny-sd35-diffusers", sd3.FAMILY),
                                                 ("tiny-flux-dev-diffusers", flux.FAMILY)])
-def test_samplers_and_schedules_not_run_are_replaced_with_a_warning(engine, checkpoint, family):
+def test_samplers_and_schedules_not_run_are_replaced_with_a_warning(flow_engine, checkpoint, family):
     assert family.samplers == tuple(CLASSES) and family.schedules == tuple(SCHEDULE_OPTIONS)
-    result = engine.generate(_request(checkpoint=checkpoint, sampler_name="LMS", scheduler="Karras"))
+    result = flow_engine.generate(_request(checkpoint=checkpoint, sampler_name="LMS", scheduler="Karras"))
     assert any("LMS was replaced by Euler" in warning for warning in result.warnings)
     assert parse_infotext(result.infotexts[0])["Schedule type"] == "Karras"  # Euler runs Karras
-    other = engine.generate(_request(checkpoint=checkpoint, sampler_name="DPM++ 2M", scheduler="Karras"))
+    other = flow_engine.generate(_request(checkpoint=checkpoint, sampler_name="DPM++ 2M", scheduler="Karras"))
     assert any("DPM++ 2M cannot use the Karras schedule" in warning for warning in other.warnings)
     parsed = parse_infotext(other.infotexts[0])
     assert (parsed["Sampler"], parsed["Schedule type"]) == ("DPM++ 2M", "Simple")
-    automatic = engine.generate(_request(checkpoint=checkpoint, sampler_name="UniPC", scheduler="Automatic"))
+    automatic = flow_engine.generate(_request(checkpoint=checkpoint, sampler_name="UniPC", scheduler="Automatic"))
     assert not automatic.warnings and parse_infotext(automatic.infotexts[0])["Schedule type"] == "Simple"
