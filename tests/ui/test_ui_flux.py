@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests.fixtures.tiny_flux import write_tiny_flux
-from tests.ui.helpers import fill_number
+from tests.ui.helpers import fill_number, screenshot
 from tests.ui.test_ui import choose_checkpoint, generate_and_wait
 
 pytestmark = pytest.mark.browser
@@ -42,6 +42,7 @@ def test_flux_controls_and_split_files(page):
     info = generate_and_wait(page, "txt2img")
     assert "Sampler: Euler" in info and "CFG scale: 1" in info and "Shift: 2.5" in info
     assert "Module 1: clip_l, Module 2: t5xxl_fp16, Module 3: ae" in info
+    screenshot(page, "flux-txt2img")
 
 
 def test_schnell_sets_its_few_steps_and_the_negative_prompt_says_when_it_counts(page):
