@@ -237,6 +237,10 @@ class ControlNetScript(AlwaysOnScript[list[ParsedUnit]]):
     def before_job(self, job: Job[list[ParsedUnit]]) -> None:
         """Load each unit's model, detect its map, and add its UNet patch and infotext."""
         for parsed in job.args:
+            if not job.model.spec.unet:  # Flux.1 / SD 3.5 sample with their own loops, which take no UNet patch
+                raise ValueError(f"ControlNet unit {parsed.index}: ControlNet and IP-Adapter units work with SD 1.x, "
+                                 f"SD 2.x and SDXL checkpoints here, not with {job.model.spec.label} models; turn "
+                                 "the unit off or choose such a checkpoint")
             unit = parsed.unit
             image = unit.image or _init_image(job.request)
             if image is None:

@@ -218,3 +218,31 @@ def test_schnell_runs_its_few_steps_when_the_request_names_none(flux_engine, flu
     asked = flux_engine.generate(GenerationRequest(**fields, steps=2, checkpoint="tiny-flux-schnell",
                                                    additional_modules=SPLIT_MODULES))
     assert parse_infotext(asked.infotexts[0])["Steps"] == 2  # a request's own steps win
+
+
+def test_a_refiner_is_refused_naming_the_field(flux_engine):
+    from pipelines.plan import RequestError
+
+    with pytest.raises(RequestError, match="Refiner runs on SD 1.x, SD 2.x and SDXL models, not Flux.1") as error:
+        flux_engine.generate(_request(checkpoint="tiny-flux-dev", refiner_checkpoint="tiny-flux-dev"))
+    assert error.value.field == "refiner_checkpoint"
+
+
+def test_a_controlnet_unit_is_refused_naming_the_unit(flux_models, tmp_path_factory):
+    from pipelines.engine import Engine
+    from pipelines.settings import EngineSettings, Paths
+    from tests.fixtures.api_helpers import b64_png
+    from tests.fixtures.pictures import picture
+    from tests.fixtures.tiny_controlnets import write_tiny_controlnets
+    from webui.extensions import load_extensions
+
+    root = flux_models[0]
+    write_tiny_controlnets(root / "ControlNet")
+    data = tmp_path_factory.mktemp("flux-controlnet-data")
+    engine = Engine(EngineSettings(paths=Paths(data_dir=data, models_dir=root, outputs_dir=data / "outputs"),
+                                   device="cpu", checkpoint_cache=1))
+    load_extensions(engine, plugin_dir=tmp_path_factory.mktemp("no_plugins"))
+    unit = {"module": "none", "model": "tiny-controlnet-sd15", "image": b64_png(picture())}
+    with pytest.raises(ValueError, match="ControlNet unit 0: ControlNet and IP-Adapter units work with SD 1.x, SD 2.x "
+                                        "and SDXL checkpoints here, not with Flux.1 models"):
+        engine.generate(_request(checkpoint="tiny-flux-dev", alwayson_scripts={"controlnet": [unit]}))

@@ -62,10 +62,13 @@ def family_of_path(path: Path) -> Family | None:
 
 
 def unsupported(request, family: Family) -> tuple[str, str] | None:
-    """(field, message) when ``family`` cannot run ``request`` (a size its own loop does not take); None when it
-    can. A family with its own loop works on 2x2 patches of 8x latents: sizes are multiples of 16."""
+    """(field, message) when ``family`` cannot run ``request`` (a size its own loop does not take, a refiner);
+    None when it can. A family with its own loop works on 2x2 patches of 8x latents: sizes are multiples of 16."""
     if family.sample is None:
         return None
+    if getattr(request, "refiner_checkpoint", None):
+        return "refiner_checkpoint", (f"the Refiner runs on SD 1.x, SD 2.x and SDXL models, not {family.label} "
+                                      "models; leave it off (Hires. fix can switch to another checkpoint)")
     for name in ("width", "height"):
         if getattr(request, name) % 16:
             return name, f"{name} must be a multiple of 16 for {family.label} models, got {getattr(request, name)}"
