@@ -60,7 +60,9 @@ def test_the_loops_put_their_tensors_on_the_offload_hooks_device(family):
     pipe = _offloaded_to_meta(build())
     assert pipe.transformer.device.type == "cpu"
     model = types.SimpleNamespace(pipe=pipe, scheduler_config=dict(pipe.scheduler.config))
-    request = GenerationRequest(prompt="a cat", steps=2, width=64, height=64, cfg_scale=1.0)
+    # As the engine hands it to a family's loop: with the family's sampler and schedule type.
+    request = GenerationRequest(prompt="a cat", steps=2, width=64, height=64, cfg_scale=1.0, sampler_name="Euler",
+                                scheduler="Simple")
     conditioning, _ = module.encode(model, ["a cat"], [""], 2, request)
     assert conditioning.segments[0].cond.device.type == "meta"
     seen = {}
