@@ -22,16 +22,16 @@ Weights = dict[str, torch.Tensor]
 Components = Mapping[str, tuple[str, str, str]]
 
 
-def load_folder_or_file(path: Path, pipeline_class: Any, family: str, load_file: Callable[..., tuple[Any, Any]], *,
+def load_folder_or_file(path: Path, pipeline_class: Any, family: str, from_file: Callable[..., tuple[Any, Any]], *,
                         torch_dtype: torch.dtype, cache_dir: Path, modules: Sequence[Path] = (),
                         search: dict[str, Sequence[Path]] | None = None) -> tuple[Any, ModelFamily]:
     """A flow-matching model of ``family`` from a diffusers folder (``pipeline_class.from_pretrained``) or, for
-    a file, ``load_file`` with the additional ``modules`` and the model ``search`` folders."""
+    a file, ``from_file`` with the additional ``modules`` and the model ``search`` folders."""
     path = Path(path)
     if path.is_dir():
         pipe = pipeline_class.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         return pipe, ModelFamily(family, False, "flow", path)
-    return load_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
+    return from_file(path, torch_dtype=torch_dtype, cache_dir=cache_dir, modules=modules, search=search)
 
 
 def read_components(path: Path, modules: Sequence[Path], split: Callable[[Weights], dict[str, Weights]],
