@@ -366,7 +366,8 @@ class Conditioning:
         return format_ti_hashes(self.embeddings_used)
 
 
-def _text_at(schedule: list[tuple[int, str]], step_number: int) -> str:
+def text_at(schedule: list[tuple[int, str]], step_number: int) -> str:
+    """The text a prompt schedule gives at sampling step ``step_number`` (1-based)."""
     for end, text in schedule:
         if end >= step_number:
             return text
@@ -426,8 +427,8 @@ def build_conditioning(
     previous_texts = None
     for start in sorted(step_numbers):
         texts = (
-            tuple(_text_at(schedule, start + 1) for schedule in prompt_schedules),
-            tuple(_text_at(schedule, start + 1) for schedule in negative_schedules),
+            tuple(text_at(schedule, start + 1) for schedule in prompt_schedules),
+            tuple(text_at(schedule, start + 1) for schedule in negative_schedules),
         )
         if texts == previous_texts:
             continue

@@ -48,7 +48,7 @@ from pipelines.models.checkpoints import (
 from pipelines.models.families import split_files
 from pipelines.models.families.base import Family
 from pipelines.models.weights import read_safetensors_header
-from pipelines.prompts.encoding import Conditioning, StepConditioning
+from pipelines.prompts.encoding import Conditioning, StepConditioning, text_at
 from pipelines.prompts.parser import BREAK_MARKER, get_prompt_schedule, parse_prompt_attention
 from pipelines.sampling.flow_img2img import FlowStart
 from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
@@ -435,21 +435,14 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
     schedules = prompt_schedules + (negative_schedules if real_cfg else [])
     changes = sorted({0} | {end for schedule in schedules for end, _ in schedule[:-1]})
     for start in changes:
-        cond = [encoding(_text_at(schedule, start + 1)) for schedule in prompt_schedules]
-        uncond = [encoding(_text_at(schedule, start + 1)) for schedule in negative_schedules] if real_cfg else cond
+        cond = [encoding(text_at(schedule, start + 1)) for schedule in prompt_schedules]
+        uncond = [encoding(text_at(schedule, start + 1)) for schedule in negative_schedules] if real_cfg else cond
         starts.append(start)
         segments.append(StepConditioning(
             cond=torch.cat([embeds for embeds, _ in cond]), uncond=torch.cat([embeds for embeds, _ in uncond]),
             pooled=torch.cat([pooled for _, pooled in cond]),
             uncond_pooled=torch.cat([pooled for _, pooled in uncond])))
     return Conditioning(starts, segments, prompt_schedules, negative_schedules, []), warnings
-
-
-def _text_at(schedule: list[tuple[int, str]], step_number: int) -> str:
-    for end, text in schedule:
-        if end >= step_number:
-            return text
-    return schedule[-1][1]
 
 
 # --------------------------------------------------------------------------- sampling
@@ -470,9 +463,8 @@ def unpack(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
            on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
     """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` steps of the request's flow-matching sampler; returns
-    (B, 16, h, w).
-    With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run,
-    from the source noised to the first of them (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
+    (B, 16, h, w). With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength``
+    leaves run, from the source noised to the first of them (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
     device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     b, _, h, w = noise.shape

@@ -35,7 +35,7 @@ from pipelines.models import lora_layouts
 from pipelines.models.checkpoints import CONFIGS_DIR, TOKENIZER_FILES_DIR, ModelFamily, _read_json, read_state_dict
 from pipelines.models.families import flux, split_files
 from pipelines.models.families.base import Family
-from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning
+from pipelines.prompts.encoding import Conditioning, PromptEncoder, build_conditioning, text_at
 from pipelines.sampling.flow_img2img import FlowStart
 from pipelines.sampling.flow_schedulers import FLOW_SAMPLER_NAMES, FLOW_SCHEDULES, fitting_flow_schedule, flow_scheduler
 
@@ -181,8 +181,8 @@ def encode(model, prompts: list[str], negative_prompts: list[str], steps: int, r
 
     segments = []
     for start, segment in zip(clip.starts, clip.segments, strict=True):
-        cond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1)) for schedule in clip.prompt_schedules])
-        uncond_t5 = torch.cat([t5_embeds(flux._text_at(schedule, start + 1))
+        cond_t5 = torch.cat([t5_embeds(text_at(schedule, start + 1)) for schedule in clip.prompt_schedules])
+        uncond_t5 = torch.cat([t5_embeds(text_at(schedule, start + 1))
                                for schedule in clip.negative_schedules])
         segments.append(dataclasses.replace(segment, cond=_joint_context(segment.cond, cond_t5),
                                             uncond=_joint_context(segment.uncond, uncond_t5)))
@@ -208,9 +208,8 @@ def _joint_context(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
 def sample(model, noise: torch.Tensor, conditioning: Conditioning, request,
            on_step: Callable[[int, torch.Tensor], None], source: SourceLatents | None = None) -> torch.Tensor:
     """Denoise ``noise`` (B, 16, h, w) in ``request.steps`` steps of the request's flow-matching sampler with real
-    CFG. With
-    ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves run
-    (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
+    CFG. With ``source`` (img2img, inpaint, the hires pass) only the steps ``request.denoising_strength`` leaves
+    run (:class:`~pipelines.sampling.flow_img2img.FlowStart`)."""
     transformer = model.pipe.transformer
     device, dtype = model.pipe._execution_device, transformer.dtype  # as in encode()
     noise = noise.to(device=device, dtype=dtype)
